@@ -1,0 +1,44 @@
+# Two commands on a fresh machine with Python 3.11:  make run  |  make test
+# Both install what they need first; a second call does not reinstall.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of PyTorch goes in first, so pip never pulls a multi-GB CUDA build.
+# GPU users: make install TORCH_SPEC="torch" ORT_EXTRA=gpu  (keeps/gets a CUDA build, onnxruntime-gpu)
+TORCH_SPEC ?= torch==2.13.0
+ORT_EXTRA ?= cpu
+STAMP := $(VENV)/.genflow-installed-$(ORT_EXTRA)
+
+.PHONY: install run quick test test-fast bench ui clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[$(ORT_EXTRA),dev]"
+	rm -f $(VENV)/.genflow-installed-*
+	touch $@
+
+install: $(STAMP)
+
+run: install            ## the main job on the embedded defaults (MLflow on SQLite, local Prefect, local DVC remote)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/genflow run
+
+quick: install          ## the same chain with tiny budgets (a first look in minutes)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/genflow run --quick
+
+test: install           ## the whole test suite, real servers included
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
+
+test-fast: install      ## unit tests only
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not integration"
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	for b in bench/bench_*.py; do OMP_WAIT_POLICY=PASSIVE $(BIN)/python $$b || exit 1; done
+
+ui: install
+	$(BIN)/genflow ui
+
+clean:
+	rm -rf $(VENV) .genflow

@@ -1,0 +1,418 @@
+"""params.yaml, read once into typed dataclasses.
+
+Every number a user may change lives in params.yaml; this module is the only
+place that reads it. Unknown keys and wrong types are refused with a message
+that names the key, e.g. ``models.digits-unet.train.lr: expected float, got 'fast'``.
+
+No heavy imports here: the CLI imports this module to answer ``--help`` quickly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """params.yaml (or a --set override) is not valid; the message names the key."""
+
+
+# ---------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------
+
+@dataclass
+class SplitConfig:
+    val: float = 0.1          # share of items (images) or documents (text)
+    test: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class ImageValidationConfig:
+    min_per_class: int = 20   # every class needs at least this many images
+    max_duplicate_share: float = 0.0  # exact train/test duplicates allowed (share of test)
+
+
+@dataclass
+class TextValidationConfig:
+    min_chars: int = 10_000   # a corpus smaller than this is refused
+    max_vocab: int = 512      # distinct characters allowed
+
+
+@dataclass
+class DatasetConfig:
+    source: str = ""          # builtin:digits | builtin:pydoc | imagefolder:PATH | textfile:PATH
+    kind: Literal["image", "text"] = "image"
+    image_size: int = 8       # images are resized to image_size x image_size
+    levels: int = 17          # grey levels images are quantised to (digits: 0..16)
+    min_doc_chars: int = 40   # text: documents shorter than this are dropped
+    split: SplitConfig = field(default_factory=SplitConfig)
+    image_validation: ImageValidationConfig = field(default_factory=ImageValidationConfig)
+    text_validation: TextValidationConfig = field(default_factory=TextValidationConfig)
+
+
+# ---------------------------------------------------------------------------
+# Networks (one dataclass per backbone; the model files re-export them)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class UNetConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # one entry per resolution
+    blocks_per_level: int = 1
+    time_dim: int = 128
+    groups: int = 8            # GroupNorm groups
+    dropout: float = 0.0
+
+
+@dataclass
+class DiTConfig:
+    patch_size: int = 2
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128      # context length in tokens
+    dropout: float = 0.0
+    bias: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 200
+    schedule: Literal["linear", "cosine"] = "cosine"
+    p_uncond: float = 0.1      # label dropout for classifier-free guidance
+
+
+@dataclass
+class MaskedDiffusionConfig:
+    eps: float = 1e-3          # smallest mask time drawn in training (avoids t=0)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    max_seconds: float = 300.0  # wall budget; training stops at whichever comes first
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995    # 0 turns EMA off
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    threads: int = 0            # 0: all cores
+    processes: int = 1          # >1: torch.distributed (DDP) via torchrun
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 50             # diffusion sampling steps (<= timesteps); mdlm: K denoising steps
+    eta: float = 0.0            # DDIM stochasticity
+    guidance: float = 2.0       # classifier-free guidance scale (1 = conditional only)
+    temperature: float = 1.0
+    top_k: int = 0              # 0: no top-k truncation
+    length: int = 256           # text: characters to generate per sample
+    prompt: str = ""
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 360      # generated images compared against the test split
+    sampler_sweep: list[str] = field(default_factory=lambda: ["ddpm", "ddim50", "ddim20", "ddim10"])
+    text_samples: int = 4
+    ngram_orders: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["diffusion", "transformer"] = "diffusion"
+    dataset: str = ""
+    backbone: Literal["unet", "dit", "gpt", "mdlm"] = "unet"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    masked: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    enabled: bool = True        # part of a plain `genflow run`; --only overrides
+
+
+# ---------------------------------------------------------------------------
+# Pipeline-wide sections
+# ---------------------------------------------------------------------------
+
+@dataclass
+class PromotionRule:
+    metric: str = "eval/fd"
+    direction: Literal["min", "max"] = "min"
+    min_improvement: float = 0.0   # relative: 0.02 means 2% better than the champion
+
+
+@dataclass
+class PromotionConfig:
+    rules: dict[str, PromotionRule] = field(default_factory=dict)  # model key -> rule
+    default: PromotionRule = field(default_factory=PromotionRule)
+    max_sample_slowdown: float = 0.25  # guardrail: sampling may be at most 25% slower
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 20
+    parity_atol: float = 1e-4
+    parity_rtol: float = 1e-3
+
+
+@dataclass
+class ScheduleConfig:
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+
+
+@dataclass
+class TrackingConfig:
+    experiment_prefix: str = "genflow"   # experiment name = <prefix>-<dataset>
+    tracking_uri: str = ""               # empty: MLFLOW_TRACKING_URI or sqlite under .genflow/
+
+
+@dataclass
+class StorageConfig:
+    dvc_remote: str = ""   # empty: DVC's default remote (.dvc/config); else a folder or URL (s3://...)
+
+
+@dataclass
+class QuickConfig:
+    """`genflow run --quick`: the same chain with tiny budgets, for a first look."""
+    max_seconds: float = 20.0
+    max_steps: int = 400
+    num_samples: int = 100
+    sampler_sweep: list[str] = field(default_factory=lambda: ["ddim10"])
+    text_samples: int = 2
+
+
+@dataclass
+class PipelineConfig:
+    max_parallel_models: int = 1       # models trained at once; >1 only pays with spare cores
+    step_timeout_seconds: float = 1800.0
+    server_retries: int = 3            # retries (with backoff) for steps that talk to servers
+    quick: QuickConfig = field(default_factory=QuickConfig)
+
+
+@dataclass
+class Params:
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def model(self, key: str) -> ModelConfig:
+        if key not in self.models:
+            raise ParamsError(f"models.{key}: no such model; known: {', '.join(self.models)}")
+        return self.models[key]
+
+    def dataset(self, name: str) -> DatasetConfig:
+        if name not in self.datasets:
+            raise ParamsError(f"datasets.{name}: no such dataset; known: {', '.join(self.datasets)}")
+        return self.datasets[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *keys: str) -> str:
+        """Short hash of one section, e.g. section_hash('models', 'digits-unet')."""
+        node: Any = self.to_dict()
+        for k in keys:
+            node = node[k]
+        return hash_json(node)
+
+    def hash(self) -> str:
+        return hash_json(self.to_dict())
+
+
+def hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently coerce) one value against its annotated type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping ({tp.__name__}), got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ParamsError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is Union:  # Optional[X]
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where}: expected bool (true/false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ParamsError(f"{where}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{where}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where}: expected str, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ParamsError(f"{prefix}{unknown[0]}: unknown key; expected one of {', '.join(sorted(names))}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A --set value is YAML: 200, 2e-3, true, [32, 64], imagefolder:/x all parse as expected."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML reads "imagefolder:/x" as a string already; "1e-3" as a string in YAML 1.1
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``KEY=VALUE`` overrides (dotted keys; model keys may contain '-')."""
+    for item in overrides:
+        if "=" not in item:
+            raise ParamsError(f"--set {item}: expected KEY=VALUE, e.g. models.digits-unet.train.max_steps=200")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ParamsError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def _check_links(params: Params) -> None:
+    for key, m in params.models.items():
+        if m.dataset not in params.datasets:
+            raise ParamsError(f"models.{key}.dataset: unknown dataset {m.dataset!r}; "
+                              f"known: {', '.join(params.datasets) or 'none'}")
+        kind = params.datasets[m.dataset].kind
+        want = {"unet": "image", "dit": "image", "mdlm": "text"}.get(m.backbone)
+        if want and want != kind:
+            raise ParamsError(f"models.{key}.backbone: {m.backbone} needs an {want} dataset, "
+                              f"but {m.dataset} is {kind}")
+        fam = "transformer" if m.backbone == "gpt" else "diffusion"
+        if m.family != fam:
+            raise ParamsError(f"models.{key}.family: backbone {m.backbone} is a {fam} model, not {m.family}")
+    for name, d in params.datasets.items():
+        if ":" not in d.source:
+            raise ParamsError(f"datasets.{name}.source: {d.source!r} is not KIND:VALUE "
+                              "(builtin:digits, builtin:pydoc, imagefolder:PATH, textfile:PATH)")
+        s = d.split
+        if not (0 <= s.val < 1 and 0 < s.test < 1 and s.val + s.test < 1):
+            raise ParamsError(f"datasets.{name}.split: val and test must be shares in [0, 1) "
+                              f"summing below 1, got val={s.val} test={s.test}")
+
+
+def apply_quick(params: Params) -> Params:
+    """Shrink every model's budgets to the `pipeline.quick` ones (same chain, minutes not hours)."""
+    q = params.pipeline.quick
+    for m in params.models.values():
+        m.train.max_seconds = min(m.train.max_seconds, q.max_seconds)
+        m.train.max_steps = min(m.train.max_steps, q.max_steps)
+        m.train.checkpoint_every = min(m.train.checkpoint_every, q.max_steps)
+        m.train.warmup_steps = min(m.train.warmup_steps, q.max_steps // 10)
+        m.eval.num_samples = min(m.eval.num_samples, q.num_samples)
+        m.eval.sampler_sweep = list(q.sampler_sweep)
+        m.eval.text_samples = min(m.eval.text_samples, q.text_samples)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Optional[list[str]] = None) -> Params:
+    """Read params.yaml, apply ``--set`` overrides and return checked dataclasses."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params FILE") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{at} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    params = _build(Params, raw, "")
+    _check_links(params)
+    return params

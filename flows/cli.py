@@ -1,0 +1,197 @@
+"""`genflow`: the command line. Heavy libraries load inside each command, so `--help` is instant."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from components.config import Params, ParamsError, load_params
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", metavar="FILE", help="settings file (default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. models.digits-unet.train.max_steps=200 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genflow",
+        description="Train, measure, export and register diffusion and transformer models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the retrain flow: validate, train, evaluate, export, register, promote")
+    _common(p)
+    p.add_argument("--only", metavar="MODELS", help="comma-separated model keys, e.g. digits-unet,pydoc-gpt")
+    p.add_argument("--quick", action="store_true", help="tiny budgets, same chain: a first look in minutes")
+    p.add_argument("--force", action="store_true", help="retrain even when inputs are unchanged")
+
+    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    _common(p)
+    p.add_argument("name", choices=["ingest", "validate", "prepare", "train", "evaluate", "export"])
+    p.add_argument("key", help="dataset (ingest, validate, prepare) or model key (train, evaluate, export)")
+
+    p = sub.add_parser("models", help="list registered models, versions, aliases and primary metrics")
+    _common(p)
+
+    p = sub.add_parser("promote", help="make VERSION the champion of MODEL")
+    _common(p)
+    p.add_argument("model")
+    p.add_argument("version")
+    p.add_argument("--reason", default="manual promotion", help="why (kept in the version's tags)")
+
+    p = sub.add_parser("rollback", help="make the previous champion of MODEL the champion again")
+    _common(p)
+    p.add_argument("model")
+
+    p = sub.add_parser("sample", help="generate with a registered model on onnxruntime (no PyTorch)")
+    _common(p)
+    p.add_argument("model", metavar="MODEL[@alias|:version]", help="e.g. digits-unet@champion or pydoc-gpt:3")
+    p.add_argument("-n", "--count", type=int, default=None, help="images or texts to generate")
+    p.add_argument("--out", default=None, help="output file (PNG grid or .txt)")
+    p.add_argument("--label", type=int, default=None, help="class to generate (images)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--prompt", default=None, help="text prompt (text models)")
+    p.add_argument("--length", type=int, default=None, help="tokens to generate (text models)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exports", default=None, metavar="DIR", help="use a local exports/<model> folder instead of the registry")
+
+    p = sub.add_parser("compare", help="build the diffusion-vs-transformer comparison report")
+    _common(p)
+    p.add_argument("--run", dest="run_id", default=None, help="pipeline (parent) run id; default: the latest")
+
+    p = sub.add_parser("schedule", help="serve the retrain flow on a cron schedule (needs PREFECT_API_URL)")
+    _common(p)
+    p.add_argument("--cron", default=None, help="cron expression (default: schedule.cron in params)")
+
+    p = sub.add_parser("ui", help="start the MLflow UI on this project's tracking store")
+    _common(p)
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+    return parser
+
+
+def _load(args) -> Params:
+    return load_params(args.params, args.overrides)
+
+
+def cmd_run(args) -> int:
+    from flows.retrain import run_pipeline
+
+    params = _load(args)
+    only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
+    summary = run_pipeline(params, Path.cwd(), only=only, quick=args.quick, force=args.force,
+                           params_path=args.params, overrides=args.overrides)
+    return 0 if summary["status"] == "completed" else 1
+
+
+def cmd_stage(args) -> int:
+    from flows.stages import run_stage
+
+    result = run_stage(_load(args), args.name, args.key, Path.cwd())
+    print(f"{args.name} {args.key}: done" + (f" ({_short(result)})" if result else ""))
+    return 0
+
+
+def _short(result: dict) -> str:
+    items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+             if isinstance(v, (int, float, str)) and len(str(v)) < 60]
+    return ", ".join(items[:6])
+
+
+def cmd_models(args) -> int:
+    from components import registry
+
+    print(registry.format_table(registry.models_table(Path.cwd())))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from components import registry
+
+    decision = registry.promote(args.model, args.version, args.reason, _load(args), Path.cwd())
+    print(f"{args.model} version {args.version} is now champion ({decision.reason})")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from components import registry
+
+    version = registry.rollback(args.model, Path.cwd())
+    print(f"{args.model}: version {version} is champion again")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from components import inference
+
+    out = inference.sample_cli(args, Path.cwd())
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from flows.compare import build_report
+
+    out = build_report(_load(args), Path.cwd(), run_id=args.run_id)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from flows.retrain import serve_schedule
+
+    serve_schedule(_load(args), Path.cwd(), cron=args.cron, params_path=args.params)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from components.tracking import tracking_uri
+
+    uri = tracking_uri(Path.cwd())
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+COMMANDS = {
+    "run": cmd_run, "stage": cmd_stage, "models": cmd_models, "promote": cmd_promote,
+    "rollback": cmd_rollback, "sample": cmd_sample, "compare": cmd_compare,
+    "schedule": cmd_schedule, "ui": cmd_ui,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall 2-core machines
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("genflow: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, FileNotFoundError, LookupError) as e:
+        # Every genflow error is written for people: one line, naming what and where.
+        if os.environ.get("GENFLOW_DEBUG"):
+            raise
+        print(f"genflow {args.command}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

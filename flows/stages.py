@@ -1,0 +1,74 @@
+"""The pipeline's stages as plain functions: `genflow stage NAME KEY`, `dvc repro` and the
+Prefect flow all call these. Each one reads params, calls one component, returns a small dict.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable
+
+from components.config import Params, ParamsError
+
+DATASET_STAGES = ("ingest", "validate", "prepare")
+MODEL_STAGES = ("train", "evaluate", "export")
+STAGES = DATASET_STAGES + MODEL_STAGES
+
+_FAMILY_MODULE = {"unet": "diffusion", "dit": "diffusion", "gpt": "transformer", "mdlm": "mdlm"}
+
+
+def family_module(params: Params, key: str):
+    """The components.families module that trains and evaluates model ``key``."""
+    backbone = params.model(key).backbone
+    return importlib.import_module(f"components.families.{_FAMILY_MODULE[backbone]}")
+
+
+def ingest(params: Params, name: str, root: Path) -> dict:
+    from components import data
+
+    path = data.ingest(name, params.dataset(name), root)
+    return {"path": str(path)}
+
+
+def validate(params: Params, name: str, root: Path) -> dict:
+    from components import validation
+
+    return validation.validate(name, params.dataset(name), root)
+
+
+def prepare(params: Params, name: str, root: Path) -> dict:
+    from components import data
+
+    path = data.prepare(name, params.dataset(name), root)
+    return {"path": str(path)}
+
+
+def train(params: Params, key: str, root: Path) -> dict:
+    return family_module(params, key).train(key, params, root)
+
+
+def evaluate(params: Params, key: str, root: Path) -> dict:
+    return family_module(params, key).evaluate(key, params, root)
+
+
+def export(params: Params, key: str, root: Path) -> dict:
+    from components import export as onnx_export
+
+    model, config = family_module(params, key).load_model(key, root)
+    return onnx_export.export_model(key, model, config, params.export, root)
+
+
+RUNNERS: dict[str, Callable[[Params, str, Path], dict]] = {
+    "ingest": ingest, "validate": validate, "prepare": prepare,
+    "train": train, "evaluate": evaluate, "export": export,
+}
+
+
+def run_stage(params: Params, stage: str, key: str, root: Path) -> dict:
+    """Run one stage for one dataset (data stages) or model (model stages)."""
+    if stage not in RUNNERS:
+        raise ParamsError(f"stage {stage!r}: unknown; choose one of {', '.join(STAGES)}")
+    if stage in DATASET_STAGES:
+        params.dataset(key)
+    else:
+        params.model(key)
+    return RUNNERS[stage](params, key, Path(root))
