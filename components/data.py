@@ -1,0 +1,664 @@
+"""Data sources -> data/raw/<name>/ snapshot -> data/prepared/<name>/ splits.
+
+Sources (params.yaml ``datasets.<name>.source``):
+
+    builtin:digits     scikit-learn's 8x8 digits: 1797 images, 10 classes, grey levels 0..16 (no network)
+    builtin:pydoc      docstrings of the Python standard library's modules, classes and functions
+    imagefolder:PATH   one sub-folder per class (folder name = class name) holding PNG or JPEG files
+    textfile:PATH      a UTF-8 file (documents separated by blank lines) or a folder of .txt files
+                       (one document per file)
+
+Stages (every function takes the project ``root``; paths below are relative to it):
+
+    ingest(name, cfg, root)   data/raw/<name>/       byte copy of the source files (images.npz or docs.jsonl
+                                                      for builtins) + snapshot.json (its layout)
+    prepare(name, cfg, root)  data/prepared/<name>/  deterministic train/val/test files + manifest.json
+
+Prepared-data API used by the other components: ``load_manifest``, ``load_images``, ``load_text``.
+Both stages build their folder beside the target and swap it in only when complete, so a failure
+leaves data/raw and data/prepared as they were.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from components.config import DatasetConfig, SplitConfig
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+DIGITS_LEVELS = 17         # scikit-learn's digits hold grey levels 0..16
+MAX_ASPECT = 1.1            # imagefolder: longer side / shorter side; beyond this an image is refused
+SNAPSHOT = "snapshot.json"  # written by ingest into data/raw/<name>/: how the snapshot is laid out
+
+
+class DataError(ValueError):
+    """A data source, snapshot or prepared dataset is missing or unusable; the message names it."""
+
+
+# ---------------------------------------------------------------------------
+# Paths and small file helpers
+# ---------------------------------------------------------------------------
+
+def raw_dir(name: str, root: str | Path = ".") -> Path:
+    return Path(root) / "data" / "raw" / name
+
+
+def prepared_dir(name: str, root: str | Path = ".") -> Path:
+    return Path(root) / "data" / "prepared" / name
+
+
+def file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_md5s(folder: Path) -> dict[str, str]:
+    """{relative posix path: md5} of every file under folder, sorted by path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): file_md5(p) for p in files}
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temp file beside it, then os.replace)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez with fixed zip timestamps, so the same arrays always give the same bytes (DVC hashes)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+
+
+@contextlib.contextmanager
+def _replaced_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside target; on success it replaces target, on error it vanishes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+        if target.exists():
+            os.rename(target, old)  # a non-empty folder cannot be os.replace'd in one step
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old.exists():
+                os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def display_path(path: Path, root: str | Path) -> str:
+    """Path as users see it in messages: relative to root (data/raw/shapes/circle/img_3.png)."""
+    try:
+        return Path(path).relative_to(Path(root)).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------
+
+BUILTINS = {"digits": "image", "pydoc": "text"}
+SOURCE_KINDS = {"imagefolder": "image", "textfile": "text"}
+
+
+def parse_source(name: str, cfg: DatasetConfig, root: str | Path = ".") -> tuple[str, str | Path]:
+    """('builtin', 'digits') | ('imagefolder', Path) | ('textfile', Path); checks kind and existence."""
+    where = f"datasets.{name}.source"
+    kind, _, value = cfg.source.partition(":")
+    if kind == "builtin":
+        if value not in BUILTINS:
+            raise DataError(f"{where}: unknown builtin {value!r}; known: "
+                            + ", ".join(f"builtin:{b}" for b in BUILTINS))
+        want = BUILTINS[value]
+    elif kind in SOURCE_KINDS:
+        if not value:
+            raise DataError(f"{where}: {cfg.source} names no path; use {kind}:PATH")
+        want = SOURCE_KINDS[kind]
+    else:
+        raise DataError(f"{where}: {cfg.source!r} is not one of builtin:digits, builtin:pydoc, "
+                        "imagefolder:PATH, textfile:PATH")
+    if cfg.kind != want:
+        raise DataError(f"datasets.{name}.kind: {cfg.kind}, but {cfg.source} holds {want} data; set kind: {want}")
+    if kind == "builtin":
+        return kind, value
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path(root) / path  # relative paths are relative to the project root, as in params.yaml
+    if not path.exists():
+        hint = "a folder with one sub-folder per class" if kind == "imagefolder" else \
+            "a UTF-8 text file or a folder of .txt files"
+        raise DataError(f"{where}: {cfg.source} does not exist; point it at {hint}")
+    if kind == "imagefolder" and not path.is_dir():
+        raise DataError(f"{where}: {cfg.source} is a file; imagefolder needs a folder with one sub-folder per class")
+    return kind, path
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's digits (bundled with the package, no download): images (1797, 8, 8) uint8 in 0..16."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = d.images.astype(np.uint8)  # (N, 8, 8); values are whole numbers 0..16
+    return images, d.target.astype(np.int64), [str(c) for c in d.target_names]
+
+
+# ---------------------------------------------------------------------------
+# builtin:pydoc - harvested in a child interpreter, so imports cannot print, open windows or leak
+# modules into this process
+# ---------------------------------------------------------------------------
+
+# Modules never imported: side effects on import (browser, printing, windows), test suites, and
+# packages whose content depends on what is installed (setuptools replaces distutils) or that
+# write caches into the standard library (lib2to3 grammar pickles).
+PYDOC_SKIP = frozenset({
+    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo",
+    "test", "tests", "idle_test", "distutils", "lib2to3",
+})
+
+
+def _pydoc_skipped(modname: str) -> bool:
+    # private modules (_io, __main__, __phello__ which prints) and test packages are skipped
+    parts = modname.split(".")
+    return any(p.startswith("_") or p in PYDOC_SKIP or p.startswith("test_") for p in parts)
+
+
+def _import_tree(names: list[str]) -> list[str]:
+    """Import modules in sorted order, recursing into packages; returns those that imported."""
+    import importlib
+    import pkgutil
+
+    found = []
+    for modname in sorted(names):
+        if _pydoc_skipped(modname):
+            continue
+        try:
+            module = importlib.import_module(modname)
+        except (Exception, SystemExit):  # not on this platform, optional C library missing, ...
+            continue
+        found.append(modname)
+        if hasattr(module, "__path__"):
+            found += _import_tree([f"{modname}.{m.name}" for m in pkgutil.iter_modules(module.__path__)])
+    return found
+
+
+def _harvest_here(modules: Optional[list[str]]) -> list[tuple[str, str]]:
+    """(qualified name, docstring) of the modules, their public classes and functions, deduplicated."""
+    import inspect
+    import warnings
+
+    warnings.simplefilter("ignore")  # deprecated modules warn on import (this runs in the child only)
+    tops = sorted(sys.stdlib_module_names) if modules is None else list(modules)
+    docs, seen = [], set()
+    for modname in _import_tree(tops):
+        module = sys.modules[modname]
+        items = [(modname, module.__doc__)]
+        for attr, obj in sorted(vars(module).items()):
+            if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isroutine(obj)):
+                items.append((f"{modname}.{attr}", getattr(obj, "__doc__", None)))
+        for ident, doc in items:
+            if not isinstance(doc, str):
+                continue
+            doc = inspect.cleandoc(doc).strip()
+            if doc and doc not in seen:  # the same docstring re-exported elsewhere counts once
+                seen.add(doc)
+                docs.append((ident, doc))
+    return docs
+
+
+def _pydoc_child_main() -> None:
+    """Entry point of the child interpreter: JSON on the original stdout, everything else discarded."""
+    out = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # C-level writes too (readline's terminal codes, prints on import)
+    os.dup2(devnull, 2)
+    try:
+        modules = json.loads(sys.argv[1])
+        out.write(json.dumps({"docs": _harvest_here(modules)}))
+    except BaseException as e:  # report, do not print
+        out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+    out.close()
+
+
+def harvest_pydoc(modules: Optional[list[str]] = None, timeout: float = 600) -> list[tuple[str, str]]:
+    """Docstrings of the standard library (or of ``modules`` and their submodules), deduplicated.
+
+    Returns [(qualified name, docstring)] in sorted module order; deterministic for a Python version.
+    Runs in an isolated child interpreter (-I -B: no user site, no .pyc written, no display).
+    """
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "from components.data import _pydoc_child_main; _pydoc_child_main()")
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["TERM"] = "dumb"
+    try:
+        proc = subprocess.run([sys.executable, "-I", "-B", "-c", code, json.dumps(modules)],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=timeout)
+        reply = json.loads(proc.stdout.decode("utf-8"))
+    except (subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+        raise DataError(f"builtin:pydoc: harvesting docstrings failed ({type(e).__name__}: {e})") from None
+    if "error" in reply:
+        raise DataError(f"builtin:pydoc: harvesting docstrings failed ({reply['error']})")
+    return [(ident, doc) for ident, doc in reply["docs"]]
+
+
+# ---------------------------------------------------------------------------
+# Ingest: source -> data/raw/<name>/
+# ---------------------------------------------------------------------------
+
+def ingest(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
+    """Snapshot the source into data/raw/<name>/ and return that folder.
+
+    imagefolder and textfile sources are copied byte for byte (validation names these files);
+    builtins become images.npz (images, labels, classes, levels) or docs.jsonl ({"id", "text"} per line).
+    """
+    kind, value = parse_source(name, cfg, root)
+    target = raw_dir(name, root)
+    with _replaced_dir(target) as tmp:
+        if kind == "builtin" and value == "digits":
+            images, labels, classes = load_digits_arrays()
+            save_npz(tmp / "images.npz", images=images, labels=labels, classes=np.array(classes),
+                     levels=np.array(DIGITS_LEVELS))
+            layout = "npz"
+        elif kind == "builtin" and value == "pydoc":
+            lines = [json.dumps({"id": i, "text": t}, ensure_ascii=False, sort_keys=True)
+                     for i, t in harvest_pydoc()]
+            (tmp / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            layout = "jsonl"
+        elif kind == "imagefolder":
+            layout = "imagefolder"
+            _copy_imagefolder(name, cfg, Path(value), tmp)
+        else:
+            layout = _copy_textfile(name, cfg, Path(value), tmp)
+        write_json(tmp / SNAPSHOT, {"layout": layout})
+    return target
+
+
+def _copy_imagefolder(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> None:
+    class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"datasets.{name}.source: {cfg.source} has no class sub-folders; "
+                        f"put images in one sub-folder per class, e.g. {src / 'cat' / '0.png'}")
+    strays = sorted(p.name for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if strays:
+        raise DataError(f"datasets.{name}.source: {src / strays[0]} is not inside a class sub-folder; "
+                        "move every image into the sub-folder named after its class")
+    for class_dir in class_dirs:
+        (dst / class_dir.name).mkdir()  # kept even when empty, so validation can name the empty class
+        for f in sorted(class_dir.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                out = dst / class_dir.name / f.relative_to(class_dir)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, out)
+
+
+def _copy_textfile(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> str:
+    if src.is_file():
+        if src.name == SNAPSHOT:
+            raise DataError(f"datasets.{name}.source: rename {src}; {SNAPSHOT} is reserved for the snapshot")
+        shutil.copyfile(src, dst / src.name)
+        return "textfile"
+    files = sorted(p for p in src.rglob("*.txt") if p.is_file())
+    if not files:
+        raise DataError(f"datasets.{name}.source: {cfg.source} holds no .txt files")
+    for f in files:
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out)
+    return "textfolder"
+
+
+def snapshot_layout(name: str, root: str | Path = ".") -> str:
+    """'npz' | 'jsonl' | 'imagefolder' | 'textfile' | 'textfolder' (from data/raw/<name>/snapshot.json)."""
+    path = raw_dir(name, root) / SNAPSHOT
+    if not path.exists():
+        raise DataError(f"{display_path(raw_dir(name, root), root)}: no snapshot found; "
+                        f"run `genflow stage ingest {name}` first")
+    return json.loads(path.read_text())["layout"]
+
+
+def dataset_fingerprint(name: str, root: str | Path = ".") -> str:
+    """Hash of the raw snapshot's file hashes (lineage when no DVC hash is available)."""
+    folder = raw_dir(name, root)
+    snapshot_layout(name, root)  # refuses a missing snapshot with a clear message
+    listing = "".join(f"{rel} {md5}\n" for rel, md5 in tree_md5s(folder).items())
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# Reading a raw snapshot (decoded), shared by validation and prepare
+# ---------------------------------------------------------------------------
+
+@dataclass
+class RawImage:
+    file: str                      # as users see it: data/raw/shapes/circle/img_3.png or .../images.npz[17]
+    label: int
+    pixels: Optional[np.ndarray]   # (H, W) grey levels as stored (npz) or resized+quantised (imagefolder)
+    size: Optional[tuple[int, int]]  # (width, height) of the stored image, before any resize
+    error: Optional[str] = None    # why it could not be decoded
+
+
+@dataclass
+class RawImages:
+    classes: list[str]
+    class_paths: list[str]         # where each class lives, for messages
+    items: list[RawImage]
+    resized: bool                  # imagefolder: images are cropped to square and resized to image_size
+    source_levels: int             # pixels hold 0..source_levels-1 before requantisation
+
+
+def _decode_image(path: Path, image_size: int, levels: int) -> tuple:
+    """(pixels (S, S) uint8 in 0..levels-1, (w, h), None) or (None, None, error)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    fmt = IMAGE_SUFFIXES[path.suffix.lower()]
+    try:
+        with Image.open(path) as im:
+            im.load()  # open() reads only the header; load() decodes (and finds truncation)
+            im = ImageOps.exif_transpose(im).convert("L")
+    except UnidentifiedImageError:
+        return None, None, f"corrupt {fmt} (cannot identify image file)"
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError ... for broken files
+        reason = str(e).replace(f" '{path}'", "").replace(str(path), "").strip() or type(e).__name__
+        reason = reason.splitlines()[0]  # the message stays one line
+        return None, None, f"corrupt {fmt} ({reason})"
+    w, h = im.size
+    side = min(w, h)  # centre crop to a square, so a slightly oblong image is not distorted
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.Resampling.LANCZOS)
+    grey = np.asarray(im, dtype=np.float64)  # (S, S) in 0..255
+    pixels = np.rint(grey * (levels - 1) / 255.0).astype(np.uint8)
+    return pixels, (w, h), None
+
+
+def read_raw_images(name: str, cfg: DatasetConfig, root: str | Path = ".") -> RawImages:
+    """Decode data/raw/<name>/ into one RawImage per image (broken files keep their error)."""
+    folder = raw_dir(name, root)
+    layout = snapshot_layout(name, root)
+    if layout == "npz":
+        path = folder / "images.npz"
+        where = display_path(path, root)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                images, labels = np.asarray(z["images"]), np.asarray(z["labels"])
+                classes = [str(c) for c in z["classes"]]
+                levels = int(z["levels"]) if "levels" in z.files else cfg.levels
+        except Exception as e:
+            raise DataError(f"{where}: cannot read ({type(e).__name__}: {e}); "
+                            f"run `genflow stage ingest {name}` again") from None
+        if images.ndim != 3 or labels.shape != (len(images),):
+            raise DataError(f"{where}: images must be (N, H, W) with one label each, "
+                            f"got images {images.shape} and labels {labels.shape}")
+        items = [RawImage(f"{where}[{i}]", int(labels[i]), images[i], (images.shape[2], images.shape[1]))
+                 for i in range(len(images))]
+        return RawImages(classes, [where] * len(classes), items, resized=False, source_levels=levels)
+    if layout != "imagefolder":
+        raise DataError(f"datasets.{name}: data/raw/{name} holds {layout} data, not images; "
+                        f"run `genflow stage ingest {name}` again")
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    items = []
+    for label, class_dir in enumerate(class_dirs):
+        for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            pixels, size, error = _decode_image(f, cfg.image_size, cfg.levels)
+            items.append(RawImage(display_path(f, root), label, pixels, size, error))
+    return RawImages([d.name for d in class_dirs], [display_path(d, root) for d in class_dirs], items,
+                     resized=True, source_levels=cfg.levels)
+
+
+def image_array(item: RawImage, raw: RawImages, levels: int) -> np.ndarray:
+    """(H, W) uint8 in 0..levels-1 as training will see it (requantised when source levels differ)."""
+    x = np.asarray(item.pixels, dtype=np.float64)
+    if raw.source_levels != levels:
+        x = x * (levels - 1) / (raw.source_levels - 1)
+    return np.clip(np.rint(np.nan_to_num(x)), 0, levels - 1).astype(np.uint8)
+
+
+@dataclass
+class TextUnit:
+    file: str                  # data/raw/notes/a.txt, or data/raw/pydoc/docs.jsonl:12 (os.path.join)
+    text: Optional[str]        # None when unreadable
+    error: Optional[str] = None
+    is_file: bool = True       # False for one document of docs.jsonl
+
+
+@dataclass
+class RawText:
+    units: list[TextUnit]
+    paragraphs: bool           # single text file: documents are separated by blank lines
+
+
+def decode_utf8(data: bytes) -> tuple[Optional[str], Optional[str]]:
+    """(text, None) or (None, 'not valid UTF-8 (byte 0xff at line 3, offset 41)'). CRLF becomes LF."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return None, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at line {line}, offset {e.start})"
+    return text.replace("\r\n", "\n"), None
+
+
+def read_raw_text(name: str, cfg: DatasetConfig, root: str | Path = ".") -> RawText:
+    """Decode data/raw/<name>/ into text units: files, or the documents of docs.jsonl."""
+    folder = raw_dir(name, root)
+    layout = snapshot_layout(name, root)
+    if layout == "jsonl":
+        path = folder / "docs.jsonl"
+        where = display_path(path, root)
+        text, error = decode_utf8(path.read_bytes())
+        if error:
+            return RawText([TextUnit(where, None, error)], paragraphs=False)
+        units = []
+        for i, line in enumerate(text.splitlines(), 1):
+            try:
+                doc = json.loads(line)
+                units.append(TextUnit(f"{where}:{i} ({doc['id']})", doc["text"], None, is_file=False))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                units.append(TextUnit(f"{where}:{i}", None, 'not a JSON line {"id": ..., "text": ...}', is_file=False))
+        return RawText(units, paragraphs=False)
+    if layout not in ("textfile", "textfolder"):
+        raise DataError(f"datasets.{name}: data/raw/{name} holds {layout} data, not text; "
+                        f"run `genflow stage ingest {name}` again")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT)
+    units = [TextUnit(display_path(f, root), *decode_utf8(f.read_bytes())) for f in files]
+    return RawText(units, paragraphs=layout == "textfile")
+
+
+def unit_documents(unit: TextUnit, paragraphs: bool, min_doc_chars: int) -> list[str]:
+    """The documents of one text unit that are at least min_doc_chars long (stripped)."""
+    if not unit.text:
+        return []
+    pieces = re.split(r"\n\s*\n", unit.text) if paragraphs else [unit.text]
+    return [d for d in (p.strip() for p in pieces) if d and len(d) >= min_doc_chars]
+
+
+# ---------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------
+
+def split_indices(n: int, split: SplitConfig, labels: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Deterministic {train, val, test} index arrays (sorted) over n items.
+
+    With labels the split is stratified: each class is shuffled (seeded) and cut by the shares.
+    Without labels (text documents) val and test get at least one item each when their share is > 0.
+    """
+    rng = np.random.default_rng(split.seed)
+    groups = [np.arange(n)] if labels is None else \
+        [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for idx in groups:
+        perm = rng.permutation(idx)
+        n_test = int(np.floor(len(idx) * split.test + 0.5))
+        n_val = int(np.floor(len(idx) * split.val + 0.5))
+        if labels is None:
+            n_test = max(n_test, 1) if split.test > 0 else 0
+            n_val = max(n_val, 1) if split.val > 0 else 0
+        parts["test"].append(perm[:n_test])
+        parts["val"].append(perm[n_test:n_test + n_val])
+        parts["train"].append(perm[n_test + n_val:])
+    return {s: np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64)
+            for s, p in parts.items()}
+
+
+# ---------------------------------------------------------------------------
+# Prepare: data/raw/<name>/ -> data/prepared/<name>/
+# ---------------------------------------------------------------------------
+
+def prepare(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
+    """Write deterministic train/val/test splits and manifest.json into data/prepared/<name>/.
+
+    Images: {split}.npz with x (N, S, S) uint8 in 0..levels-1 and y (N,) int64, stratified by class.
+    Text: {split}.txt, documents joined by blank lines, split by document (no text in two splits).
+    """
+    target = prepared_dir(name, root)
+    manifest = {"name": name, "kind": cfg.kind, "source": cfg.source,
+                "raw_fingerprint": dataset_fingerprint(name, root),
+                "split": {"val": cfg.split.val, "test": cfg.split.test, "seed": cfg.split.seed}}
+    with _replaced_dir(target) as tmp:
+        if cfg.kind == "image":
+            manifest.update(_prepare_images(name, cfg, root, tmp))
+        else:
+            manifest.update(_prepare_text(name, cfg, root, tmp))
+        manifest["files"] = tree_md5s(tmp)
+        write_json(tmp / "manifest.json", manifest)
+    return target
+
+
+def _refuse(name: str, problems: list[str]) -> None:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    raise DataError(f"datasets.{name}: cannot prepare: {'; '.join(problems[:3])}{more}; "
+                    f"run `genflow stage validate {name}` for the full report")
+
+
+def _prepare_images(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
+    raw = read_raw_images(name, cfg, root)
+    top = raw.source_levels - 1
+    problems = []
+    for it in raw.items:
+        if it.error:
+            problems.append(f"{it.file}: {it.error}")
+        elif not 0 <= it.label < len(raw.classes):
+            problems.append(f"{it.file}: label {it.label} is not a known class")
+        elif np.isnan(np.asarray(it.pixels, dtype=np.float64)).any():
+            problems.append(f"{it.file}: NaN pixel values")
+        elif not raw.resized and it.pixels.shape != (cfg.image_size, cfg.image_size):
+            problems.append(f"{it.file}: {it.size[0]}x{it.size[1]} pixels, expected {cfg.image_size}x{cfg.image_size}")
+        elif np.min(it.pixels) < 0 or np.max(it.pixels) > top:
+            problems.append(f"{it.file}: pixel values outside 0..{top}")
+    if problems:
+        _refuse(name, problems)
+    if not raw.items:
+        raise DataError(f"datasets.{name}: data/raw/{name} holds no images")
+    x = np.stack([image_array(it, raw, cfg.levels) for it in raw.items])  # (N, S, S) uint8
+    y = np.array([it.label for it in raw.items], dtype=np.int64)          # (N,)
+    idx = split_indices(len(y), cfg.split, labels=y)
+    _check_nonempty(name, idx, cfg.split, "images")
+    for s in SPLITS:
+        save_npz(out / f"{s}.npz", x=x[idx[s]], y=y[idx[s]])
+    return {"counts": {s: int(len(idx[s])) for s in SPLITS},
+            "image_size": cfg.image_size, "levels": cfg.levels, "classes": raw.classes,
+            "class_histogram": {s: np.bincount(y[idx[s]], minlength=len(raw.classes)).tolist() for s in SPLITS}}
+
+
+def _prepare_text(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
+    raw = read_raw_text(name, cfg, root)
+    problems = [f"{u.file}: {u.error}" for u in raw.units if u.error]
+    if problems:
+        _refuse(name, problems)
+    docs, seen, short, dupes = [], set(), 0, 0
+    for unit in raw.units:
+        kept = unit_documents(unit, raw.paragraphs, cfg.min_doc_chars)
+        short += len(unit_documents(unit, raw.paragraphs, 1)) - len(kept)
+        for d in kept:
+            if d in seen:  # an exact repeat would put the same text in two splits
+                dupes += 1
+                continue
+            seen.add(d)
+            docs.append(d)
+    idx = split_indices(len(docs), cfg.split)
+    _check_nonempty(name, idx, cfg.split, f"documents of at least min_doc_chars={cfg.min_doc_chars} characters")
+    texts = {s: "\n\n".join(docs[i] for i in idx[s]) for s in SPLITS}
+    for s in SPLITS:
+        (out / f"{s}.txt").write_text(texts[s], encoding="utf-8")
+    vocab = "".join(sorted(set(texts["train"])))
+    return {"counts": {s: int(len(idx[s])) for s in SPLITS},
+            "chars": {s: len(texts[s]) for s in SPLITS},
+            "vocab": vocab,
+            "unseen_chars": {s: "".join(sorted(set(texts[s]) - set(vocab))) for s in ("val", "test")},
+            "documents_dropped": {"shorter_than_min_doc_chars": short, "duplicates": dupes}}
+
+
+def _check_nonempty(name: str, idx: dict[str, np.ndarray], split: SplitConfig, what: str) -> None:
+    total = sum(len(i) for i in idx.values())
+    for s in SPLITS:
+        if len(idx[s]) == 0 and (s == "train" or getattr(split, s) > 0):
+            raise DataError(f"datasets.{name}.split: the {s} split would be empty ({total} {what}); "
+                            "add data or change the shares")
+
+
+# ---------------------------------------------------------------------------
+# Prepared-data API (used by training, evaluation and export)
+# ---------------------------------------------------------------------------
+
+def load_manifest(name: str, root: str | Path = ".") -> dict:
+    """manifest.json of data/prepared/<name>/ (kind, counts, files, image_size/levels/classes or vocab)."""
+    path = prepared_dir(name, root) / "manifest.json"
+    if not path.exists():
+        raise DataError(f"{display_path(path, root)}: not found; run `genflow stage prepare {name}` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _split_path(name: str, split: str, root, suffix: str) -> Path:
+    if split not in SPLITS:
+        raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    path = prepared_dir(name, root) / f"{split}{suffix}"
+    if not path.exists():
+        raise DataError(f"{display_path(path, root)}: not found; run `genflow stage prepare {name}` first")
+    return path
+
+
+def load_images(name: str, split: str, root: str | Path = ".") -> tuple[np.ndarray, np.ndarray]:
+    """x (N, H, W) uint8 in 0..levels-1 and y (N,) int64 class indices of one split."""
+    with np.load(_split_path(name, split, root, ".npz"), allow_pickle=False) as z:
+        return z["x"], z["y"]
+
+
+def load_text(name: str, split: str, root: str | Path = ".") -> str:
+    """One split's documents joined by blank lines."""
+    return _split_path(name, split, root, ".txt").read_text(encoding="utf-8")
