@@ -115,7 +115,8 @@ def cmd_promote(args) -> int:
     from components import registry
 
     decision = registry.promote(args.model, args.version, args.reason, _load(args), Path.cwd())
-    print(f"{args.model} version {args.version} is now champion ({decision.reason})")
+    state = "is now champion" if decision.promoted else "is already champion"
+    print(f"{args.model} version {args.version} {state} ({decision.reason})")
     return 0
 
 

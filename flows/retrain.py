@@ -101,6 +101,9 @@ class ModelOutcome:
     parity_max_abs: Optional[float] = None
     decision: Optional[str] = None
     seconds: float = 0.0
+    inputs_hash: str = ""
+    run_id: Optional[str] = None
+    parity: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"status": self.status, "reason": self.reason, "metrics": self.metrics,
@@ -135,7 +138,8 @@ def build_flow():
 
     def step(name: str, retries: int = 0):
         return task(name=name, cache_policy=NO_CACHE, retries=retries,
-                    retry_delay_seconds=[2, 8, 30][:max(retries, 1)], log_prints=True)
+                    retry_delay_seconds=[2, 8, 30][:max(retries, 1)], log_prints=True,
+                    persist_result=False)
 
     @step("data")
     def data_branch(params: Params, name: str, root: Path) -> dict:
@@ -150,15 +154,16 @@ def build_flow():
         commit_stages(root, [f"ingest@{name}", f"validate@{name}", f"prepare@{name}"])
         return dataset_hashes(name, root)
 
-    @step("model")
+    @step("train-evaluate-export")
     def model_branch(params: Params, key: str, root: Path, parent_run_id: Optional[str],
                      flow_run_id: Optional[str], force: bool) -> ModelOutcome:
+        """Skip when inputs are unchanged; else train, evaluate and export inside a nested MLflow run."""
         from components import registry, tracking
 
         log = get_run_logger()
         out = ModelOutcome()
         t0 = time.perf_counter()
-        ih = inputs_hash(params, key, root)
+        out.inputs_hash = ih = inputs_hash(params, key, root)
         kept = None if force else registry.find_version(key, {"genflow.inputs_hash": ih}, root)
         if kept is not None:
             out.status, out.version = "skipped", kept["version"]
@@ -171,7 +176,7 @@ def build_flow():
         m = params.model(key)
         with tracking.model_run(key, params, root, parent_run_id=parent_run_id,
                                 flow_run_id=flow_run_id, extra_tags={"genflow.inputs_hash": ih}) as run:
-            run_id = run.info.run_id
+            out.run_id = run.info.run_id
             log.info(f"{key}: training ({m.family}/{m.backbone} on {m.dataset}, "
                      f"budget {m.train.max_seconds:.0f}s / {m.train.max_steps} steps)")
             metrics = dict(stages.run_stage(params, "train", key, root))
@@ -181,23 +186,37 @@ def build_flow():
             tracking.log_metrics(out.metrics)
             tracking.log_model_artifacts(key, root)
             log.info(f"{key}: exporting to ONNX")
-            parity = stages.run_stage(params, "export", key, root)
+            out.parity = parity = stages.run_stage(params, "export", key, root)
             out.parity_max_abs = float(parity["max_abs"])
             tracking.log_parity(key, parity, root)
-            if not parity["passed"]:
-                out.status = "failed"
-                out.reason = (f"ONNX parity {parity['max_abs']:.3g} above tolerance "
-                              f"{params.export.parity_atol:g}: not registered")
-                return out
-            out.version = registry.register_model(key, run_id, out.metrics, parity, params, root,
-                                                  inputs_hash=ih)
+        if not parity["passed"]:
+            out.reason = (f"ONNX parity max abs error {parity['max_abs']:.3g} above tolerance "
+                          f"{params.export.parity_atol:g}: not registered")
+            log.error(f"{key}: {out.reason}")
+        else:
+            out.status = "exported"
+        out.seconds = time.perf_counter() - t0
+        return out
+
+    @step("register-promote", retries=3)
+    def register_branch(params: Params, key: str, root: Path, out: ModelOutcome) -> ModelOutcome:
+        """Talks to the MLflow server: retried with backoff. Registering twice is avoided by
+        looking the run's version up first."""
+        from components import registry
+
+        log = get_run_logger()
+        t0 = time.perf_counter()
+        if out.version is None:
+            found = registry.find_version(key, {"genflow.inputs_hash": out.inputs_hash}, root)
+            out.version = found["version"] if found else registry.register_model(
+                key, out.run_id, out.metrics, out.parity, params, root, inputs_hash=out.inputs_hash)
         decision = registry.gate(key, out.version, params, root)
         out.decision = decision.reason
         out.aliases = registry.aliases_of(key, out.version, root)
         out.status = "trained"
-        out.seconds = time.perf_counter() - t0
-        log.info(f"{key}: version {out.version} {'promoted to champion' if decision.promoted else 'kept as challenger'}"
-                 f" ({decision.reason})")
+        out.seconds += time.perf_counter() - t0
+        log.info(f"{key}: version {out.version} "
+                 f"{'promoted to champion' if decision.promoted else 'kept as challenger'} ({decision.reason})")
         return out
 
     @flow(name="genflow-retrain", log_prints=True, validate_parameters=False,
@@ -221,11 +240,11 @@ def build_flow():
         outcomes: dict[str, ModelOutcome] = {}
         flow_run_id = str(flow_run.get_id() or "")
 
-        data_futures = {name: data_branch.submit(params, name, root_p) for name in datasets}
+        data_step = data_branch.with_options(timeout_seconds=params.pipeline.step_timeout_seconds)
         data_ok: dict[str, Any] = {}
-        for name, fut in data_futures.items():
+        for name in datasets:  # one at a time: cheap, and DVC allows one command per repository
             try:
-                data_ok[name] = fut.result()
+                data_ok[name] = data_step(params, name, root_p)
             except Exception as e:
                 for k in keys:
                     if params.model(k).dataset == name:
@@ -235,15 +254,22 @@ def build_flow():
         with tracking.pipeline_run(params, root_p, flow_run_id=flow_run_id, models=runnable,
                                    data_hashes=data_ok) as parent:
             parent_id = parent.info.run_id if parent else None
+            timeout = params.pipeline.step_timeout_seconds
+            train_step = model_branch.with_options(timeout_seconds=timeout)
+            register_step = register_branch.with_options(timeout_seconds=timeout,
+                                                         retries=params.pipeline.server_retries)
             pending = list(runnable)
             width = max(1, params.pipeline.max_parallel_models)
             while pending:  # at most `width` models at once; the rest wait their turn
                 batch, pending = pending[:width], pending[width:]
-                futures = {k: model_branch.submit(params, k, root_p, parent_id, flow_run_id, force)
+                futures = {k: train_step.submit(params, k, root_p, parent_id, flow_run_id, force)
                            for k in batch}
                 for k, fut in futures.items():
                     try:
-                        outcomes[k] = fut.result()
+                        out = fut.result()
+                        if out.status == "exported":
+                            out = register_step(params, k, root_p, out)
+                        outcomes[k] = out
                     except Exception as e:
                         outcomes[k] = ModelOutcome(status="failed", reason=_one_line(e))
             summary = finish(params, root_p, keys, outcomes, time.perf_counter() - t0, data_ok)

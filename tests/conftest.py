@@ -41,3 +41,42 @@ def session_tmp() -> Path:
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return ROOT
+
+
+def make_clone(project_root: Path, dest: Path) -> Path:
+    """A fresh git repository holding the project's tracked and new (not ignored) files."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=project_root,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = project_root / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "clone"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture
+def project_clone(tmp_path, project_root) -> Path:
+    return make_clone(project_root, tmp_path / "clone")
+
+
+# Tiny settings that run the whole chain in seconds (the real run keeps params.yaml's).
+TINY_OVERRIDES = [
+    "models.digits-unet.unet.channels=[8, 16]", "models.digits-unet.unet.time_dim=16",
+    "models.digits-unet.unet.groups=4",
+    "models.digits-unet.diffusion.timesteps=20", "models.digits-unet.sample.steps=5",
+    "models.digits-unet.train.max_steps=6", "models.digits-unet.train.batch_size=16",
+    "models.digits-unet.eval.num_samples=30", "models.digits-unet.eval.sampler_sweep=[ddim5]",
+    "models.digits-gpt.gpt.n_layer=1", "models.digits-gpt.gpt.n_head=2", "models.digits-gpt.gpt.n_embd=16",
+    "models.digits-gpt.train.max_steps=6", "models.digits-gpt.train.batch_size=16",
+    "models.digits-gpt.eval.num_samples=30",
+    "models.pydoc-gpt.gpt.n_layer=1", "models.pydoc-gpt.gpt.n_head=2", "models.pydoc-gpt.gpt.n_embd=16",
+    "models.pydoc-gpt.gpt.block_size=32", "models.pydoc-gpt.train.max_steps=6",
+    "models.pydoc-gpt.train.batch_size=8", "models.pydoc-gpt.sample.length=16",
+    "models.pydoc-gpt.eval.ngram_orders=[1, 2, 3]", "models.pydoc-gpt.eval.text_samples=1",
+]

@@ -1,0 +1,115 @@
+"""The retrain flow end to end, under a real (test-harness) Prefect server and a real MLflow store."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_OVERRIDES
+
+pytestmark = pytest.mark.integration
+
+CORPUS = "\n\n".join(m.__doc__ for m in __import__("importlib").import_module("pydoc").__dict__.values()
+                     if isinstance(getattr(m, "__doc__", None), str) and len(m.__doc__) > 200)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def workspace(project_clone, tmp_path, monkeypatch):
+    monkeypatch.chdir(project_clone)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((CORPUS + "\n\n") * 3)
+    return project_clone, [*TINY_OVERRIDES, f"datasets.pydoc.source=textfile:{corpus}",
+                           "datasets.pydoc.text_validation.min_chars=1000"]
+
+
+def _run(root, overrides, **kw):
+    from components.config import load_params
+    from flows.retrain import run_pipeline
+
+    params = load_params(root / "params.yaml", overrides)
+    return run_pipeline(params, root, overrides=overrides, **kw)
+
+
+def _versions(key):
+    from mlflow import MlflowClient
+
+    return sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name='{key}'"))
+
+
+def test_flow_end_to_end_then_unchanged_rerun_trains_nothing(harness, workspace, project_root):
+    root, overrides = workspace
+    summary = _run(root, overrides)
+    assert summary["status"] == "completed", summary
+    for key in ("digits-unet", "digits-gpt", "pydoc-gpt"):
+        m = summary["models"][key]
+        assert m["status"] == "trained", (key, m)
+        assert m["version"] == "1" and "champion" in m["aliases"]
+        assert m["parity_max_abs"] < 1e-4
+    doc = json.loads((root / "reports/last_run.json").read_text())
+    assert doc["models"].keys() == summary["models"].keys()
+    checker = project_root.parent / "shared" / "checks" / "last_run.py"
+    if checker.exists():
+        res = subprocess.run([sys.executable, str(checker), str(root / "reports/last_run.json")],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
+
+    again = _run(root, overrides)
+    assert again["status"] == "completed"
+    assert {m["status"] for m in again["models"].values()} == {"skipped"}
+    assert again["models"]["digits-unet"]["metrics"]["eval/fd"] == summary["models"]["digits-unet"]["metrics"]["eval/fd"]
+    assert _versions("digits-unet") == [1]
+
+    changed = _run(root, overrides + ["models.digits-gpt.train.max_steps=7"])
+    status = {k: m["status"] for k, m in changed["models"].items()}
+    assert status == {"digits-unet": "skipped", "digits-gpt": "trained", "pydoc-gpt": "skipped"}
+    assert _versions("digits-gpt") == [1, 2]
+
+
+def test_bad_dataset_stops_only_its_branch(harness, workspace, tmp_path):
+    root, overrides = workspace
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text\n" * 200 + b"\xff\xfe broken bytes\n")
+    summary = _run(root, overrides + [f"datasets.pydoc.source=textfile:{bad}"],
+                   only=["digits-gpt", "pydoc-gpt"])
+    assert summary["status"] == "failed"
+    assert summary["models"]["digits-gpt"]["status"] == "trained"
+    failed = summary["models"]["pydoc-gpt"]
+    assert failed["status"] == "failed" and "bad.txt" in failed["reason"] and "UTF-8" in failed["reason"]
+    assert _versions("pydoc-gpt") == []
+
+
+def test_parity_failure_blocks_registration(harness, workspace):
+    root, overrides = workspace
+    summary = _run(root, overrides + ["export.parity_atol=1e-15"], only=["digits-unet"])
+    m = summary["models"]["digits-unet"]
+    assert summary["status"] == "failed" and m["status"] == "failed"
+    assert "parity" in m["reason"] and "not registered" in m["reason"]
+    assert _versions("digits-unet") == []
+
+
+def test_transient_registry_error_is_retried(harness, workspace, monkeypatch):
+    from components import registry
+
+    root, overrides = workspace
+    real, calls = registry.register_model, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("MLflow server restarting")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "register_model", flaky)
+    summary = _run(root, overrides, only=["digits-gpt"])
+    assert summary["models"]["digits-gpt"]["status"] == "trained"
+    assert len(calls) == 2 and _versions("digits-gpt") == [1]
