@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> Params:
-    return load_params(args.params, args.overrides)
+    params = load_params(args.params, args.overrides)
+    if params.tracking.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = params.tracking.tracking_uri  # one setting for every command
+    return params
 
 
 def cmd_run(args) -> int:
@@ -107,6 +110,7 @@ def _short(result: dict) -> str:
 def cmd_models(args) -> int:
     from components import registry
 
+    _load(args)
     print(registry.format_table(registry.models_table(Path.cwd())))
     return 0
 
@@ -123,6 +127,7 @@ def cmd_promote(args) -> int:
 def cmd_rollback(args) -> int:
     from components import registry
 
+    _load(args)
     version = registry.rollback(args.model, Path.cwd())
     print(f"{args.model}: version {version} is champion again")
     return 0

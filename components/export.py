@@ -1,0 +1,448 @@
+"""ONNX export of a trained network, with a parity gate against PyTorch.
+
+    result = export_model("digits-unet", net, config, params.export, root)
+    # exports/digits-unet/model.onnx    the graph (weights inside: one file)
+    # exports/digits-unet/config.json   all that components/inference.py needs, torch-free
+    # exports/digits-unet/parity.json   onnxruntime vs PyTorch on fixed random inputs
+    result["passed"]  # False above export.parity_atol / parity_rtol: the flow does not register it
+
+Graphs, one per backbone kind (dynamic axes named, example sizes >= 2 so none is frozen):
+
+    denoiser   x [B,C,H,W] f32, t [B] i64, y [B] i64 -> eps [B,C,H,W]           unet, dit
+    causal_lm  input_ids [B,T] i64, past_kv [L,2,B,nh,P,hs] f32
+                 -> logits [B,T,V], present_kv [L,2,B,nh,P+T,hs]                 gpt
+    masked_lm  input_ids [B,T] i64 -> logits [B,T,V]                            mdlm
+
+The GPT has one graph for prefill and decoding: onnxruntime accepts an empty past (P = 0), so
+generation is prefill(prompt, empty past) then decode(token, past), with no second file.
+
+Exporter and opset (measured on a 2-core CPU, torch 2.13, onnxruntime 1.32; STACK.md):
+  * denoisers: the TorchScript exporter (``dynamo=False``) at ``export.opset`` (20): 0.2-0.8 s per
+    graph against 6-19 s for the dynamo exporter, same speed and parity on onnxruntime; GroupNorm
+    has a native CPU kernel up to opset 20 (from 21 on it is expanded, 5-15% slower).
+  * attention models (gpt, mdlm): the dynamo exporter at opset >= 23, whose fused Attention op
+    made cached decoding 20-28% faster on onnxruntime CPU; the export takes 7-15 s once per model.
+  The TorchScript exporter stops at opset 20; above that the dynamo one is used whatever the plan.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from components.config import ExportConfig
+
+EXPORT_FORMAT = 1          # version of the exported folder's layout (config.json "format")
+TORCHSCRIPT_MAX_OPSET = 20
+ATTENTION_MIN_OPSET = 23   # opset of the ONNX Attention op
+
+# backbone -> (graph kind, exporter, minimum opset); the opset is max(export.opset, minimum)
+PLANS: dict[str, tuple[str, str, int]] = {
+    "unet": ("denoiser", "torchscript", 0),
+    "dit": ("denoiser", "torchscript", 0),
+    "gpt": ("causal_lm", "dynamo", ATTENTION_MIN_OPSET),
+    "mdlm": ("masked_lm", "dynamo", ATTENTION_MIN_OPSET),
+}
+FAMILIES = {"unet": "diffusion", "dit": "diffusion", "gpt": "transformer", "mdlm": "diffusion"}
+SAMPLE_KEYS = ("sampler", "steps", "eta", "guidance", "temperature", "top_k", "length", "prompt")
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked; the message names the field or file."""
+
+
+# ---------------------------------------------------------------------------
+# Reading the checkpoint's config dict (families store it; keys may sit in a section)
+# ---------------------------------------------------------------------------
+
+def _find(config: dict, key: str, *sections: str, default: Any = None) -> Any:
+    """config[section][key] for the first section that has it, else config[key], else default."""
+    for s in sections:
+        node = config.get(s)
+        if isinstance(node, dict) and node.get(key) is not None:
+            return node[key]
+    return config[key] if config.get(key) is not None else default
+
+
+def backbone_of(model: Any, config: dict) -> str:
+    backbone = config.get("backbone") or {"UNet": "unet", "DiT": "dit", "GPT": "gpt"}.get(type(model).__name__)
+    if backbone not in PLANS:
+        raise ExportError(f"config.backbone: {backbone!r} has no ONNX export; known: {', '.join(PLANS)}")
+    return backbone
+
+
+# ---------------------------------------------------------------------------
+# Graph specification per kind
+# ---------------------------------------------------------------------------
+
+@dataclass
+class GraphSpec:
+    """What to export and how: the module to trace, example inputs, names, dynamic axes."""
+    kind: str
+    module: Any                                   # torch.nn.Module with forward(*input_names)
+    example: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic: dict[str, dict[int, str]]            # input or output name -> {axis: name}
+    limits: dict[str, tuple[int, Optional[int]]] = field(default_factory=dict)  # axis name -> (min, max)
+    info: dict[str, Any] = field(default_factory=dict)   # goes into config.json
+
+
+def _wrap(kind: str, net: Any) -> Any:
+    """A module whose forward takes the graph's inputs by name (and returns plain tensors)."""
+    import torch
+
+    class CausalLMGraph(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, input_ids, past_kv):
+            return self.net(input_ids, past_kv)
+
+    class MaskedLMGraph(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, input_ids):
+            out = self.net(input_ids)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+    return {"denoiser": lambda n: n, "causal_lm": CausalLMGraph, "masked_lm": MaskedLMGraph}[kind](net)
+
+
+def graph_spec(backbone: str, net: Any, config: dict) -> GraphSpec:
+    """Example inputs, names and dynamic axes for one network, plus what the engine must know."""
+    import torch
+
+    kind = PLANS[backbone][0]
+    sample = {k: v for k, v in (config.get("sample") or {}).items() if k in SAMPLE_KEYS}
+    if kind == "denoiser":
+        size = int(getattr(net, "image_size", None) or _find(config, "image_size", "data", "dataset", default=0))
+        channels = int(getattr(net, "in_channels", None) or _find(config, "channels", "data", default=1))
+        num_classes = int(getattr(net, "num_classes", None) or _find(config, "num_classes", "data", default=0))
+        timesteps = _find(config, "timesteps", "diffusion")
+        schedule = _find(config, "schedule", "diffusion", default="cosine")
+        abar = _find(config, "alphas_cumprod", "diffusion")
+        if abar is None:
+            if timesteps is None:
+                raise ExportError("config.diffusion.timesteps: missing; the engine needs the noise schedule")
+            from components.models.diffusion import make_alphas_cumprod
+
+            abar = make_alphas_cumprod(int(timesteps), str(schedule))
+        abar = [float(a) for a in np.asarray(abar, dtype=np.float64)]
+        if not size or not num_classes:
+            raise ExportError("config.image_size / num_classes: missing; cannot build example inputs")
+        B = 2
+        example = (torch.zeros(B, channels, size, size), torch.tensor([1, len(abar) - 1], dtype=torch.long),
+                   torch.tensor([0, num_classes], dtype=torch.long))
+        batch = {0: "batch"}
+        info = dict(image_size=size, channels=channels, num_classes=num_classes, null_class=num_classes,
+                    levels=int(_find(config, "levels", "data", default=256)),
+                    classes=_find(config, "classes", "data"), timesteps=len(abar), schedule=schedule,
+                    alphas_cumprod=abar, sample=sample)
+        return GraphSpec(kind, _wrap(kind, net), example, ["x", "t", "y"], ["eps"],
+                         {"x": batch, "t": batch, "y": batch, "eps": batch}, {"batch": (1, None)}, info)
+
+    c = net.config
+    vocab_size, block = int(net.vocab_size), int(c.block_size)
+    head_dim = c.n_embd // c.n_head
+    info = dict(vocab_size=vocab_size, block_size=block, n_layer=c.n_layer, n_head=c.n_head,
+                head_dim=head_dim, n_embd=c.n_embd, vocab=config.get("vocab"), sample=sample)
+    kind_of_data = config.get("kind") or ("text" if config.get("vocab") else "image")
+    info["kind"] = kind_of_data
+    if kind_of_data == "image":  # digit pixels: [class token] + image_size^2 pixel tokens
+        levels = int(_find(config, "levels", "data", default=0))
+        num_classes = int(_find(config, "num_classes", "data", default=0) or len(config.get("classes") or []))
+        size = int(_find(config, "image_size", "data", default=0))
+        class_offset = int(config.get("class_token_offset", levels))
+        pixel_offset = int(config.get("pixel_token_offset", 0))
+        if not (levels and num_classes and size):
+            raise ExportError("config.levels / num_classes / image_size: missing for an image GPT")
+        if class_offset + num_classes > vocab_size or pixel_offset + levels > vocab_size:
+            raise ExportError(f"config.class_token_offset: classes at {class_offset}.. and pixels at "
+                              f"{pixel_offset}.. do not fit the vocabulary of {vocab_size} tokens")
+        if 1 + size * size > block:
+            raise ExportError(f"gpt.block_size: {block} is shorter than a class token + {size * size} pixels")
+        info.update(levels=levels, num_classes=num_classes, image_size=size, channels=1,
+                    classes=_find(config, "classes", "data"), class_token_offset=class_offset,
+                    pixel_token_offset=pixel_offset)
+    # distinct example sizes: equal ones could be merged into one symbol by the exporter
+    B, T, P = 2, min(3, max(block - 2, 1)), min(4, max(block - 3, 1))
+    ids = torch.zeros(B, T, dtype=torch.long)
+    if kind == "masked_lm":
+        return GraphSpec(kind, _wrap(kind, net), (ids,), ["input_ids"], ["logits"],
+                         {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
+                         {"batch": (1, None), "seq": (1, block)}, info)
+    past = torch.zeros(c.n_layer, 2, B, c.n_head, P, head_dim)
+    return GraphSpec(kind, _wrap(kind, net), (ids, past), ["input_ids", "past_kv"], ["logits", "present_kv"],
+                     {"input_ids": {0: "batch", 1: "seq"}, "past_kv": {2: "batch", 4: "past"},
+                      "logits": {0: "batch", 1: "seq"}, "present_kv": {2: "batch", 4: "total"}},
+                     {"batch": (1, None), "seq": (1, block), "past": (0, block)}, info)
+
+
+# ---------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------
+
+def _export_graph(spec: GraphSpec, path: Path, exporter: str, opset: int) -> None:
+    """Write spec's module to `path` as one self-contained ONNX file."""
+    import torch
+
+    quiet = io.StringIO()  # the dynamo exporter prints progress lines; keep the stage's log readable
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings and the TorchScript exporter's deprecation
+        if exporter == "torchscript":
+            torch.onnx.export(spec.module, spec.example, str(path), dynamo=False, opset_version=opset,
+                              input_names=spec.input_names, output_names=spec.output_names,
+                              dynamic_axes=spec.dynamic, do_constant_folding=True)
+        else:
+            dims = {name: torch.export.Dim(name, min=lo, max=hi) if hi else torch.export.Dim(name, min=lo)
+                    for name, (lo, hi) in spec.limits.items()}
+            shapes = {n: {axis: dims[label] for axis, label in spec.dynamic[n].items()} for n in spec.input_names}
+            torch.onnx.export(spec.module, spec.example, str(path), dynamo=True, opset_version=opset,
+                              input_names=spec.input_names, output_names=spec.output_names,
+                              dynamic_shapes=shapes, external_data=False, optimize=True, verbose=False)
+
+
+def check_onnx(path: Path) -> int:
+    """onnx.checker with full_check (shape inference included); returns the default-domain opset."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _io(path: Path) -> tuple[list[dict], list[dict]]:
+    """Names, element types and shapes (dim names for dynamic axes) of the graph's inputs/outputs."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name for t in g.initializer}
+
+    def describe(vi):
+        t = vi.type.tensor_type
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]}
+
+    return [describe(i) for i in g.input if i.name not in init], [describe(o) for o in g.output]
+
+
+# ---------------------------------------------------------------------------
+# Parity gate
+# ---------------------------------------------------------------------------
+
+def _compare(name: str, output: str, got: np.ndarray, ref: np.ndarray) -> dict:
+    if got.shape != ref.shape:
+        return {"name": name, "output": output, "shape": list(ref.shape), "max_abs": math.inf,
+                "max_rel": math.inf, "note": f"onnxruntime shape {list(got.shape)}"}
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    if not np.isfinite(got).all():
+        max_abs = math.inf
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    return {"name": name, "output": output, "shape": list(ref.shape), "max_abs": max_abs,
+            "max_rel": max_rel, "ref_max": scale}
+
+
+def _parity_checks(spec: GraphSpec, net: Any, session: Any) -> list[dict]:
+    """onnxruntime against PyTorch eager on fixed random inputs; one dict per (case, output)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    checks = []
+    with torch.no_grad():
+        if spec.kind == "denoiser":
+            C, S = spec.info["channels"], spec.info["image_size"]
+            T, K = spec.info["timesteps"], spec.info["num_classes"]
+            for B in (1, 3, 16):
+                x = rng.standard_normal((B, C, S, S)).astype(np.float32)
+                t = rng.integers(0, T, B).astype(np.int64)
+                y = rng.integers(0, K + 1, B).astype(np.int64)  # the null class included
+                ref = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+                got = session.run(["eps"], {"x": x, "t": t, "y": y})[0]
+                checks.append(_compare(f"batch={B}", "eps", got, ref))
+            return checks
+
+        V, block = spec.info["vocab_size"], spec.info["block_size"]
+        if spec.kind == "masked_lm":
+            for B, T in ((1, 1), (3, min(7, block)), (2, block)):
+                ids = rng.integers(0, V, (B, T)).astype(np.int64)
+                out = spec.module(torch.from_numpy(ids))
+                checks.append(_compare(f"batch={B} len={T}", "logits",
+                                       session.run(["logits"], {"input_ids": ids})[0], out.numpy()))
+            return checks
+
+        L, H, D = spec.info["n_layer"], spec.info["n_head"], spec.info["head_dim"]
+        # without the cache: PyTorch's own no-past path against the graph with an empty past
+        for B, T in ((1, 1), (3, min(7, block)), (2, block)):
+            ids = rng.integers(0, V, (B, T)).astype(np.int64)
+            logits, _ = net(torch.from_numpy(ids))
+            got = session.run(["logits"], {"input_ids": ids,
+                                           "past_kv": np.zeros((L, 2, B, H, 0, D), np.float32)})[0]
+            checks.append(_compare(f"no cache, batch={B} len={T}", "logits", got, logits.numpy()))
+        # with the cache: a real past (from a prefix), then one token (decode) or a chunk
+        for B, P, T in ((1, max(block - 1, 1) // 2, 1), (3, max(block - 4, 1), min(4, block - 1)), (2, block - 1, 1)):
+            if P < 1 or T < 1 or P + T > block:
+                continue
+            ids = rng.integers(0, V, (B, P + T)).astype(np.int64)
+            _, past = net(torch.from_numpy(ids[:, :P]))
+            logits, present = net(torch.from_numpy(ids[:, P:]), past)
+            got_logits, got_present = session.run(["logits", "present_kv"],
+                                                  {"input_ids": np.ascontiguousarray(ids[:, P:]),
+                                                   "past_kv": past.numpy()})
+            name = f"cache, batch={B} past={P} len={T}"
+            checks.append(_compare(name, "logits", got_logits, logits.numpy()))
+            checks.append(_compare(name, "present_kv", got_present, present.numpy()))
+    return checks
+
+
+def check_parity(spec: GraphSpec, net: Any, onnx_path: Path, export_cfg: ExportConfig) -> dict:
+    """Run the checks on `onnx_path` and apply the gate: max_abs <= parity_atol and max_rel <= parity_rtol.
+
+    max_rel is relative to the output's scale: max |ort - torch| / max |torch|, per check.
+    """
+    from components.inference import make_session
+
+    session, _ = make_session(Path(onnx_path), prefer_gpu=False)  # CPU: the reference is CPU PyTorch
+    checks = _parity_checks(spec, net, session)
+    worst_abs = max(checks, key=lambda c: c["max_abs"])
+    worst_rel = max(checks, key=lambda c: c["max_rel"])
+    max_abs, max_rel = worst_abs["max_abs"], worst_rel["max_rel"]
+    atol, rtol = float(export_cfg.parity_atol), float(export_cfg.parity_rtol)
+    result = {"passed": bool(max_abs <= atol and max_rel <= rtol), "max_abs": max_abs, "max_rel": max_rel,
+              "atol": atol, "rtol": rtol, "checks": checks}
+    if not max_abs <= atol:  # NaN and inf fail here too
+        result["reason"] = (f"max abs error {max_abs:.3g} ({worst_abs['output']}, {worst_abs['name']}) "
+                            f"above export.parity_atol {atol:g}")
+    elif not max_rel <= rtol:
+        result["reason"] = (f"max relative error {max_rel:.3g} ({worst_rel['output']}, {worst_rel['name']}) "
+                            f"above export.parity_rtol {rtol:g}")
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The whole export
+# ---------------------------------------------------------------------------
+
+def _json_safe(obj: Any) -> Any:
+    """inf/NaN as strings: strict JSON has no such numbers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; a reader sees the old folder or the new one, never a mix."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, root: Path, *,
+                 exporter: Optional[str] = None, opset: Optional[int] = None) -> dict:
+    """Export `model` to exports/<key>/ (model.onnx, config.json, parity.json) and check parity.
+
+    Returns {"passed", "max_abs", "max_rel", "atol", "rtol", "checks", "opset", "exporter",
+    "seconds", "path"} (+ "reason", one line, when not passed). A failed gate does not raise:
+    the folder is written so the numbers can be inspected, and its parity.json says passed=false
+    (the engine refuses such a folder). exporter ("torchscript" | "dynamo") and opset override
+    the plan (benchmarks, tests).
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    backbone = backbone_of(model, config)
+    kind, plan_exporter, min_opset = PLANS[backbone]
+    if exporter not in (None, "torchscript", "dynamo"):
+        raise ExportError(f"exporter: expected 'torchscript' or 'dynamo', got {exporter!r}")
+    if opset is None:
+        opset = max(int(export_cfg.opset), min_opset)
+        if exporter == "torchscript":  # asked for explicitly: its highest opset
+            opset = min(opset, TORCHSCRIPT_MAX_OPSET)
+    exporter = exporter or plan_exporter
+    if exporter == "torchscript" and opset > TORCHSCRIPT_MAX_OPSET:
+        exporter = "dynamo"  # the TorchScript exporter stops at opset 20
+
+    net = model
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        import copy
+
+        net = copy.deepcopy(model).cpu()
+    was_training = net.training
+    net.eval()
+    exports = Path(root) / "exports"
+    exports.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=exports))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export is for everyone who may read exports/
+    try:
+        spec = graph_spec(backbone, net, config)
+        spec.module.eval()
+        model_path = tmp / "model.onnx"
+        try:
+            _export_graph(spec, model_path, exporter, opset)
+        except Exception as e:
+            raise ExportError(f"{key}: the {exporter} ONNX exporter failed at opset {opset} "
+                              f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]})") from e
+        try:
+            file_opset = check_onnx(model_path)
+        except Exception as e:
+            raise ExportError(f"{key}: exported graph fails onnx.checker "
+                              f"({(str(e).strip().splitlines() or [''])[0][:300]})") from e
+        inputs, outputs = _io(model_path)
+        parity = check_parity(spec, net, model_path, export_cfg)
+        seconds = time.perf_counter() - t0
+        parity.update(opset=file_opset, exporter=exporter, seconds=seconds)
+
+        import onnx
+        import onnxruntime
+
+        engine_config = {
+            "format": EXPORT_FORMAT, "key": key, "family": config.get("family") or FAMILIES[backbone],
+            "backbone": backbone,
+            "graph": kind, "kind": spec.info.pop("kind", "image"),
+            "files": {"model": "model.onnx"}, "inputs": inputs, "outputs": outputs,
+            "opset": file_opset, "exporter": exporter,
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+            **spec.info,
+        }
+        _write_json(tmp / "config.json", engine_config)
+        _write_json(tmp / "parity.json", parity)
+        final = exports / key
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        net.train(was_training)
+    status = "passed" if parity["passed"] else f"FAILED: {parity['reason']}"
+    print(f"{key}: exported to {final / 'model.onnx'} ({exporter}, opset {file_opset}, {seconds:.1f}s); "
+          f"parity max abs {parity['max_abs']:.2e}, max rel {parity['max_rel']:.2e}: {status}", flush=True)
+    return {**parity, "path": str(final)}
