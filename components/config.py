@@ -195,7 +195,7 @@ class TrackingConfig:
 
 @dataclass
 class StorageConfig:
-    dvc_remote: str = ""   # empty: DVC's default remote (.dvc/config); else a folder or URL (s3://...)
+    dvc_remote: str = ""   # empty: DVC's default remote; else a remote's name, a folder or a URL
 
 
 @dataclass

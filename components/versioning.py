@@ -93,7 +93,8 @@ def commit_stages(root: Path, stages: Iterable[str]) -> None:
 
 
 def push(root: Path, remote: str = "") -> int:
-    """Push cached data to the remote: the default one, or ``remote`` (a folder or URL).
+    """Push cached data to the remote: the default one, a configured remote's name (``stack``),
+    or a folder or URL (``s3://bucket/path``).
 
     Returns the number of files pushed.
     """
@@ -104,7 +105,9 @@ def push(root: Path, remote: str = "") -> int:
             repo = _repo(root)
             try:
                 name = None
-                if remote:
+                if remote and remote in repo.config.get("remote", {}):
+                    name = remote
+                elif remote:
                     name = "genflow-params"
                     with repo.config.edit("local") as conf:
                         conf["remote"][name] = {"url": remote}
