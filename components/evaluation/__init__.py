@@ -1,0 +1,1 @@
+"""Metrics for images (images.py) and text (text.py)."""

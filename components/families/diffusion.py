@@ -1,0 +1,297 @@
+"""The diffusion family over images: train, evaluate and load a denoiser (U-Net, or DiT by name).
+
+    metrics = train("digits-unet", params, root)      # models/digits-unet/model.pt + train_metrics.json
+    metrics = evaluate("digits-unet", params, root)   # reports/digits-unet/metrics.json, samples.png, sampling.*
+    net, config = load_model("digits-unet", root)     # network with EMA weights + its config dict
+
+Images are the prepared dataset's grey levels scaled to [-1, 1], one channel. The network is
+picked by ``backbone`` from BACKBONES; every backbone is a module ``Net(cfg, image_size=,
+in_channels=, num_classes=)`` with the call ``(x, t, y) -> eps``, so the process in
+components.models.diffusion trains and samples any of them the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components import config as config_module
+from components.config import ModelConfig, Params, hash_json
+
+# backbone name -> (module, class, params section holding its shape, config dataclass)
+BACKBONES: dict[str, tuple[str, str, str, str]] = {
+    "unet": ("components.models.unet", "UNet", "unet", "UNetConfig"),
+    "dit": ("components.models.dit", "DiT", "dit", "DiTConfig"),
+}
+
+
+class DiffusionFamilyError(ValueError):
+    """A diffusion model cannot be trained, evaluated or loaded as asked; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Config dict and network
+# ---------------------------------------------------------------------------
+
+def model_config(key: str, mc: ModelConfig, manifest: dict) -> dict[str, Any]:
+    """The plain, JSON-able description saved with the weights (all that is needed to rebuild them)."""
+    if mc.family != "diffusion" or mc.backbone not in BACKBONES:
+        raise DiffusionFamilyError(f"models.{key}.backbone: {mc.backbone!r} is not an image diffusion backbone; "
+                                   f"known: {', '.join(BACKBONES)}")
+    if manifest.get("kind") != "image":
+        raise DiffusionFamilyError(f"models.{key}.dataset: {mc.dataset} holds {manifest.get('kind')}, "
+                                   "an image diffusion model needs images")
+    section = BACKBONES[mc.backbone][2]
+    return {"family": "diffusion", "backbone": mc.backbone, "model": key, "dataset": mc.dataset,
+            section: dataclasses.asdict(getattr(mc, section)),
+            "diffusion": dataclasses.asdict(mc.diffusion),
+            "sample": dataclasses.asdict(mc.sample),
+            "num_classes": len(manifest["classes"]), "classes": list(manifest["classes"]),
+            "image_size": int(manifest["image_size"]), "channels": 1, "levels": int(manifest["levels"])}
+
+
+def build_network(config: dict[str, Any]):
+    """A freshly initialised network for a config dict (from model_config or a model.pt)."""
+    module, cls, section, cfg_cls = BACKBONES[config["backbone"]]
+    try:
+        net_cls = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise DiffusionFamilyError(f"backbone {config['backbone']!r}: {module} is not available ({e})") from None
+    net_cfg = getattr(config_module, cfg_cls)(**config[section])
+    return net_cls(net_cfg, image_size=config["image_size"], in_channels=config["channels"],
+                   num_classes=config["num_classes"])
+
+
+def make_diffusion(config: dict[str, Any]):
+    from components.models.diffusion import GaussianDiffusion
+    d = config["diffusion"]
+    return GaussianDiffusion(d["timesteps"], d["schedule"], config["num_classes"], d["p_uncond"])
+
+
+def levels_to_model(x: np.ndarray, levels: int) -> np.ndarray:
+    """uint8 grey levels (N, H, W) -> float32 (N, 1, H, W) in [-1, 1]."""
+    return (x.astype(np.float32) / (levels - 1) * 2 - 1)[:, None]
+
+
+def model_to_unit(x: np.ndarray, levels: int) -> np.ndarray:
+    """Network output (N, 1, H, W) in [-1, 1] -> (N, H, W) in [0, 1], rounded to the data's grey levels."""
+    unit = np.clip((x[:, 0] + 1) / 2, 0.0, 1.0)
+    return (np.round(unit * (levels - 1)) / (levels - 1)).astype(np.float32)
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def flops_per_item(net, diffusion, config: dict[str, Any], batch: int = 2) -> float:
+    """FLOPs of one training step (forward + backward) per image, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s, c = config["image_size"], config["channels"]
+    x0 = torch.zeros(batch, c, s, s)
+    y = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        diffusion.training_loss(net, x0, y, torch.Generator().manual_seed(0)).backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+# ---------------------------------------------------------------------------
+# Train
+# ---------------------------------------------------------------------------
+
+def train(key: str, params: Params, root: Path) -> dict[str, float]:
+    """Train params.models[key] on its prepared dataset; write models/<key>/model.pt and train_metrics.json."""
+    import torch
+
+    from components.data import load_images, load_manifest
+    from components.training import train as run_training
+
+    root = Path(root)
+    mc = params.model(key)
+    manifest = load_manifest(mc.dataset, root)
+    config = model_config(key, mc, manifest)
+    x, y = load_images(mc.dataset, "train", root)
+
+    torch.manual_seed(mc.train.seed)  # the initial weights are part of the run's seed
+    net = build_network(config)
+    diffusion = make_diffusion(config)
+    x0 = torch.from_numpy(levels_to_model(x, config["levels"]))              # (N, 1, H, W) in [-1, 1]
+    labels = torch.from_numpy(y.astype(np.int64))                            # (N,)
+    B = mc.train.batch_size
+
+    def get_batch(step: int, gen: torch.Generator):
+        idx = torch.randint(len(x0), (B,), generator=gen)
+        return x0[idx], labels[idx]
+
+    def loss_fn(model, batch, gen: torch.Generator):
+        return diffusion.training_loss(model, batch[0], batch[1], gen)
+
+    out_dir = root / "models" / key
+    data_id = hash_json([manifest.get("files", {}), config])  # resume only onto the same data and model
+    ema_net, result = run_training(net, get_batch, loss_fn, mc.train, out_dir, items_per_batch=B,
+                                   name=key, fingerprint=data_id)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".model.pt.{os.getpid()}.tmp"
+    torch.save({"state_dict": ema_net.state_dict(), "config": config}, tmp)
+    os.replace(tmp, out_dir / "model.pt")
+
+    metrics = {"train/loss": result.final_loss,
+               "perf/train_seconds": result.seconds,
+               "perf/train_items_per_s": result.items_per_s,
+               "perf/train_steps": float(result.steps),
+               "perf/params": float(sum(p.numel() for p in net.parameters())),
+               "perf/flops_per_item": flops_per_item(net, diffusion, config)}
+    _write_json(out_dir / "train_metrics.json", metrics)
+    return metrics
+
+
+def load_model(key: str, root: Path):
+    """(network with the trained EMA weights in eval mode, its config dict) from models/<key>/model.pt."""
+    import torch
+
+    path = Path(root) / "models" / key / "model.pt"
+    if not path.exists():
+        raise DiffusionFamilyError(f"models/{key}/model.pt: not found; run `genflow stage train {key}` first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    config = ckpt["config"]
+    net = build_network(config)
+    net.load_state_dict(ckpt["state_dict"])
+    return net.eval(), config
+
+
+# ---------------------------------------------------------------------------
+# Sample and evaluate
+# ---------------------------------------------------------------------------
+
+def parse_sampler(name: str, config: dict[str, Any]) -> tuple[str, int]:
+    """'ddpm' -> ('ddpm', T); 'ddim20' -> ('ddim', 20); 'ddim' -> ('ddim', sample.steps)."""
+    m = re.fullmatch(r"(ddpm|ddim)(\d*)", name)
+    if not m:
+        raise DiffusionFamilyError(f"eval.sampler_sweep: {name!r} is not a sampler; use ddpm, ddpmN, ddim or ddimN "
+                                   "(e.g. ddim20)")
+    T = config["diffusion"]["timesteps"]
+    steps = int(m.group(2)) if m.group(2) else (T if m.group(1) == "ddpm" else config["sample"]["steps"])
+    if not 1 <= steps <= T:
+        raise DiffusionFamilyError(f"eval.sampler_sweep: {name} asks for {steps} steps, but the model was trained "
+                                   f"with diffusion.timesteps={T}; use at most {T}")
+    return m.group(1), steps
+
+
+def sample_images(net, config: dict[str, Any], labels: np.ndarray, *, sampler: str = "ddim", steps: int = 50,
+                  eta: float = 0.0, guidance: float = 1.0, seed: int = 0, batch_size: int = 512) -> np.ndarray:
+    """Class-conditional samples (N, H, W) float32 in [0, 1], on the data's grey levels."""
+    import torch
+
+    diffusion = make_diffusion(config)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    diffusion.check_request(labels, steps, guidance, sampler, eta)  # fail before any work
+    gen = torch.Generator().manual_seed(seed)
+    shape = (config["channels"], config["image_size"], config["image_size"])
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(labels), batch_size):
+            x = diffusion.sample(net, labels[i:i + batch_size], shape, sampler=sampler, steps=steps,
+                                 eta=eta, guidance=guidance, generator=gen)
+            out.append(model_to_unit(x.numpy(), config["levels"]))
+    return np.concatenate(out) if out else np.zeros((0, *shape[1:]), np.float32)
+
+
+def class_rows(samples: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10) -> np.ndarray:
+    """Reorder samples so that row c of a grid with `per_row` columns holds class c (up to 10 classes)."""
+    rows = []
+    for c in range(min(num_classes, 10)):
+        picked = samples[labels == c][:per_row]
+        pad = np.zeros((per_row - len(picked), *samples.shape[1:]), samples.dtype)  # blank cells if too few
+        rows.append(np.concatenate([picked, pad]))
+    return np.concatenate(rows)
+
+
+def sampling_table(rows: list[dict[str, Any]], baselines: dict[str, float]) -> str:
+    """Markdown speed/quality table of the sampler sweep, with the real-data floor and baselines."""
+    from components.evaluation.images import METRICS
+
+    cols = [c for c in METRICS if all(c in r for r in rows)]
+    lines = ["| sampler | steps | ms/image | " + " | ".join(cols) + " |",
+             "|---|---:|---:|" + "---:|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['steps']} | {r['ms_per_item']:.2f} | "
+                     + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    for b in ("real", "kde", "gaussian"):
+        if f"baseline/{b}_fd" in baselines:
+            lines.append(f"| {b} (baseline) | | | "
+                         + " | ".join(f"{baselines.get(f'baseline/{b}_{c}', float('nan')):.4f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
+    """Sample, score against the test split and baselines, sweep samplers; write reports/<key>/."""
+    import torch
+
+    from components.evaluation.images import METRICS, cycling_labels, image_baselines, image_metrics, save_grid
+
+    root = Path(root)
+    mc = params.model(key)
+    net, config = load_model(key, root)
+    _set_threads(mc.train.threads)
+    n, s = mc.eval.num_samples, mc.sample
+    labels = cycling_labels(n, config["num_classes"])
+    sweep = [(name, *parse_sampler(name, config)) for name in mc.eval.sampler_sweep]  # refuse bad names first
+    make_diffusion(config).check_request(torch.as_tensor(labels), s.steps, s.guidance, s.sampler, s.eta)
+
+    def run(sampler: str, steps: int) -> tuple[np.ndarray, float, dict[str, float]]:
+        t0 = time.perf_counter()
+        x = sample_images(net, config, labels, sampler=sampler, steps=steps, eta=s.eta,
+                          guidance=s.guidance, seed=mc.train.seed)
+        ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
+        return x, ms, image_metrics(x, labels, config["dataset"], root)
+
+    results: dict[tuple[str, int], tuple[np.ndarray, float, dict[str, float]]] = {}
+    rows = []
+    for name, sampler, steps in sweep:
+        if (sampler, steps) not in results:
+            results[(sampler, steps)] = run(sampler, steps)
+        _, ms, m = results[(sampler, steps)]
+        rows.append({"name": name, "sampler": sampler, "steps": steps, "ms_per_item": ms,
+                     **{k.split("/", 1)[1]: v for k, v in m.items()}})
+    headline = (s.sampler, s.steps)
+    if headline not in results:
+        results[headline] = run(*headline)
+    samples, ms, quality = results[headline]
+
+    metrics: dict[str, float] = {**quality, "perf/sample_ms_per_item": ms}
+    for r in rows:
+        metrics[f"perf/sample_ms_per_item_{r['name']}"] = r["ms_per_item"]
+        metrics.update({f"eval/{k}_{r['name']}": r[k] for k in METRICS if k in r})
+    baselines = image_baselines(config["dataset"], root, n=n, seed=0)
+    metrics.update(baselines)
+
+    out = root / "reports" / key
+    save_grid(class_rows(samples, labels, config["num_classes"]), out / "samples.png", nrow=10)
+    _write_json(out / "sampling.json", {"num_samples": n, "guidance": s.guidance, "eta": s.eta,
+                                        "headline": {"sampler": s.sampler, "steps": s.steps},
+                                        "samplers": rows,
+                                        "baselines": baselines})
+    table = sampling_table(rows, baselines)
+    tmp = out / f".sampling.md.{os.getpid()}.tmp"
+    tmp.write_text(f"# {key}: sampling speed and quality ({n} images, guidance {s.guidance})\n\n{table}")
+    os.replace(tmp, out / "sampling.md")
+    _write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,233 @@
+"""One training loop for every family: AdamW, warmup + cosine learning rate, gradient clipping,
+EMA weights, checkpoints with exact resume, and a time or step budget.
+
+    model, result = train(model, get_batch, loss_fn, cfg, out_dir, items_per_batch=64, name="digits-unet")
+
+Determinism: step k draws its batch and noise from a fresh ``torch.Generator`` seeded from
+(cfg.seed, k), and the global RNG (dropout) is reseeded the same way, so a run resumed from a
+checkpoint at step k ends with the same weights as an uninterrupted one. The cosine schedule
+follows whichever budget binds first: steps (reproducible) or wall-clock seconds (the schedule,
+and where training stops, then depend on the machine's speed; set ``max_seconds: 0`` for
+bit-reproducible runs).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from components.config import TrainConfig
+
+CKPT_NAME = "last.pt"
+
+
+@dataclass
+class TrainResult:
+    steps: int                      # optimizer steps done in total (resumed ones included)
+    seconds: float                  # training wall time in total (resumed ones included)
+    items: int                      # training items seen (images, sequences)
+    final_loss: float               # mean loss of the last log window
+    items_per_s: float
+    resumed_from: Optional[int]     # step of the checkpoint this run resumed from, if any
+    losses: list[float] = field(default_factory=list)  # one mean per log window
+
+
+# ---------------------------------------------------------------------------
+# Pieces (small, pure where possible)
+# ---------------------------------------------------------------------------
+
+def step_seed(seed: int, step: int) -> int:
+    """A well-spread 63-bit seed for one (run seed, step) pair."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warmup over cfg.warmup_steps, times a cosine from lr to lr*min_lr_ratio over progress 0..1."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    p = min(max(progress, 0.0), 1.0)
+    cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return cfg.lr * warm * cosine
+
+
+def budget_progress(step: int, seconds: float, cfg: TrainConfig) -> float:
+    """Share of the budget used: the larger of steps/max_steps and seconds/max_seconds (if set)."""
+    p = step / cfg.max_steps
+    if cfg.max_seconds > 0:
+        p = max(p, seconds / cfg.max_seconds)
+    return p
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and kernels only, not on biases and norm gains (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema <- d*ema + (1-d)*model, with d warming up as (1+step)/(10+step) so early weights fade fast."""
+    d = min(decay, (1 + step) / (10 + step))
+    ema_p, model_p = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - d)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def run_fingerprint(model: torch.nn.Module, cfg: TrainConfig, extra: str = "") -> str:
+    """What a checkpoint must share with this run to be resumed: the maths, not the budget."""
+    maths = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k not in ("max_seconds", "checkpoint_every", "log_every", "threads", "processes")}
+    shapes = [(n, list(p.shape)) for n, p in model.state_dict().items()]
+    blob = json.dumps([maths, shapes, extra], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resumable(path: Path, fingerprint: str, log: Callable[[str], None]) -> Optional[dict]:
+    """The checkpoint at `path` if it belongs to this run and is unfinished, else None."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        log(f"{path}: written by a run with other settings or data; starting from step 0")
+        return None
+    if state.get("finished"):
+        return None  # a finished run is not continued: this is a new training run
+    return state
+
+
+def _mlflow_log(name: str, value: float, step: int) -> None:
+    """Log to MLflow only if the caller imported it and has a run open (never imports it here)."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.log_metric(name, value, step=step)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 60}m{s % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+def train(model: torch.nn.Module,
+          get_batch: Callable[[int, torch.Generator], Any],
+          loss_fn: Callable[[torch.nn.Module, Any, torch.Generator], torch.Tensor],
+          cfg: TrainConfig, out_dir: Path, *, items_per_batch: int, name: str = "",
+          fingerprint: str = "") -> tuple[torch.nn.Module, TrainResult]:
+    """Train `model` in place; return the model to evaluate (the EMA copy if cfg.ema_decay > 0).
+
+    get_batch(step, gen) -> batch and loss_fn(model, batch, gen) -> scalar loss must draw all
+    their randomness from `gen`. Checkpoints go to out_dir/ckpt/last.pt every
+    cfg.checkpoint_every steps and at the end; an unfinished checkpoint with the same settings
+    (and the same caller `fingerprint`, e.g. a data hash) is resumed.
+    """
+    if cfg.max_steps < 1:
+        raise ValueError(f"train.max_steps: must be at least 1, got {cfg.max_steps}")
+    torch.set_num_threads(cfg.threads if cfg.threads > 0 else (os.cpu_count() or 1))
+    ckpt_path = Path(out_dir) / "ckpt" / CKPT_NAME
+
+    def log(msg: str) -> None:
+        print(f"{name} {msg}" if name else msg, flush=True)
+
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+    opt = make_optimizer(model, cfg)
+    fp = run_fingerprint(model, cfg, fingerprint)
+    step, seconds_before, items, losses = 0, 0.0, 0, []
+    resumed_from = None
+
+    state = load_resumable(ckpt_path, fp, log)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step, seconds_before, items, losses = state["step"], state["seconds"], state["items"], list(state["losses"])
+        resumed_from = step
+        log(f"resuming from {ckpt_path} at step {step}")
+
+    t_start = time.perf_counter()
+
+    def elapsed() -> float:  # training seconds, those before a resume included
+        return seconds_before + time.perf_counter() - t_start
+
+    def out_of_budget() -> bool:
+        return step >= cfg.max_steps or (cfg.max_seconds > 0 and elapsed() >= cfg.max_seconds)
+
+    def checkpoint(finished: bool) -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
+            "optimizer": opt.state_dict(), "step": step, "seconds": elapsed(), "items": items,
+            "losses": losses, "finished": finished, "fingerprint": fp})
+
+    window: list[float] = []
+    t_window, step_window = time.perf_counter(), step
+
+    model.train()
+    while not out_of_budget():
+        # fresh randomness per step: resume at step k replays exactly what step k would have drawn
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+        torch.manual_seed(step_seed(cfg.seed + 1, step))
+        lr = lr_at(step, budget_progress(step, elapsed(), cfg), cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        batch = get_batch(step, gen)
+        loss = loss_fn(model, batch, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            ema_update(ema, model, cfg.ema_decay, step)
+        step += 1
+        items += items_per_batch
+        window.append(loss.item())
+
+        last = out_of_budget()
+        if (cfg.log_every > 0 and step % cfg.log_every == 0) or last:
+            now = time.perf_counter()
+            rate = (step - step_window) * items_per_batch / max(now - t_window, 1e-9)   # items/s
+            mean = sum(window) / len(window)
+            losses.append(mean)
+            _mlflow_log("train/loss", mean, step)
+            left = (cfg.max_steps - step) * items_per_batch / max(rate, 1e-9)
+            if cfg.max_seconds > 0:
+                left = min(left, cfg.max_seconds - elapsed())
+            log(f"step {step}/{cfg.max_steps} | loss {mean:.4f} | lr {lr:.2e} | "
+                f"{rate:.0f} items/s | ETA {_fmt_seconds(left)}")
+            window, t_window, step_window = [], now, step
+        if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and not last:
+            checkpoint(finished=False)
+
+    seconds = elapsed()
+    checkpoint(finished=True)
+    result = TrainResult(steps=step, seconds=seconds, items=items,
+                         final_loss=losses[-1] if losses else float("nan"),
+                         items_per_s=items / seconds if seconds > 0 else 0.0,
+                         resumed_from=resumed_from, losses=losses)
+    model.eval()
+    return (ema if ema is not None else model), result

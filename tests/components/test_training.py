@@ -1,0 +1,154 @@
+"""The shared training loop: exact resume, EMA, schedule, budgets, checkpoints, logging."""
+import sys
+import time
+
+import pytest
+import torch
+
+from components.config import TrainConfig
+from components.training import CKPT_NAME, TrainResult, lr_at, train
+
+DATA = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.2), torch.nn.Tanh(), torch.nn.Linear(16, 6))
+
+
+def get_batch(step, gen):
+    return DATA[torch.randint(0, len(DATA), (8,), generator=gen)]
+
+
+def loss_fn(model, batch, gen):
+    noisy = batch + 0.1 * torch.randn(batch.shape, generator=gen)   # randomness from gen only
+    return ((model(noisy) - batch) ** 2).mean()
+
+
+def cfg(**kw):
+    base = dict(max_steps=20, max_seconds=0, batch_size=8, lr=1e-2, warmup_steps=5, ema_decay=0.9,
+                checkpoint_every=10, log_every=5, seed=3, threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def crashing_at(step_to_crash):
+    def batch(step, gen):
+        if step == step_to_crash:
+            raise Crash(f"simulated crash at step {step}")
+        return get_batch(step, gen)
+    return batch
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path):
+    straight_model = make_model()
+    straight_ema, straight = train(straight_model, get_batch, loss_fn, cfg(), tmp_path / "a", items_per_batch=8)
+
+    with pytest.raises(Crash):  # checkpoint at step 10, dies at step 15
+        train(make_model(), crashing_at(15), loss_fn, cfg(), tmp_path / "b", items_per_batch=8)
+    resumed_model = make_model(seed=99)  # different init: the checkpoint must overwrite everything
+    resumed_ema, resumed = train(resumed_model, get_batch, loss_fn, cfg(), tmp_path / "b", items_per_batch=8)
+
+    assert resumed.resumed_from == 10 and straight.resumed_from is None
+    assert resumed.steps == straight.steps == 20 and resumed.items == 160
+    assert_same_weights(straight_model, resumed_model)
+    assert_same_weights(straight_ema, resumed_ema)
+    assert resumed.losses == straight.losses
+
+
+def test_a_finished_or_foreign_checkpoint_is_not_resumed(tmp_path):
+    train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8)
+    _, again = train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8)
+    assert again.resumed_from is None and again.steps == 20       # finished: a new run from step 0
+
+    with pytest.raises(Crash):
+        train(make_model(), crashing_at(15), loss_fn, cfg(), tmp_path, items_per_batch=8)
+    _, other = train(make_model(), get_batch, loss_fn, cfg(lr=5e-3), tmp_path, items_per_batch=8)
+    assert other.resumed_from is None                             # other settings: not this run's checkpoint
+    with pytest.raises(Crash):
+        train(make_model(), crashing_at(15), loss_fn, cfg(), tmp_path, items_per_batch=8, fingerprint="data-v1")
+    _, new_data = train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8, fingerprint="data-v2")
+    assert new_data.resumed_from is None                          # other data: not resumed either
+
+
+def test_checkpoint_is_complete_and_loads_with_weights_only(tmp_path):
+    train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8)
+    files = list((tmp_path / "ckpt").iterdir())
+    assert [f.name for f in files] == [CKPT_NAME]                 # no temporary files left behind
+    state = torch.load(files[0], weights_only=True)
+    assert state["step"] == 20 and state["finished"] is True
+    assert {"model", "ema", "optimizer"} <= state.keys()
+
+
+def test_returns_ema_copy_or_the_model(tmp_path):
+    model = make_model()
+    ema, result = train(model, get_batch, loss_fn, cfg(), tmp_path / "ema", items_per_batch=8)
+    assert isinstance(result, TrainResult)
+    assert ema is not model and not ema.training
+    assert not torch.equal(ema[0].weight, model[0].weight)
+    plain = make_model()
+    out, _ = train(plain, get_batch, loss_fn, cfg(ema_decay=0.0), tmp_path / "plain", items_per_batch=8)
+    assert out is plain
+
+
+def test_loss_falls(tmp_path):
+    _, result = train(make_model(), get_batch, loss_fn, cfg(max_steps=60, log_every=10), tmp_path, items_per_batch=8)
+    assert len(result.losses) == 6
+    assert result.final_loss == result.losses[-1] < 0.5 * result.losses[0]
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    c = cfg(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 0.0, c) == pytest.approx(0.1)
+    assert lr_at(9, 0.0, c) == pytest.approx(1.0)
+    assert lr_at(50, 0.5, c) == pytest.approx(0.55)
+    assert lr_at(100, 1.0, c) == pytest.approx(0.1)
+    assert lr_at(500, 3.0, c) == pytest.approx(0.1)
+
+
+def test_time_budget_stops_training(tmp_path):
+    def slow_batch(step, gen):
+        time.sleep(0.05)
+        return get_batch(step, gen)
+    _, result = train(make_model(), slow_batch, loss_fn, cfg(max_steps=10_000, max_seconds=0.3), tmp_path,
+                      items_per_batch=8)
+    assert 1 <= result.steps < 100
+    assert (tmp_path / "ckpt" / CKPT_NAME).exists()
+
+
+def test_logs_lines_and_mlflow_metrics(tmp_path, capsys, monkeypatch):
+    logged = []
+
+    class FakeMlflow:
+        @staticmethod
+        def active_run():
+            return object()
+
+        @staticmethod
+        def log_metric(name, value, step=None):
+            logged.append((name, step))
+    monkeypatch.setitem(sys.modules, "mlflow", FakeMlflow)
+    train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8, name="tiny")
+    out = capsys.readouterr().out
+    assert "tiny step 5/20 | loss" in out and "items/s" in out and "ETA" in out
+    assert logged == [("train/loss", s) for s in (5, 10, 15, 20)]
+
+
+def test_threads_follow_the_config(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        train(make_model(), get_batch, loss_fn, cfg(max_steps=1, threads=1), tmp_path, items_per_batch=8)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
