@@ -34,6 +34,14 @@ def configure_environment(root: Path) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for genflow's own progress lines: libraries speak up only when it matters."""
+    import logging
+
+    for name in ("dvc", "great_expectations", "torch.onnx", "mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def check_prefect_api() -> None:
     """PREFECT_API_URL pointing nowhere: one clear line before any work starts."""
     url = os.environ.get("PREFECT_API_URL")
@@ -353,6 +361,7 @@ def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=Fa
 
     check_tracking(root)
     retrain = build_flow()
+    quiet_libraries()
     state = retrain(params_path=str(params_path), overrides=list(overrides or []), only=keys,
                     quick=quick, force=force, root=str(root), return_state=True)
     last = root / "reports" / "last_run.json"
