@@ -9,6 +9,16 @@ checkpoint at step k ends with the same weights as an uninterrupted one. The cos
 follows whichever budget binds first: steps (reproducible) or wall-clock seconds (the schedule,
 and where training stops, then depend on the machine's speed; set ``max_seconds: 0`` for
 bit-reproducible runs).
+
+Several processes (``cfg.processes > 1``, started by torchrun; see components.distributed): the
+model is wrapped in DistributedDataParallel, every rank draws the same global batch from the
+step's generator and trains on its rows ``rank::world``, so the ranks together see the batch a
+single process would; gradients are averaged by DDP. The loss's own randomness (diffusion
+noise, dropout) comes from a generator seeded from (cfg.seed, step, rank). Training under N
+processes therefore equals single-process training up to float summation order when the loss
+draws no randomness, and is exactly reproducible and resumable for a given N otherwise. Only
+rank 0 writes checkpoints, prints and logs to MLflow; a checkpoint is read by rank 0 and sent to
+every rank, so resume needs no shared disk.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from components import distributed
 from components.config import TrainConfig
 
 CKPT_NAME = "last.pt"
@@ -146,56 +157,80 @@ def train(model: torch.nn.Module,
     """
     if cfg.max_steps < 1:
         raise ValueError(f"train.max_steps: must be at least 1, got {cfg.max_steps}")
-    torch.set_num_threads(cfg.threads if cfg.threads > 0 else (os.cpu_count() or 1))
+    world = distributed.join(model)   # rank 0 of 1, unless started by torchrun with WORLD_SIZE > 1
+    torch.set_num_threads(world.threads(cfg.threads))
     ckpt_path = Path(out_dir) / "ckpt" / CKPT_NAME
 
     def log(msg: str) -> None:
-        print(f"{name} {msg}" if name else msg, flush=True)
+        if world.main:  # one voice for all ranks
+            print(f"{name} {msg}" if name else msg, flush=True)
 
     ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
     opt = make_optimizer(model, cfg)
     fp = run_fingerprint(model, cfg, fingerprint)
-    step, seconds_before, items, losses = 0, 0.0, 0, []
+    step, seconds_before, items, losses, loss_steps = 0, 0.0, 0, [], []
     resumed_from = None
 
-    state = load_resumable(ckpt_path, fp, log)
+    # rank 0 reads the checkpoint and sends it to the others: every rank resumes from the same state
+    state = world.broadcast(load_resumable(ckpt_path, fp, log) if world.main else None)
     if state is not None:
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         step, seconds_before, items, losses = state["step"], state["seconds"], state["items"], list(state["losses"])
+        loss_steps = list(state.get("loss_steps", []))
         resumed_from = step
         log(f"resuming from {ckpt_path} at step {step}")
+        if state.get("processes", 1) != world.size:
+            log(f"the checkpoint was written by {state.get('processes', 1)} process(es), this run has {world.size}: "
+                "training continues, but not bit-identically to an uninterrupted run")
+    if world.size > 1:
+        log(f"training on {distributed.describe(world)}, {torch.get_num_threads()} thread(s) each, "
+            f"{items_per_batch // world.size} items per rank per step")
+    net = distributed.wrap(model, world)   # forward goes through DDP so that backward averages gradients
 
     t_start = time.perf_counter()
 
     def elapsed() -> float:  # training seconds, those before a resume included
         return seconds_before + time.perf_counter() - t_start
 
-    def out_of_budget() -> bool:
-        return step >= cfg.max_steps or (cfg.max_seconds > 0 and elapsed() >= cfg.max_seconds)
+    def clock() -> float:  # elapsed(), as rank 0 sees it when the clock drives the schedule or the stop
+        return world.agree(elapsed()) if cfg.max_seconds > 0 else elapsed()
+
+    def out_of_budget(seconds: float) -> bool:
+        return step >= cfg.max_steps or (cfg.max_seconds > 0 and seconds >= cfg.max_seconds)
 
     def checkpoint(finished: bool) -> None:
+        if not world.main:
+            return
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
             "optimizer": opt.state_dict(), "step": step, "seconds": elapsed(), "items": items,
-            "losses": losses, "finished": finished, "fingerprint": fp})
+            "losses": losses, "loss_steps": loss_steps, "finished": finished, "fingerprint": fp,
+            "processes": world.size})
 
     window: list[float] = []
     t_window, step_window = time.perf_counter(), step
 
     model.train()
-    while not out_of_budget():
+    seconds = clock()
+    while not out_of_budget(seconds):
         # fresh randomness per step: resume at step k replays exactly what step k would have drawn
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
-        torch.manual_seed(step_seed(cfg.seed + 1, step))
-        lr = lr_at(step, budget_progress(step, elapsed(), cfg), cfg)
+        if world.size == 1:
+            torch.manual_seed(step_seed(cfg.seed + 1, step))
+        else:  # dropout differs between ranks, as it does between the rows of one batch
+            torch.manual_seed(distributed.rank_seed(cfg.seed + 1, step, world.rank))
+        lr = lr_at(step, budget_progress(step, seconds, cfg), cfg)
         for group in opt.param_groups:
             group["lr"] = lr
 
-        batch = get_batch(step, gen)
-        loss = loss_fn(model, batch, gen)
+        batch = get_batch(step, gen)   # the global batch, the same on every rank
+        if world.size > 1:
+            batch = distributed.shard(batch, world.rank, world.size, world.device)   # this rank's rows
+            gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, step, world.rank))
+        loss = loss_fn(net, batch, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -207,22 +242,26 @@ def train(model: torch.nn.Module,
         items += items_per_batch
         window.append(loss.item())
 
-        last = out_of_budget()
+        seconds = clock()
+        last = out_of_budget(seconds)
         if (cfg.log_every > 0 and step % cfg.log_every == 0) or last:
             now = time.perf_counter()
-            rate = (step - step_window) * items_per_batch / max(now - t_window, 1e-9)   # items/s
-            mean = sum(window) / len(window)
+            rate = (step - step_window) * items_per_batch / max(now - t_window, 1e-9)   # items/s, all ranks
+            mean = world.mean(sum(window) / len(window))   # the global batch's loss
             losses.append(mean)
-            _mlflow_log("train/loss", mean, step)
+            loss_steps.append(step)
+            if world.main:
+                _mlflow_log("train/loss", mean, step)
             left = (cfg.max_steps - step) * items_per_batch / max(rate, 1e-9)
             if cfg.max_seconds > 0:
-                left = min(left, cfg.max_seconds - elapsed())
+                left = min(left, cfg.max_seconds - seconds)
             log(f"step {step}/{cfg.max_steps} | loss {mean:.4f} | lr {lr:.2e} | "
                 f"{rate:.0f} items/s | ETA {_fmt_seconds(left)}")
             window, t_window, step_window = [], now, step
         if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and not last:
             checkpoint(finished=False)
 
+    del net   # drop DDP's gradient hooks before the model is handed back
     seconds = elapsed()
     checkpoint(finished=True)
     result = TrainResult(steps=step, seconds=seconds, items=items,

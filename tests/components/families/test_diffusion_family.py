@@ -43,8 +43,9 @@ def trained(digits_root):
 
 
 def test_train_writes_weights_config_and_metrics(digits_root, trained):
-    assert set(trained) == {"train/loss", "perf/train_seconds", "perf/train_items_per_s", "perf/train_steps",
+    assert set(trained) >= {"train/loss", "perf/train_seconds", "perf/train_items_per_s", "perf/train_steps",
                             "perf/params", "perf/flops_per_item"}
+    assert all(k.startswith(("train/", "perf/")) for k in trained)
     assert trained["perf/train_steps"] == 3 and np.isfinite(trained["train/loss"])
     assert trained["perf/flops_per_item"] > 2 * trained["perf/params"]   # forward + backward per image
     folder = digits_root / "models" / KEY
