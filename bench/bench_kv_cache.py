@@ -1,0 +1,75 @@
+"""Sampling speed of the GPT with and without the KV cache: time to generate N tokens, and the ratio.
+
+Without the cache every new token re-runs the whole context (up to block_size tokens) through the
+network; with it, one token per step goes through, attending to the cached keys and values.
+Uses the trained models/<key>/model.pt when present, else a freshly initialised network of the
+same shape (speed does not depend on the weights). Alternating repeats, medians.
+
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_kv_cache.py [--model pydoc-gpt] [--tokens 256] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="pydoc-gpt")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--root", default=str(ROOT))
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="0: all cores")
+    args = ap.parse_args()
+
+    from components.config import load_params
+    from components.models.gpt import GPT
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    ckpt = Path(args.root) / "models" / args.model / "model.pt"
+    if ckpt.exists():
+        from components.families.transformer import load_model
+
+        model, config = load_model(args.model, Path(args.root))
+        source = str(ckpt)
+    else:
+        torch.manual_seed(0)
+        model = GPT(load_params(args.params).model(args.model).gpt, 100).eval()
+        source = "random weights (no trained model found)"
+    c = model.config
+    print(f"model: {args.model} ({source}); n_layer={c.n_layer} n_embd={c.n_embd} block_size={c.block_size}; "
+          f"{args.tokens} new tokens, batch {args.batch}, threads {torch.get_num_threads()}")
+
+    prompt = torch.zeros(args.batch, 1, dtype=torch.long)
+
+    def run(use_cache: bool) -> float:
+        gen = torch.Generator().manual_seed(0)
+        t = time.perf_counter()
+        model.generate(prompt, args.tokens, use_cache=use_cache, generator=gen)
+        return time.perf_counter() - t
+
+    run(True), run(False)  # warm-up
+    cached, nocache = [], []
+    for r in range(args.repeats):
+        cached.append(run(True))
+        nocache.append(run(False))
+        print(f"repeat {r + 1}: cached {cached[-1] * 1e3:7.1f} ms   no cache {nocache[-1] * 1e3:7.1f} ms", flush=True)
+    a, b = statistics.median(cached), statistics.median(nocache)
+    print(f"median per token: cached {a * 1e3 / args.tokens:.3f} ms, no cache {b * 1e3 / args.tokens:.3f} ms; "
+          f"speed-up with the KV cache = {b / a:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

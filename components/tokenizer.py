@@ -1,0 +1,76 @@
+"""Character tokenizer: one id per character of the training split, plus one unknown id.
+
+The vocabulary is a string of the distinct characters of the train split, sorted; it is
+saved in the model's checkpoint config (``config["vocab"]``) so that a model always
+decodes with the vocabulary it was trained on. Characters outside it map to ``unk_id``
+(the last id) and are counted, so a report can say how much of a test split was unknown.
+
+    tok = CharTokenizer.from_text(train_text)
+    ids = tok.encode("Return the")          # np.ndarray int64
+    tok.decode(ids) == "Return the"
+    tok.unknown_chars("naïve")              # {'ï': 1} when 'ï' was not in the train split
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+UNK_CHAR = "\ufffd"  # what an unknown id decodes to (the Unicode replacement character)
+
+
+class UnknownCharactersError(ValueError):
+    """Text holds characters the model never saw in training (strict encoding)."""
+
+
+class CharTokenizer:
+    def __init__(self, vocab: str):
+        if not vocab:
+            raise ValueError("vocab: empty; build it from a non-empty train split")
+        if len(set(vocab)) != len(vocab):
+            raise ValueError("vocab: characters must be distinct")
+        self.vocab = vocab
+        self.stoi = {ch: i for i, ch in enumerate(vocab)}
+        self.unk_id = len(vocab)
+        self._itos = np.array(list(vocab) + [UNK_CHAR], dtype=object)
+        # Fast path for encoding: a lookup table over code points (dense up to the largest one).
+        top = max(map(ord, vocab))
+        self._table = np.full(top + 2, self.unk_id, dtype=np.int64)
+        for ch, i in self.stoi.items():
+            self._table[ord(ch)] = i
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, including the unknown id."""
+        return len(self.vocab) + 1
+
+    def unknown_chars(self, text: str) -> dict[str, int]:
+        """Characters of ``text`` outside the vocabulary, with their counts (most common first)."""
+        return dict(Counter(ch for ch in text if ch not in self.stoi).most_common())
+
+    def encode(self, text: str, *, strict: bool = False) -> np.ndarray:
+        """Ids (int64, one per character). Unknown characters become ``unk_id``;
+        with ``strict=True`` they raise UnknownCharactersError naming them instead."""
+        if strict:
+            unknown = self.unknown_chars(text)
+            if unknown:
+                shown = ", ".join(repr(c) for c in list(unknown)[:10])
+                raise UnknownCharactersError(
+                    f"text: {sum(unknown.values())} character(s) outside the model's vocabulary: {shown}; "
+                    "remove or replace them")
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)  # (N,) code points
+        ids = np.full(codes.shape, self.unk_id, dtype=np.int64)
+        inside = codes < len(self._table)
+        ids[inside] = self._table[codes[inside]]
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text for a sequence of ids (list, numpy array or 1-D tensor); unk_id becomes U+FFFD."""
+        ids = np.asarray(ids.tolist() if hasattr(ids, "tolist") else ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() > self.unk_id):
+            raise ValueError(f"ids: values must be in 0..{self.unk_id}, got {ids.min()}..{ids.max()}")
+        return "".join(self._itos[ids])
