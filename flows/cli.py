@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="build the diffusion-vs-transformer comparison report")
     _common(p)
     p.add_argument("--run", dest="run_id", default=None, help="pipeline (parent) run id; default: the latest")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="also retrain each model with seeds 0..N-1 at the quick budget (spread over seeds)")
 
     p = sub.add_parser("schedule", help="serve the retrain flow on a cron schedule (needs PREFECT_API_URL)")
     _common(p)
@@ -144,7 +146,7 @@ def cmd_sample(args) -> int:
 def cmd_compare(args) -> int:
     from flows.compare import build_report
 
-    out = build_report(_load(args), Path.cwd(), run_id=args.run_id)
+    out = build_report(_load(args), Path.cwd(), run_id=args.run_id, seeds=args.seeds)
     print(f"wrote {out}")
     return 0
 

@@ -120,11 +120,15 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
     """Train params.models[key] on its prepared dataset; write models/<key>/model.pt and train_metrics.json."""
     import torch
 
+    from components import distributed
     from components.data import load_images, load_manifest
+    from components.resources import peak_rss
     from components.training import train as run_training
 
     root = Path(root)
     mc = params.model(key)
+    if distributed.should_launch(mc.train.processes):   # train.processes > 1: rerun under torchrun
+        return distributed.launch_params(key, params, root)
     manifest = load_manifest(mc.dataset, root)
     config = model_config(key, mc, manifest)
     x, y = load_images(mc.dataset, "train", root)
@@ -145,8 +149,11 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
 
     out_dir = root / "models" / key
     data_id = hash_json([manifest.get("files", {}), config])  # resume only onto the same data and model
-    ema_net, result = run_training(net, get_batch, loss_fn, mc.train, out_dir, items_per_batch=B,
-                                   name=key, fingerprint=data_id)
+    with peak_rss() as mem:  # resident memory while training (perf/peak_rss_train_mb)
+        ema_net, result = run_training(net, get_batch, loss_fn, mc.train, out_dir, items_per_batch=B,
+                                       name=key, fingerprint=data_id)
+    if not distributed.is_main_process():   # several processes: rank 0 writes the model and metrics
+        return {}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".model.pt.{os.getpid()}.tmp"
@@ -158,7 +165,9 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
                "perf/train_items_per_s": result.items_per_s,
                "perf/train_steps": float(result.steps),
                "perf/params": float(sum(p.numel() for p in net.parameters())),
-               "perf/flops_per_item": flops_per_item(net, diffusion, config)}
+               "perf/flops_per_item": flops_per_item(net, diffusion, config),
+               "perf/peak_rss_train_mb": mem.peak_mb,
+               "perf/peak_rss_train_delta_mb": mem.delta_mb}
     _write_json(out_dir / "train_metrics.json", metrics)
     return metrics
 
@@ -246,6 +255,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     import torch
 
     from components.evaluation.images import METRICS, cycling_labels, image_baselines, image_metrics, save_grid
+    from components.resources import peak_rss
 
     root = Path(root)
     mc = params.model(key)
@@ -256,11 +266,15 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     sweep = [(name, *parse_sampler(name, config)) for name in mc.eval.sampler_sweep]  # refuse bad names first
     make_diffusion(config).check_request(torch.as_tensor(labels), s.steps, s.guidance, s.sampler, s.eta)
 
+    sample_memory = []  # one PeakRSS per sampler run: perf/peak_rss_sample_mb is their peak
+
     def run(sampler: str, steps: int) -> tuple[np.ndarray, float, dict[str, float]]:
         t0 = time.perf_counter()
-        x = sample_images(net, config, labels, sampler=sampler, steps=steps, eta=s.eta,
-                          guidance=s.guidance, seed=mc.train.seed)
+        with peak_rss() as mem:
+            x = sample_images(net, config, labels, sampler=sampler, steps=steps, eta=s.eta,
+                              guidance=s.guidance, seed=mc.train.seed)
         ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
+        sample_memory.append(mem)
         return x, ms, image_metrics(x, labels, config["dataset"], root)
 
     results: dict[tuple[str, int], tuple[np.ndarray, float, dict[str, float]]] = {}
@@ -276,7 +290,9 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
         results[headline] = run(*headline)
     samples, ms, quality = results[headline]
 
-    metrics: dict[str, float] = {**quality, "perf/sample_ms_per_item": ms}
+    metrics: dict[str, float] = {**quality, "perf/sample_ms_per_item": ms,
+                                 "perf/peak_rss_sample_mb": max(m.peak_mb for m in sample_memory),
+                                 "perf/peak_rss_sample_delta_mb": max(m.delta_mb for m in sample_memory)}
     for r in rows:
         metrics[f"perf/sample_ms_per_item_{r['name']}"] = r["ms_per_item"]
         metrics.update({f"eval/{k}_{r['name']}": r[k] for k in METRICS if k in r})

@@ -1,0 +1,233 @@
+"""What a model costs the machine: peak memory, the machine's matmul peak, training throughput by threads.
+
+    with peak_rss() as mem:                 # peak resident memory of this process inside the block
+        train(...)
+    mem.peak_mb, mem.delta_mb               # the peak, and how far it rose above the start
+
+    matmul_peak_gflops(threads=2)           # a few large fp32 matmuls: what the cores can do at best
+    step, items = make_train_step(net, config, batch_size=64)
+    thread_scaling(step, items, threads=(1, 2))   # {1: items/s, 2: items/s}
+
+Resident memory is the whole process's (libraries, data, every model it holds), so `delta_mb`
+is the nearer figure for what one block adds; allocators keep freed memory, so a block that
+reuses it may show a small delta. Timings on a shared machine are noisy: read them as a lead.
+
+torch is imported inside the functions that need it; peak_rss needs only the standard library.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+POLL_INTERVAL_S = 0.02       # resident memory is read this often while a block runs
+MATMUL_SIZE = 1024           # n of the n x n fp32 matmuls of the peak probe (2 n^3 = 2.1 GFLOP each)
+MATMUL_REPEATS = 10          # the best of this many timings is the peak
+
+
+# ---------------------------------------------------------------------------
+# Resident memory
+# ---------------------------------------------------------------------------
+
+def _proc_status_mb(field: str) -> Optional[float]:
+    """A kB field of /proc/self/status (VmRSS: now, VmHWM: the peak so far) in MB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB."""
+    now = _proc_status_mb("VmRSS")
+    if now is not None:
+        return now
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        return _max_rss_mb()
+
+
+def _max_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (kB on Linux, bytes on macOS)."""
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+
+
+@dataclass
+class PeakRSS:
+    """Resident memory of the process in MB: at the start of a block and its peak inside it."""
+    start_mb: float = 0.0
+    peak_mb: float = 0.0
+
+    @property
+    def delta_mb(self) -> float:
+        return max(0.0, self.peak_mb - self.start_mb)
+
+
+@contextmanager
+def peak_rss(interval_s: float = POLL_INTERVAL_S) -> Iterator[PeakRSS]:
+    """Measure the peak resident memory of this process while the block runs.
+
+    A thread reads the resident size every `interval_s`; if the process's all-time peak (VmHWM)
+    rose during the block, that peak is exact and wins over the polled one. Nothing is reset,
+    so nested or concurrent measurements do not disturb each other.
+    """
+    report = PeakRSS(start_mb=rss_mb())
+    report.peak_mb = report.start_mb
+    hwm_start = _max_rss_mb()
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(interval_s):
+            report.peak_mb = max(report.peak_mb, rss_mb())
+
+    thread = threading.Thread(target=poll, name="peak-rss", daemon=True)
+    thread.start()
+    try:
+        yield report
+    finally:
+        stop.set()
+        thread.join()
+        report.peak_mb = max(report.peak_mb, rss_mb())
+        hwm_end = _max_rss_mb()
+        if hwm_end > hwm_start:  # a new all-time peak was set inside the block: it is the block's peak
+            report.peak_mb = max(report.peak_mb, hwm_end)
+
+
+# ---------------------------------------------------------------------------
+# Compute: the machine's peak, and a model's training throughput by threads
+# ---------------------------------------------------------------------------
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with n intra-op threads, then restore the previous setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def matmul_peak_gflops(threads: Optional[int] = None, n: int = MATMUL_SIZE,
+                       repeats: int = MATMUL_REPEATS) -> float:
+    """GFLOP/s of the best of `repeats` fp32 (n x n) @ (n x n) matmuls with `threads` threads (default: all cores)."""
+    import torch
+
+    threads = threads or os.cpu_count() or 1
+    with torch_threads(threads), torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=gen)
+        b = torch.randn(n, n, generator=gen)
+        a @ b  # warm-up: thread pool and caches
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best / 1e9
+
+
+def make_train_step(net, config: dict, batch_size: int, lr: float = 1e-4) -> tuple[Callable[[], None], int]:
+    """One optimiser step of the model's own training loss on random data: (step(), items per step).
+
+    `config` is the dict saved with the weights (models/<key>/model.pt). Items are images for
+    image diffusion and tokens for the GPT and the masked language model, as in
+    perf/train_items_per_s. The data are random: only the cost of a step is of interest.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    B, backbone = batch_size, config.get("backbone")
+
+    if backbone in ("unet", "dit"):
+        from components.families.diffusion import make_diffusion
+
+        diffusion = make_diffusion(config)
+        s, c = config["image_size"], config.get("channels", 1)
+        x0 = torch.rand(B, c, s, s, generator=gen) * 2 - 1                       # (B, C, H, W) in [-1, 1]
+        y = torch.randint(config["num_classes"], (B,), generator=gen)            # (B,)
+
+        def loss() -> torch.Tensor:
+            return diffusion.training_loss(net, x0, y, gen)
+        items = B
+    elif backbone == "gpt":
+        T = config["gpt"]["block_size"] if config.get("kind") == "text" else config["image_size"] ** 2
+        seq = torch.randint(config["vocab_size"], (B, T + 1), generator=gen)    # (B, T + 1)
+
+        def loss() -> torch.Tensor:
+            logits, _ = net(seq[:, :-1], use_cache=False)                        # (B, T, V)
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), seq[:, 1:].reshape(-1))
+        items = B * T
+    elif backbone == "mdlm":
+        from components.models.mdlm import MaskedDiffusion
+
+        process = MaskedDiffusion(config["mask_id"], config["masked"]["eps"])
+        T = config["gpt"]["block_size"]
+        seq = torch.randint(config["mask_id"], (B, T), generator=gen)            # (B, T), no [MASK] ids
+
+        def loss() -> torch.Tensor:
+            return process.training_loss(net, seq, gen)
+        items = B * T
+    else:
+        raise ValueError(f"backbone {backbone!r}: no training step known; expected unet, dit, gpt or mdlm")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+    return step, items
+
+
+def training_throughput(step: Callable[[], None], items_per_step: int, threads: int, *,
+                        budget_s: float = 2.5, min_steps: int = 2, max_steps: int = 15,
+                        warmup: bool = True) -> float:
+    """Items per second of `step` with `threads` threads: a warm-up step, then steps until
+    `max_steps` or `budget_s` seconds (at least `min_steps`)."""
+    with torch_threads(threads):
+        if warmup:
+            step()  # the first step at a thread count pays for the thread pool and caches
+        steps, t0 = 0, time.perf_counter()
+        while steps < max_steps and (steps < min_steps or time.perf_counter() - t0 < budget_s):
+            step()
+            steps += 1
+        seconds = time.perf_counter() - t0
+    return steps * items_per_step / seconds
+
+
+def thread_scaling(step: Callable[[], None], items_per_step: int, threads: tuple[int, ...] = (1, 2),
+                   budget_s: float = 2.5, rounds: int = 3) -> dict[int, float]:
+    """{threads: training items/s}: the best of `rounds` interleaved timings per thread count.
+
+    Interleaving and keeping the best make a burst of other work on a shared machine hit one
+    round, not one thread count (which would fake a speedup or a slowdown). budget_s is the
+    timed seconds per thread count, split over the rounds.
+    """
+    best = {n: 0.0 for n in threads}
+    for r in range(rounds):
+        for n in threads:
+            rate = training_throughput(step, items_per_step, n, budget_s=budget_s / rounds, min_steps=1,
+                                       warmup=r == 0)
+            best[n] = max(best[n], rate)
+    return best

@@ -1,0 +1,375 @@
+"""`genflow compare`: rows and verdicts, the report files, and refusing runs it cannot compare.
+
+Pipeline runs are logged with the tracking helpers into the session's SQLite store with hand-made
+metrics (no training); each test has its own experiment prefix, so it sees only its own runs.
+The machine's matmul peak is a fixed number and the thread probe is off: nothing depends on speed.
+"""
+import base64
+import copy
+import json
+import os
+import re
+import sys
+import types
+import uuid
+
+import pytest
+
+from components import compare, tracking
+from components.compare import (AGREES, DISAGREES, MIXED, NOT_MEASURED, CompareError, Machine, ModelResult)
+from components.config import DatasetConfig, ModelConfig, Params
+
+MACHINE = Machine(cores=2, cpu="test CPU", peak_gflops=100.0, peak_gflops_1thread=55.0, torch="x")
+
+IMAGE_BASELINES = {"baseline/real_fd": 0.66, "baseline/kde_fd": 0.93, "baseline/gaussian_fd": 0.78,
+                   "baseline/real_recall": 0.92, "baseline/real_nn_ratio": 1.0, "baseline/kde_nn_ratio": 0.99,
+                   "baseline/real_class_acc": 0.97}
+UNET = {**IMAGE_BASELINES, "train/loss": 0.05, "eval/fd": 0.70, "eval/class_acc": 0.95, "eval/recall": 0.85,
+        "eval/nn_ratio": 1.02, "eval/fd_ddim10": 1.1, "perf/sample_ms_per_item_ddim10": 5.0,
+        "perf/params": 648_000.0, "perf/train_seconds": 270.0, "perf/train_items_per_s": 240.0,
+        "perf/flops_per_item": 90e6, "perf/sample_ms_per_item": 40.0,
+        "perf/peak_rss_train_mb": 900.0, "perf/peak_rss_train_delta_mb": 60.0}
+GPT_IMAGES = {**IMAGE_BASELINES, "train/loss": 1.2, "eval/fd": 1.5, "eval/class_acc": 0.8, "eval/recall": 0.6,
+              "eval/nn_ratio": 1.1, "eval/bits_per_dim": 1.9, "baseline/logreg_bits_per_dim": 2.0,
+              "perf/params": 800_000.0, "perf/train_seconds": 180.0, "perf/train_items_per_s": 9000.0,
+              "perf/flops_per_item": 5e6, "perf/sample_ms_per_item": 10.0, "perf/sample_ms_per_item_nocache": 90.0,
+              "perf/peak_rss_train_mb": 950.0, "perf/peak_rss_train_delta_mb": 80.0}
+GPT_TEXT = {"train/loss": 1.4, "eval/bits_per_char": 2.0, "baseline/ngram4_bits_per_char": 2.2,
+            "baseline/ngram5_bits_per_char": 2.1, "perf/params": 1.8e6, "perf/train_seconds": 270.0,
+            "perf/train_items_per_s": 8000.0, "perf/flops_per_item": 12e6, "perf/sample_ms_per_item": 3.0,
+            "perf/sample_ms_per_token_cached": 3.0, "perf/sample_ms_per_token_nocache": 9.0}
+ALL = {"digits-unet": UNET, "digits-gpt": GPT_IMAGES, "pydoc-gpt": GPT_TEXT}
+
+
+def make_params(prefix: str) -> Params:
+    p = Params(
+        datasets={"digits": DatasetConfig(source="builtin:digits"),
+                  "pydoc": DatasetConfig(source="builtin:pydoc", kind="text")},
+        models={"digits-unet": ModelConfig(family="diffusion", backbone="unet", dataset="digits"),
+                "digits-gpt": ModelConfig(family="transformer", backbone="gpt", dataset="digits"),
+                "pydoc-gpt": ModelConfig(family="transformer", backbone="gpt", dataset="pydoc")},
+    )
+    p.tracking.experiment_prefix = prefix
+    return p
+
+
+def log_pipeline(params: Params, root, metrics: dict) -> tracking.PipelineRun:
+    """One pipeline run: a parent per dataset, a nested child per model with these metrics."""
+    with tracking.pipeline_run(params, root, flow_run_id=uuid.uuid4().hex, models=list(metrics)) as parent:
+        for key, met in metrics.items():
+            with tracking.model_run(key, params, root, parent_run_id=parent.info.run_id):
+                tracking.log_metrics(met)
+    return parent
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uri():
+    session_uri = os.environ["MLFLOW_TRACKING_URI"]
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(session_uri)
+
+
+@pytest.fixture
+def params():
+    return make_params(f"c{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def client():
+    import mlflow
+
+    return mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+@pytest.fixture
+def fast_machine(monkeypatch):
+    import flows.compare
+
+    monkeypatch.setattr(flows.compare, "measure_machine", lambda: MACHINE)
+
+
+def build(params, root, **kw):
+    from flows.compare import build_report
+
+    return build_report(params, root, probe=False, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Rows and verdicts (pure: ModelResult by hand)
+# ---------------------------------------------------------------------------
+
+def result(key: str, metrics: dict, **params) -> ModelResult:
+    family, backbone = ("transformer", "gpt") if "gpt" in key else ("diffusion", "unet")
+    kind = "text" if key.startswith("pydoc") else "image"
+    base = {"dataset.kind": kind, "dataset.image_size": "8", "sample.sampler": "ddim", "sample.steps": "50",
+            "sample.guidance": "1.0", "diffusion.timesteps": "200", "train.seed": "0", "train.max_seconds": "270"}
+    base.update({k.replace("__", "."): str(v) for k, v in params.items()})
+    return ModelResult(key=key, family=family, backbone=backbone, dataset=key.split("-")[0], kind=kind,
+                       run_id=f"run-{key}", metrics=dict(metrics), params=base)
+
+
+def test_sampling_speed_agrees_when_diffusion_is_slower_and_disagrees_when_flipped():
+    slow = {k: v for k, v in UNET.items() if not k.endswith("ddim10")}
+    row = compare.row_sampling_speed("digits", [result("digits-unet", {**slow, "perf/sample_ms_per_item": 40.0}),
+                                                result("digits-gpt", GPT_IMAGES)])
+    assert row.verdict == AGREES and "1 of 1" in row.evidence and "DDIM-50 40" in row.evidence
+    assert "10 ms/image with KV cache, 90 without" in row.cells["digits-gpt"]
+    row = compare.row_sampling_speed("digits", [result("digits-unet", {**slow, "perf/sample_ms_per_item": 4.0}),
+                                                result("digits-gpt", GPT_IMAGES)])
+    assert row.verdict == DISAGREES and "0 of 1" in row.evidence
+
+
+def test_sampling_speed_is_mixed_when_only_the_short_sampler_beats_the_gpt():
+    row = compare.row_sampling_speed("digits", [result("digits-unet", UNET), result("digits-gpt", GPT_IMAGES)])
+    assert row.verdict == MIXED  # DDIM-50 40 ms > 10 ms, DDIM-10 5 ms < 10 ms
+    assert "DDIM-10: 5 ms/image (10 steps)" in row.cells["digits-unet"]
+
+
+def test_a_dataset_with_one_family_is_not_measured():
+    row = compare.row_sampling_speed("pydoc", [result("pydoc-gpt", GPT_TEXT)])
+    assert row.verdict == NOT_MEASURED and "no diffusion model on pydoc" in row.evidence
+
+
+def test_quality_is_judged_against_the_best_simple_baseline():
+    good = compare.row_quality("digits", [result("digits-unet", UNET), result("digits-gpt", GPT_IMAGES)])
+    assert good.verdict == MIXED  # the U-Net (0.70) beats the Gaussian (0.78), the GPT (1.5) does not
+    assert "digits-unet FD 0.7 < Gaussian baseline 0.78" in good.evidence
+    assert "1.9 bits/dim" in good.cells["digits-gpt"]
+    text = compare.row_quality("pydoc", [result("pydoc-gpt", GPT_TEXT)])
+    assert text.verdict == AGREES and "5-gram 2.1" in text.cells["pydoc-gpt"]
+    worse = compare.row_quality("pydoc", [result("pydoc-gpt", {**GPT_TEXT, "eval/bits_per_char": 2.5})])
+    assert worse.verdict == DISAGREES
+
+
+def test_cost_counts_flops_per_image_and_the_share_of_the_peak():
+    unet, gpt = result("digits-unet", UNET), result("digits-gpt", GPT_IMAGES)
+    assert compare.train_flops_per_item(gpt) == 5e6 * 64          # per token x 64 pixels
+    assert compare.sample_flops_per_item(unet) == pytest.approx(50 * 90e6 / 3)
+    assert compare.sample_flops_per_item(result("digits-unet", UNET, sample__guidance=2.0)) == \
+        pytest.approx(2 * 50 * 90e6 / 3)                        # guidance: two passes per step
+    row = compare.row_cost("digits", [unet, gpt], MACHINE)
+    assert "21.6 GFLOP/s = 22% of the matmul peak" in row.cells["digits-unet"]  # 90e6 * 240 / 100e9
+    # training: diffusion 90 M < GPT 320 M per image (disagrees); sampling: GPT 107 M < 1.5 G (agrees)
+    assert row.verdict == MIXED
+
+
+def test_parallel_processing_compares_thread_scaling_and_sequential_calls():
+    unet, gpt = result("digits-unet", UNET), result("digits-gpt", GPT_IMAGES)
+    unet.scaling, gpt.scaling = {1: 100.0, 2: 120.0}, {1: 100.0, 2: 180.0}
+    row = compare.row_parallel("digits", [unet, gpt])
+    assert "x1.80" in row.cells["digits-gpt"] and "50 sequential network calls per image" in row.cells["digits-unet"]
+    assert row.verdict == MIXED  # scaling favours the GPT; 50 diffusion steps < 64 GPT tokens
+    ddpm = result("digits-unet", UNET, sample__sampler="ddpm")
+    ddpm.scaling = unet.scaling
+    assert compare.row_parallel("digits", [ddpm, gpt]).verdict == AGREES  # 200 steps > 64 tokens
+    gpt.scaling = {1: 100.0, 2: 121.0}  # within 5%: no advantage
+    assert compare.row_parallel("digits", [ddpm, gpt]).verdict == MIXED
+
+
+def test_stability_needs_two_seeds_and_uses_recall_for_mode_collapse():
+    unet, gpt = result("digits-unet", UNET), result("digits-gpt", GPT_IMAGES)
+    row = compare.row_stability("digits", [unet, gpt])
+    assert "1 seed: run genflow compare --seeds 3" in row.cells["digits-unet"]
+    assert row.verdict == AGREES  # only the recall part: 0.85 >= 0.6
+    unet.seeds = [{"seed": s, "train/loss": 0.05 + 0.001 * s, "eval/fd": 0.7 + 0.01 * s} for s in range(3)]
+    gpt.seeds = [{"seed": s, "train/loss": 1.2, "eval/fd": [1.0, 3.0, 5.0][s]} for s in range(3)]
+    row = compare.row_stability("digits", [unet, gpt])
+    assert "over 3 seeds" in row.cells["digits-unet"] and "± " in row.cells["digits-unet"]
+    assert row.verdict == MIXED  # the GPT's FD varies far beyond 20%
+
+
+def test_memorisation_flags_copies():
+    row = compare.row_memorisation("digits", [result("digits-unet", {**UNET, "eval/nn_ratio": 0.2}),
+                                              result("digits-gpt", GPT_IMAGES)])
+    assert row.verdict == DISAGREES and "NN ratio 0.2" in row.evidence
+    assert compare.row_memorisation("digits", [result("digits-unet", UNET)]).verdict == AGREES
+
+
+# ---------------------------------------------------------------------------
+# The report from MLflow runs
+# ---------------------------------------------------------------------------
+
+def test_report_from_a_pipeline_run_is_written_logged_and_self_contained(params, tmp_path, client, fast_machine):
+    parent = log_pipeline(params, tmp_path, ALL)
+    out = build(params, tmp_path)
+    folder = tmp_path / "reports" / "compare"
+    assert out == folder / "report.html"
+    assert {"report.html", "report.md", "compare.json", "sampling_digits.png", "compute.png"} <= \
+        {p.name for p in folder.iterdir()}
+    assert not [p for p in (tmp_path / "reports").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+    page = out.read_text()
+    assert "http" not in page.lower() and "<script" not in page and "<link" not in page
+    images = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(images) >= 3 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert base64.b64decode(images[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ALL:
+        assert key in page
+    assert "slow, iterative process" in page and "relatively fast, parallel processing" in page
+
+    md = (folder / "report.md").read_text()
+    assert "| Sampling speed | slow, iterative process | relatively fast, parallel processing |" in md
+    assert "![digits: sampling](sampling_digits.png)" in md
+    data = json.loads((folder / "compare.json").read_text())
+    assert data["pipeline"]["run_ids"] == parent.run_ids
+    assert data["summary"]["Sampling speed"] == MIXED
+    assert {r["feature"] for r in data["rows"]} == set(compare.CLAIMS)
+
+    for rid in parent.run_ids.values():  # the report is an artifact of every parent run
+        assert "compare/report.html" in {f.path for f in client.list_artifacts(rid, "compare")}
+
+
+def test_the_latest_pipeline_run_is_used_and_a_model_run_id_leads_to_its_parent(params, tmp_path, client,
+                                                                                  fast_machine):
+    log_pipeline(params, tmp_path, {"digits-unet": UNET, "digits-gpt": GPT_IMAGES})
+    latest = log_pipeline(params, tmp_path, {"digits-unet": {**UNET, "eval/fd": 0.61}, "digits-gpt": GPT_IMAGES})
+    pipe = compare.collect(client, params.tracking.experiment_prefix)
+    assert pipe.run_ids == latest.run_ids
+    assert {m.key: m.metrics["eval/fd"] for m in pipe.models}["digits-unet"] == 0.61
+    child = client.search_runs([client.get_run(latest.info.run_id).info.experiment_id],
+                               f"tags.mlflow.parentRunId = '{latest.info.run_id}'")[0]
+    assert compare.collect(client, params.tracking.experiment_prefix, child.info.run_id).run_ids == latest.run_ids
+
+
+def test_runs_that_differ_only_in_seed_give_the_spread(params, tmp_path, client):
+    log_pipeline(params, tmp_path, {"digits-unet": UNET})
+    other = copy.deepcopy(params)
+    other.models["digits-unet"].train.seed = 1
+    log_pipeline(other, tmp_path, {"digits-unet": {**UNET, "train/loss": 0.06, "eval/fd": 0.8}})
+    changed = copy.deepcopy(params)
+    changed.models["digits-unet"].train.lr = 0.1  # another setting: not a seed of the same model
+    changed.models["digits-unet"].train.seed = 2
+    log_pipeline(changed, tmp_path, {"digits-unet": {**UNET, "eval/fd": 9.0}})
+    pipe = compare.collect(client, params.tracking.experiment_prefix, run_id=None)
+    m = pipe.models[0]
+    assert m.param("train.seed") == 2.0
+    assert [s["seed"] for s in compare.seed_history(client, m)] == [2.0]  # lr differs: alone
+    first = compare.collect(client, params.tracking.experiment_prefix,
+                            run_id=client.search_runs(
+                                [m.experiment_id], "tags.`genflow.kind` = 'pipeline'",
+                                order_by=["attributes.start_time ASC"])[0].info.run_id).models[0]
+    seeds = compare.seed_history(client, first)
+    assert [s["seed"] for s in seeds] == [0.0, 1.0]
+    assert [s["eval/fd"] for s in seeds] == [0.70, 0.8]
+
+
+def test_a_skipped_model_is_read_from_the_version_it_kept(tmp_path, client):
+    uid = uuid.uuid4().hex[:6]
+    unet, gpt = f"unet-{uid}", f"gpt-{uid}"  # own registered-model names: the store is shared
+    p = Params(datasets={"digits": DatasetConfig(source="builtin:digits")},
+               models={unet: ModelConfig(family="diffusion", backbone="unet", dataset="digits"),
+                       gpt: ModelConfig(family="transformer", backbone="gpt", dataset="digits")})
+    p.tracking.experiment_prefix = f"c{uid}"
+    first = log_pipeline(p, tmp_path, {unet: UNET, gpt: GPT_IMAGES})
+    unet_run = [r for r in client.search_runs([client.get_run(first.info.run_id).info.experiment_id],
+                                              f"tags.`genflow.model_key` = '{unet}'")][0]
+    client.create_registered_model(unet)
+    client.create_model_version(unet, f"runs:/{unet_run.info.run_id}/model", run_id=unet_run.info.run_id)
+    with tracking.pipeline_run(p, tmp_path, flow_run_id="f2", models=[unet, gpt]) as parent:
+        with tracking.model_run(gpt, p, tmp_path, parent_run_id=parent.info.run_id):
+            tracking.log_metrics(GPT_IMAGES)
+        tracking.log_summary({"status": "completed", "seconds": 1.0,
+                              "models": {unet: {"status": "skipped", "version": "1"},
+                                         gpt: {"status": "trained", "version": "1"}}}, tmp_path)
+    pipe = compare.collect(client, p.tracking.experiment_prefix)
+    by_key = {m.key: m for m in pipe.models}
+    assert set(by_key) == {unet, gpt}
+    assert by_key[unet].run_id == unet_run.info.run_id and "version 1" in by_key[unet].note
+
+
+def test_retrain_seeds_trains_each_seed_the_same_steps_from_scratch(params, tmp_path, monkeypatch):
+    import flows.compare
+
+    (tmp_path / "data" / "prepared" / "digits").mkdir(parents=True)
+    (tmp_path / "data" / "prepared" / "digits" / "manifest.json").write_text("{}")
+    calls = []
+
+    def train(key, p, root):
+        assert (root / "data" / "prepared" / "digits" / "manifest.json").exists()
+        assert not (root / "models" / key).exists()  # a new seed never resumes the previous one
+        (root / "models" / key).mkdir(parents=True)
+        t = p.model(key).train
+        calls.append((key, t.seed, t.max_steps, t.max_seconds))
+        return {"train/loss": 0.05 + 0.01 * t.seed, "perf/train_steps": float(t.max_steps)}
+
+    def evaluate(key, p, root):
+        return {"eval/fd": 0.7 + 0.1 * p.model(key).train.seed}
+
+    monkeypatch.setattr(flows.compare, "_family", lambda backbone: types.SimpleNamespace(train=train,
+                                                                                         evaluate=evaluate))
+    m = result("digits-unet", {**UNET, "perf/train_steps": 900.0})  # 900 steps in 270 s: 3.33 steps/s
+    flows.compare.retrain_seeds(params, tmp_path, [m], 3)
+    q = params.pipeline.quick
+    steps = round(q.max_seconds * 900 / 270)  # what the quick budget buys, the same for every seed
+    cap = q.max_seconds * flows.compare.SEED_TIME_CAP
+    assert calls == [("digits-unet", s, steps, cap) for s in range(3)]
+    assert m.seeds_source == "retrained" and m.seeds[0]["steps"] == steps
+    assert [s["eval/fd"] for s in m.seeds] == pytest.approx([0.7, 0.8, 0.9])
+    assert params.models["digits-unet"].train.seed == 0  # the caller's params are left alone
+
+
+def test_seeds_option_reaches_build_report(monkeypatch):
+    from flows import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_load", lambda args: None)
+    import flows.compare
+
+    monkeypatch.setattr(flows.compare, "build_report",
+                        lambda params, root, run_id=None, seeds=None: seen.update(run_id=run_id, seeds=seeds) or "x")
+    assert cli.main(["compare", "--run", "abc", "--seeds", "3"]) == 0
+    assert seen == {"run_id": "abc", "seeds": 3}
+
+
+# ---------------------------------------------------------------------------
+# Refusals: one line, no report
+# ---------------------------------------------------------------------------
+
+def test_an_unknown_run_id_is_refused(params, tmp_path, fast_machine):
+    log_pipeline(params, tmp_path, {"digits-unet": UNET})
+    with pytest.raises(CompareError, match=r"--run 0{32}: no such MLflow run"):
+        build(params, tmp_path, run_id="0" * 32)
+    assert not (tmp_path / "reports" / "compare").exists()
+
+
+def test_no_pipeline_run_at_all_is_refused(params, tmp_path, fast_machine):
+    with pytest.raises(CompareError, match="no experiment named .*run `genflow run`"):
+        build(params, tmp_path)
+
+
+def test_a_pipeline_run_without_model_runs_is_refused(params, tmp_path, fast_machine):
+    with tracking.pipeline_run(params, tmp_path, flow_run_id="f", models=["digits-unet"]) as parent:
+        pass
+    with pytest.raises(CompareError, match="has no finished model runs"):
+        build(params, tmp_path, run_id=parent.info.run_id)
+    assert not (tmp_path / "reports" / "compare").exists()
+
+
+def test_a_run_from_an_older_report_format_is_refused_without_a_partial_report(params, tmp_path, fast_machine):
+    old = {k: v for k, v in UNET.items() if k != "perf/flops_per_item"}
+    parent = log_pipeline(params, tmp_path, {"digits-unet": old, "digits-gpt": GPT_IMAGES})
+    with pytest.raises(CompareError) as err:
+        build(params, tmp_path, run_id=parent.info.run_id)
+    msg = str(err.value)
+    assert "(digits-unet): lacks perf/flops_per_item" in msg and "\n" not in msg
+    assert not (tmp_path / "reports" / "compare").exists()
+
+
+def test_bad_seed_count_is_refused(params, tmp_path):
+    with pytest.raises(CompareError, match="--seeds 0"):
+        build(params, tmp_path, seeds=0)
+
+
+def test_a_failed_render_keeps_the_previous_report(params, tmp_path, fast_machine, monkeypatch):
+    log_pipeline(params, tmp_path, {"digits-unet": UNET, "digits-gpt": GPT_IMAGES})
+    build(params, tmp_path)
+    before = (tmp_path / "reports" / "compare" / "report.md").read_text()
+
+    def broken(report):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(compare, "render_html", broken)
+    with pytest.raises(RuntimeError):
+        build(params, tmp_path)
+    assert (tmp_path / "reports" / "compare" / "report.md").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["compare"]

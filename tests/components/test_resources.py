@@ -1,0 +1,64 @@
+"""Peak resident memory, the matmul peak and the training-throughput probe (tiny sizes, no timing asserts)."""
+import numpy as np
+import pytest
+
+from components import resources
+
+
+def test_peak_rss_sees_memory_allocated_inside_the_block():
+    with resources.peak_rss() as mem:
+        block = np.ones(64 * 2**20 // 8)  # 64 MB, touched, alive until the block ends
+    assert mem.delta_mb >= 48 and mem.peak_mb >= mem.start_mb + 48
+    del block
+    with resources.peak_rss() as quiet:
+        pass
+    assert quiet.delta_mb < 32  # nothing allocated: the earlier peak does not leak in
+
+
+def test_rss_is_a_positive_number_of_megabytes():
+    assert 1 < resources.rss_mb() < 1e6
+
+
+def test_matmul_peak_is_positive_and_restores_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    assert resources.matmul_peak_gflops(1, n=128, repeats=2) > 0
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("backbone", ["unet", "gpt-text", "gpt-image", "mdlm"])
+def test_train_step_runs_each_backbone_and_counts_items(backbone):
+    import torch
+
+    from components.config import GPTConfig, UNetConfig
+
+    torch.manual_seed(0)
+    gpt = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    if backbone == "unet":
+        from components.families.diffusion import build_network
+        config = {"backbone": "unet", "unet": vars(UNetConfig(channels=[8, 16], time_dim=16, groups=4)),
+                  "diffusion": {"timesteps": 20, "schedule": "cosine", "p_uncond": 0.1},
+                  "num_classes": 10, "image_size": 8, "channels": 1}
+        net, items = build_network(config), 4
+    elif backbone == "mdlm":
+        from components.models.mdlm import MaskedLM
+        config = {"backbone": "mdlm", "gpt": vars(gpt), "masked": {"eps": 1e-3}, "vocab_size": 12, "mask_id": 11}
+        net, items = MaskedLM(gpt, 12), 4 * 16
+    else:
+        from components.models.gpt import GPT
+        kind = backbone.split("-")[1]
+        cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=65 if kind == "image" else 16)
+        config = {"backbone": "gpt", "kind": kind, "gpt": vars(cfg), "vocab_size": 27, "image_size": 8}
+        net, items = GPT(cfg, 27), 4 * (64 if kind == "image" else 16)
+    step, per_step = resources.make_train_step(net, config, batch_size=4)
+    assert per_step == items
+    before = [p.detach().clone() for p in net.parameters()]
+    rates = resources.thread_scaling(step, per_step, threads=(1, 2), budget_s=0.05)
+    assert set(rates) == {1, 2} and all(r > 0 for r in rates.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))  # the optimiser stepped
+
+
+def test_unknown_backbone_is_refused():
+    with pytest.raises(ValueError, match="backbone 'rnn'"):
+        resources.make_train_step(__import__("torch").nn.Linear(2, 2), {"backbone": "rnn"}, 2)
