@@ -77,7 +77,8 @@ def _find(config: dict, key: str, *sections: str, default: Any = None) -> Any:
 
 
 def backbone_of(model: Any, config: dict) -> str:
-    backbone = config.get("backbone") or {"UNet": "unet", "DiT": "dit", "GPT": "gpt"}.get(type(model).__name__)
+    backbone = config.get("backbone") or {"UNet": "unet", "DiT": "dit", "GPT": "gpt",
+                                           "MaskedLM": "mdlm"}.get(type(model).__name__)
     if backbone not in PLANS:
         raise ExportError(f"config.backbone: {backbone!r} has no ONNX export; known: {', '.join(PLANS)}")
     return backbone
@@ -184,6 +185,8 @@ def graph_spec(backbone: str, net: Any, config: dict) -> GraphSpec:
     B, T, P = 2, min(3, max(block - 2, 1)), min(4, max(block - 3, 1))
     ids = torch.zeros(B, T, dtype=torch.long)
     if kind == "masked_lm":
+        # logits cover ids 0..mask_id-1: the [MASK] id (the last one) is input only
+        info["mask_id"] = int(getattr(net, "mask_id", config.get("mask_id", vocab_size - 1)))
         return GraphSpec(kind, _wrap(kind, net), (ids,), ["input_ids"], ["logits"],
                          {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
                          {"batch": (1, None), "seq": (1, block)}, info)

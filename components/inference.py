@@ -7,6 +7,7 @@ noise schedule, the vocabulary; see components/export.py). One engine per graph 
     denoiser   (x [B,C,H,W] f32, t [B] i64, y [B] i64) -> eps        U-Net, DiT
     causal_lm  (input_ids [B,T] i64, past_kv [L,2,B,nh,P,hs] f32)
                  -> logits [B,T,V], present_kv [L,2,B,nh,P+T,hs]       GPT (text, digit pixels)
+    masked_lm  input_ids [B,T] i64 (with [MASK]) -> logits [B,T,V-1]   masked diffusion LM (K steps)
 
     engine = load_engine(Path("exports/digits-unet"))
     x = engine.sample(labels=np.arange(10), steps=50, guidance=2.0)   # (10, 1, 8, 8) in [-1, 1]
@@ -16,8 +17,8 @@ noise schedule, the vocabulary; see components/export.py). One engine per graph 
 The diffusion maths (timesteps, DDPM/DDIM steps, guidance) mirrors components/models/diffusion.py
 line for line in numpy; tests check both give the same images from the same noise.
 `sample_cli` is `genflow sample`: it resolves a registered version (or a local folder), samples
-and writes a PNG grid or a text file. A new graph kind (e.g. a masked diffusion language model,
-``masked_lm``) is one Engine subclass and one entry in ENGINES.
+and writes a PNG grid or a text file. A new graph kind is one Engine subclass and one entry in
+ENGINES (``masked_lm``: MaskedLMEngine, which mirrors components/models/mdlm.py's sampler).
 """
 from __future__ import annotations
 
@@ -402,7 +403,119 @@ class CausalLMEngine(Engine):
         return pixels.reshape(-1, 1, size, size).astype(np.uint8)
 
 
-ENGINES: dict[str, type[Engine]] = {"denoiser": DiffusionEngine, "causal_lm": CausalLMEngine}
+# ---------------------------------------------------------------------------
+# Masked diffusion language models (numpy mirror of components/models/mdlm.py's sampler)
+# ---------------------------------------------------------------------------
+
+def unmask_counts(length: int, steps: int) -> list[int]:
+    """Positions each of the K steps unmasks: floor(length * k / K) stay masked at t_k = k/K."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise InferenceError(f"--steps: K, the number of denoising steps, must be an integer >= 1, got {steps!r}")
+    return [length * k // steps - length * (k - 1) // steps for k in range(steps, 0, -1)]
+
+
+def draw_tokens(logits: np.ndarray, u: np.ndarray, temperature: float = 1.0, top_k: int = 0) -> np.ndarray:
+    """Inverse-CDF draws: logits (..., V), u (...) uniform in [0, 1) -> ids (...) (float64 maths)."""
+    z = logits.astype(np.float64) / temperature
+    if top_k:
+        kth = np.sort(z, axis=-1)[..., -top_k][..., None]
+        z = np.where(z < kth, -np.inf, z)
+    cdf = np.cumsum(np.exp(z - z.max(axis=-1, keepdims=True)), axis=-1)        # (..., V) unnormalised
+    ids = (cdf < u[..., None] * cdf[..., -1:]).sum(axis=-1)
+    return np.minimum(ids, z.shape[-1] - 1).astype(np.int64)
+
+
+class MaskedLMEngine(Engine):
+    """A masked diffusion language model: the whole text is written in K parallel denoising steps.
+
+    The graph maps ids with [MASK] (B, T) to logits over the other ids (B, T, V - 1); there is
+    no cache: every step reads the whole sequence. The prompt stays as given (never masked).
+    """
+
+    graph = "masked_lm"
+
+    def __init__(self, folder: Path, config: dict, session: Any, provider: str):
+        super().__init__(folder, config, session, provider)
+        c = config
+        self.vocab_size, self.block_size = int(c["vocab_size"]), int(c["block_size"])
+        self.mask_id = int(c.get("mask_id", self.vocab_size - 1))
+        self.defaults = dict(c.get("sample") or {})
+        self._tokenizer = None
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """ids (B, T) i64 with [MASK] -> logits (B, T, V - 1)."""
+        return self.session.run(["logits"], {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)})[0]
+
+    def check_sampling(self, prompt_len: int, length: int, steps: int, temperature: float, top_k: int) -> None:
+        unmask_counts(1, steps)  # K >= 1
+        if not (temperature > 0 and np.isfinite(temperature)):
+            raise InferenceError(f"--temperature: must be > 0 (1.0 samples the model as trained), got {temperature}")
+        if not 0 <= top_k <= self.mask_id:
+            raise InferenceError(f"--top-k: must be between 0 (off) and the vocabulary size {self.mask_id}, got {top_k}")
+        if length < 1:
+            raise InferenceError(f"--length: must be at least 1 token, got {length}")
+        if prompt_len + length > self.block_size:
+            raise InferenceError(f"--length: the prompt ({prompt_len}) plus {length} tokens exceed the model's "
+                                 f"block_size={self.block_size}; a masked model writes the whole sequence at once")
+
+    def generate(self, prompt: np.ndarray, batch: int, length: int, steps: int, temperature: float = 1.0,
+                 top_k: int = 0, *, seed: int = 0, rand: Optional[Callable[[tuple], np.ndarray]] = None) -> np.ndarray:
+        """`batch` sequences: the prompt ids (P,) then `length` ids written in K = steps steps; (B, P + length).
+
+        Same as MaskedDiffusion.sample: per step, position scores (B, P + length) then token
+        uniforms (B, n) from rand(shape) (default: numpy's generator seeded with `seed`).
+        """
+        prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
+        self.check_sampling(len(prompt), length, steps, temperature, top_k or 0)
+        if rand is None:
+            rng = np.random.default_rng(seed)
+            rand = rng.random
+        x = np.concatenate([np.tile(prompt, (batch, 1)),
+                            np.full((batch, length), self.mask_id, dtype=np.int64)], axis=1)  # (B, P + L)
+        rows = np.arange(batch)[:, None]
+        for n in unmask_counts(length, steps):
+            if n == 0:
+                continue
+            logits = self.logits(x)                                                # (B, P + L, V - 1)
+            scores = np.where(x == self.mask_id, rand(x.shape), 2.0)
+            chosen = np.argsort(scores, axis=1, kind="stable")[:, :n]              # (B, n) random masked positions
+            tokens = draw_tokens(logits[rows, chosen], np.asarray(rand((batch, n))), temperature, top_k or 0)
+            x[rows, chosen] = tokens
+        return x
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from components.tokenizer import CharTokenizer  # numpy only
+
+            if not self.config.get("vocab"):
+                raise InferenceError(f"{self.name}: config.json has no vocab; it is not a text model")
+            self._tokenizer = CharTokenizer(self.config["vocab"])
+        return self._tokenizer
+
+    def sample_text(self, prompt: Optional[str] = None, *, length: Optional[int] = None, count: int = 1,
+                    temperature: Optional[float] = None, top_k: Optional[int] = None, seed: int = 0,
+                    steps: Optional[int] = None) -> list[str]:
+        """`count` texts, each the prompt followed by `length` characters written in K = steps steps."""
+        d = self.defaults
+        prompt = d.get("prompt", "") if prompt is None else prompt
+        length = int(length if length is not None else d.get("length", self.block_size))
+        steps = int(steps if steps is not None else d.get("steps", 32))
+        temperature = float(temperature if temperature is not None else d.get("temperature", 1.0))
+        top_k = int(top_k if top_k is not None else d.get("top_k", 0))
+        if count < 1:
+            raise InferenceError(f"--count: must be at least 1, got {count}")
+        tok = self.tokenizer
+        try:
+            start = tok.encode(prompt, strict=True)
+        except ValueError as e:
+            raise InferenceError(f"--prompt: {e}") from None
+        ids = self.generate(start, count, length, steps, temperature, top_k, seed=seed)
+        return [tok.decode(row) for row in ids]
+
+
+ENGINES: dict[str, type[Engine]] = {"denoiser": DiffusionEngine, "causal_lm": CausalLMEngine,
+                                    "masked_lm": MaskedLMEngine}
 
 
 # ---------------------------------------------------------------------------
@@ -629,12 +742,15 @@ def _sample_images(args: Any, engine: Engine, count: Optional[int]) -> tuple[np.
     return levels, int(engine.config["levels"]), rows
 
 
-def _sample_texts(args: Any, engine: CausalLMEngine, count: Optional[int], title: str) -> str:
-    _refuse_options(args, engine, {"label": "--label", "steps": "--steps", "guidance": "--guidance"})
+def _sample_texts(args: Any, engine: CausalLMEngine | MaskedLMEngine, count: Optional[int], title: str) -> str:
+    masked = isinstance(engine, MaskedLMEngine)  # --steps is K, its number of denoising steps
+    _refuse_options(args, engine, {"label": "--label", "guidance": "--guidance",
+                                   **({} if masked else {"steps": "--steps"})})
     n = count or 4
+    kw = {"steps": _arg(args, "steps")} if masked else {}
     texts = engine.sample_text(_arg(args, "prompt"), length=_arg(args, "length"), count=n,
                                temperature=_arg(args, "temperature"), top_k=_arg(args, "top_k"),
-                               seed=int(_arg(args, "seed") or 0))
+                               seed=int(_arg(args, "seed") or 0), **kw)
     parts = [f"# {title}: {n} samples on onnxruntime ({engine.provider})"]
     parts += [f"=== sample {i + 1} ===\n{t}" for i, t in enumerate(texts)]
     return "\n\n".join(parts) + "\n"

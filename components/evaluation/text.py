@@ -117,7 +117,9 @@ class KneserNey:
         n = self.order - 1
         padded = np.concatenate([np.full(n, -1, dtype=np.int64), ids])
         N = len(ids) - start
-        return np.stack([padded[start + j:start + j + N] for j in range(n)], axis=1) if n else np.zeros((N, 0), np.int64)
+        if n == 0:
+            return np.zeros((N, 0), np.int64)
+        return np.stack([padded[start + j:start + j + N] for j in range(n)], axis=1)
 
     def bits_per_char(self, ids: np.ndarray) -> float:
         """Mean -log2 p over ids; the first ids use the shorter history they have."""

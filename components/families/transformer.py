@@ -170,8 +170,9 @@ def train(key: str, params: Params, root: Path) -> dict:
         levels, num_classes = int(manifest["levels"]), len(manifest["classes"])
         seq = torch.from_numpy(image_sequences(x, y, levels))  # (N, 1 + H*W)
         if T < seq.size(1) - 1:
+            need = seq.size(1) - 1  # class token + all pixels but the last
             raise data.DataError(f"models.{key}.gpt.block_size: {T} is shorter than one image "
-                                 f"({seq.size(1) - 1} input tokens: class + pixels); set it to at least {seq.size(1) - 1}")
+                                 f"({need} input tokens: class + pixels); set it to at least {need}")
         config.update(levels=levels, num_classes=num_classes, image_size=int(manifest["image_size"]),
                       classes=list(manifest["classes"]), class_prior=class_prior(y, num_classes),
                       vocab_size=levels + num_classes)

@@ -261,3 +261,112 @@ def test_the_cli_prints_one_line_and_exits_1(exported, capsys):
     assert main(["sample", "digits-unet", "--label", "9", "--exports", str(root / "exports")]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "genflow sample: --label: digits-unet knows classes 0..2, got 9"
+
+
+# ---------------------------------------------------------------------------
+# Masked diffusion language model: K parallel steps on onnxruntime
+# ---------------------------------------------------------------------------
+
+MDLM_VOCAB = "\n abcdefgh"
+MDLM_CONFIG = {"backbone": "mdlm", "family": "diffusion", "kind": "text", "vocab": MDLM_VOCAB,
+               "mask_id": len(MDLM_VOCAB) + 1,
+               "sample": {"steps": 4, "length": 10, "prompt": "ab", "temperature": 1.0, "top_k": 0}}
+
+
+@pytest.fixture(scope="module")
+def exported_mdlm(tmp_path_factory):
+    from components.models.mdlm import MaskedLM
+
+    root = tmp_path_factory.mktemp("mdlm-root")
+    torch.manual_seed(0)
+    net = MaskedLM(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16), len(MDLM_VOCAB) + 2)  # + unk, [MASK]
+    for p in net.parameters():  # peaked distributions, so that draws depend on the weights
+        torch.nn.init.normal_(p, std=0.3)
+    assert export_model("pydoc-mdlm", net.eval(), MDLM_CONFIG, ExportConfig(), root, exporter="torchscript")["passed"]
+    return root, net
+
+
+@pytest.mark.parametrize("steps, temperature, top_k", [(4, 1.0, 0), (14, 0.7, 3), (1, 1.0, 0), (30, 1.0, 0)])
+def test_masked_sampling_matches_the_pytorch_process_draw_for_draw(exported_mdlm, steps, temperature, top_k):
+    from components.models.mdlm import MaskedDiffusion
+
+    root, net = exported_mdlm
+    engine = load_engine(root / "exports" / "pydoc-mdlm", threads=1)
+    prompt = np.array([3, 4])
+    gen = torch.Generator().manual_seed(5)
+    ref = MaskedDiffusion(engine.mask_id).sample(net, 3, 14, steps, prompt=torch.from_numpy(prompt),
+                                                 temperature=temperature, top_k=top_k, generator=gen)
+    gen = torch.Generator().manual_seed(5)  # the same uniforms, in the same order
+    ours = engine.generate(prompt, 3, 14, steps, temperature, top_k,
+                           rand=lambda shape: torch.rand(shape, generator=gen, dtype=torch.float64).numpy())
+    assert ours.shape == (3, 16) and np.array_equal(ours, ref.numpy())
+    assert not (ours == engine.mask_id).any() and (ours[:, :2] == prompt).all()
+
+
+class CountingSession:
+    """An onnxruntime session that records the input_ids of every call."""
+
+    def __init__(self, session):
+        self.session, self.seen = session, []
+
+    def run(self, names, feeds):
+        self.seen.append(feeds["input_ids"].copy())
+        return self.session.run(names, feeds)
+
+
+def test_masked_sampling_with_k_equal_to_the_length_or_one_fills_every_position(exported_mdlm):
+    root, _ = exported_mdlm
+    engine = load_engine(root / "exports" / "pydoc-mdlm", threads=1)
+    for steps in (16, 1):
+        engine.session = counting = CountingSession(load_engine(root / "exports" / "pydoc-mdlm").session)
+        out = engine.generate(np.zeros(0, dtype=np.int64), 2, 16, steps, seed=1)
+        assert out.shape == (2, 16) and not (out == engine.mask_id).any()
+        assert len(counting.seen) == steps                       # K network calls
+        masked = [int((ids[0] == engine.mask_id).sum()) for ids in counting.seen]
+        assert masked == list(range(16, 16 - steps, -1))         # K = 16: one position per step; K = 1: all at once
+    texts = engine.sample_text(count=2, seed=4)
+    assert texts == engine.sample_text(count=2, seed=4) and texts != engine.sample_text(count=2, seed=5)
+    assert all(t.startswith("ab") and len(t) == 2 + 10 for t in texts)     # the params' defaults
+
+
+def test_masked_sampling_from_local_exports_never_imports_torch(exported_mdlm):
+    root, _ = exported_mdlm
+    code = f"""
+from argparse import Namespace
+from pathlib import Path
+from components.inference import sample_cli
+root = Path({str(root)!r})
+base = dict(count=2, out=None, label=None, steps=3, guidance=None, prompt="ha", length=8,
+            temperature=None, top_k=None, seed=0, exports=str(root / "exports"), model="pydoc-mdlm")
+print(sample_cli(Namespace(**base), root))
+"""
+    out = run_without_torch(code, root)
+    assert "onnxruntime on CPUExecutionProvider" in out
+    text = (root / "reports" / "samples" / "pydoc-mdlm-local.txt").read_text()
+    assert text.count("=== sample") == 2 and "\nha" in text
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(steps=0), r"^--steps: must be at least 1, got 0$"),
+    (dict(length=15), r"^--length: the prompt \(2\) plus 15 tokens exceed the model's block_size=16"),
+    (dict(temperature=0.0), r"^--temperature: must be > 0"),
+    (dict(top_k=12), r"^--top-k: must be between 0 \(off\) and the vocabulary size 11, got 12$"),
+    (dict(label=1), r"^--label: pydoc-mdlm is a diffusion text model"),
+    (dict(guidance=2.0), r"^--guidance: pydoc-mdlm is a diffusion text model"),
+    (dict(prompt="xyz"), r"^--prompt: .*outside the model's vocabulary"),
+])
+def test_bad_masked_sampling_requests_raise_one_line_and_write_nothing(exported_mdlm, tmp_path, kw, pattern):
+    root, _ = exported_mdlm
+    out = tmp_path / "out" / "x.txt"
+    with pytest.raises(InferenceError, match=pattern) as e:
+        sample_cli(args(model="pydoc-mdlm", exports=str(root / "exports"), out=str(out), **kw), tmp_path)
+    assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_masked_engine_refuses_k_below_one_before_any_network_call(exported_mdlm):
+    root, _ = exported_mdlm
+    engine = load_engine(root / "exports" / "pydoc-mdlm", threads=1)
+    engine.session = None  # any network call would fail with an AttributeError
+    for steps in (0, -2):
+        with pytest.raises(InferenceError, match=r"^--steps: K, the number of denoising steps, must be an integer >= 1"):
+            engine.generate(np.array([1]), 1, 4, steps)

@@ -1,0 +1,324 @@
+"""Masked diffusion language models (backbone ``mdlm``): train, evaluate and load one.
+
+    metrics = train("pydoc-mdlm", params, root)      # models/pydoc-mdlm/model.pt + train_metrics.json
+    metrics = evaluate("pydoc-mdlm", params, root)   # reports/pydoc-mdlm/metrics.json, samples.txt, sampling.*
+    net, config = load_model("pydoc-mdlm", root)     # network with weights + its config dict (ONNX export)
+
+The model (components.models.mdlm) is a bidirectional transformer over the characters of a text
+dataset plus one [MASK] id, trained on the continuous-time ELBO of the absorbing process. Its
+shape is the model's ``gpt`` section of params.yaml (n_layer, n_head, n_embd, block_size); the
+smallest mask rate is ``masked.eps``; ``sample.steps`` is K, the number of parallel denoising steps.
+
+Evaluation, next to pydoc-gpt's numbers on the same split:
+- eval/bits_per_char: an upper bound (the ELBO, see MaskedDiffusion.bits_per_char_bound) on the
+  test split, cut into block_size windows, with ELBO_DRAWS draws of t per window from a fixed
+  seed; eval/bits_per_char_is_upper_bound = 1 says so, eval/bits_per_char_stderr is its spread.
+- baseline/ngram{n}_bits_per_char: interpolated Kneser-Ney models fitted on train (as pydoc-gpt).
+- the K sweep: for each K (``eval.sampler_sweep`` names ``k8``, ``k32`` ...; default 8, 32, 128),
+  perf/sample_ms_per_item_k{K} (ms per generated character, one sequence of sample.length, the
+  way pydoc-gpt's perf/sample_ms_per_item is taken) and eval/sample_ngram_bpc_k{K}: bits per
+  character of ``eval.text_samples`` unprompted samples under the order-SAMPLE_NGRAM_ORDER n-gram
+  model fitted on train, a quality proxy (lower = more like the training text; degenerate,
+  repetitive text can also score low, so read it with the samples). baseline/real_sample_ngram_bpc
+  is the same number for real test windows of the same length.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.config import GPTConfig, ModelConfig, Params
+
+ELBO_DRAWS = 8                  # draws of t per test window for the bound (fixed seed)
+ELBO_SEED = 0
+DEFAULT_K_SWEEP = (8, 32, 128)  # used when eval.sampler_sweep names no kN entries
+SAMPLE_NGRAM_ORDER = 4          # the n-gram model that scores samples (quality proxy)
+TIMING_REPEATS = 3              # sampling-speed measurements: median of this many runs
+
+
+class MaskedLMFamilyError(ValueError):
+    """A masked diffusion language model cannot be trained, evaluated or loaded as asked; one line."""
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _set_threads(m: ModelConfig) -> None:
+    import torch
+
+    torch.set_num_threads(m.train.threads if m.train.threads > 0 else (os.cpu_count() or 1))
+
+
+def k_sweep(m: ModelConfig) -> list[int]:
+    """The K values of the speed/quality sweep: eval.sampler_sweep entries kN, else DEFAULT_K_SWEEP.
+
+    Other names (ddim10, the diffusion family's samplers, e.g. from --quick) do not apply here.
+    """
+    from components.models.mdlm import check_steps
+
+    ks = [int(g.group(1)) for g in (re.fullmatch(r"k(\d+)", n.strip().lower()) for n in m.eval.sampler_sweep) if g]
+    for k in ks:
+        try:
+            check_steps(k)
+        except ValueError:
+            raise MaskedLMFamilyError(f"eval.sampler_sweep: k{k}: K must be at least 1") from None
+    return sorted(set(ks)) or list(DEFAULT_K_SWEEP)
+
+
+def check_settings(key: str, m: ModelConfig) -> None:
+    """Refuse bad settings in one line before any training or sampling."""
+    from components.models.mdlm import check_eps, check_steps
+
+    if m.backbone != "mdlm":
+        raise MaskedLMFamilyError(f"models.{key}.backbone: {m.backbone!r} is not a masked diffusion "
+                                  "language model (mdlm)")
+    check_eps(m.masked.eps)
+    check_steps(m.sample.steps)
+    k_sweep(m)
+    if not (m.sample.temperature > 0 and math.isfinite(m.sample.temperature)):
+        raise MaskedLMFamilyError(f"models.{key}.sample.temperature: must be > 0, got {m.sample.temperature}")
+    if m.sample.length < 1:
+        raise MaskedLMFamilyError(f"models.{key}.sample.length: must be at least 1, got {m.sample.length}")
+    if len(m.sample.prompt) + m.sample.length > m.gpt.block_size:
+        raise MaskedLMFamilyError(
+            f"models.{key}.sample.length: the prompt ({len(m.sample.prompt)} characters) plus {m.sample.length} "
+            f"generated ones exceed gpt.block_size={m.gpt.block_size}; a masked model writes the whole "
+            "sequence at once, so lower sample.length or raise block_size")
+
+
+def _tokenizer(manifest: dict, train_text: str):
+    from components.tokenizer import CharTokenizer
+
+    return CharTokenizer(manifest.get("vocab") or "".join(sorted(set(train_text))))
+
+
+# ---------------------------------------------------------------------------
+# Train
+# ---------------------------------------------------------------------------
+
+def flops_per_token(net, T: int) -> float:
+    """Forward + backward FLOPs per token at length T (SDPA's math backend so attention counts)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        net(torch.zeros(1, T, dtype=torch.long)).logsumexp(-1).sum().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / T
+
+
+def train(key: str, params: Params, root: Path) -> dict[str, float]:
+    """Train params.models[key] on its prepared text; write models/<key>/model.pt and train_metrics.json."""
+    import torch
+
+    from components import data, training
+    from components.models.mdlm import MaskedDiffusion, MaskedLM
+
+    root = Path(root)
+    m = params.model(key)
+    check_settings(key, m)
+    manifest = data.load_manifest(m.dataset, root)
+    if manifest.get("kind") != "text":
+        raise MaskedLMFamilyError(f"models.{key}.dataset: {m.dataset} holds {manifest.get('kind')}, "
+                                  "a masked diffusion language model needs text")
+    train_text = data.load_text(m.dataset, "train", root)
+    tok = _tokenizer(manifest, train_text)
+    T, B = m.gpt.block_size, m.train.batch_size
+    ids = torch.from_numpy(tok.encode(train_text))                             # (N,)
+    if len(ids) < T + 1:
+        raise MaskedLMFamilyError(f"datasets.{m.dataset}: the train split has {len(ids)} characters, fewer "
+                                  f"than models.{key}.gpt.block_size + 1 = {T + 1}; lower block_size or add text")
+    windows = ids.unfold(0, T, 1)                                              # (N - T + 1, T) view
+    vocab_size = tok.vocab_size + 1                                            # characters, unknown, [MASK]
+    config: dict[str, Any] = {"family": "diffusion", "backbone": "mdlm", "kind": "text", "model": key,
+                              "dataset": m.dataset, "gpt": dataclasses.asdict(m.gpt),
+                              "masked": dataclasses.asdict(m.masked), "sample": dataclasses.asdict(m.sample),
+                              "vocab": tok.vocab, "vocab_size": vocab_size, "mask_id": vocab_size - 1}
+
+    torch.manual_seed(m.train.seed)  # the initial weights are part of the run's seed
+    net = MaskedLM(m.gpt, vocab_size)
+    process = MaskedDiffusion(config["mask_id"], m.masked.eps)
+
+    def get_batch(step: int, gen: torch.Generator):
+        return windows[torch.randint(len(windows), (B,), generator=gen)]       # (B, T)
+
+    def loss_fn(model, batch, gen: torch.Generator):
+        return process.training_loss(model, batch, gen)
+
+    out_dir = root / "models" / key
+    fingerprint = json.dumps([manifest.get("files", {}), config], sort_keys=True)
+    model, result = training.train(net, get_batch, loss_fn, m.train, out_dir, items_per_batch=B * T,
+                                   name=key, fingerprint=fingerprint)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".model.pt.{os.getpid()}.tmp"
+    torch.save({"state_dict": model.state_dict(), "config": config}, tmp)
+    os.replace(tmp, out_dir / "model.pt")
+    metrics = {"train/loss": result.final_loss,                  # NELBO in nats per token
+               "perf/train_seconds": result.seconds,
+               "perf/train_items_per_s": result.items_per_s,     # tokens per second
+               "perf/train_steps": float(result.steps),
+               "perf/params": float(net.num_params()),
+               "perf/flops_per_item": flops_per_token(net, T)}   # per token, forward + backward
+    _write_json(out_dir / "train_metrics.json", metrics)
+    return metrics
+
+
+def load_model(key: str, root: Path):
+    """(MaskedLM in eval mode with the trained weights, its config dict) from models/<key>/model.pt."""
+    import torch
+
+    from components.models.mdlm import MaskedLM
+
+    path = Path(root) / "models" / key / "model.pt"
+    if not path.exists():
+        raise MaskedLMFamilyError(f"models/{key}/model.pt: not found; run `genflow stage train {key}` first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    config = ckpt.get("config", {})
+    if config.get("backbone") != "mdlm":
+        raise MaskedLMFamilyError(f"models/{key}/model.pt: holds a {config.get('backbone')!r} model, not an mdlm; "
+                                  f"retrain it with `genflow stage train {key}`")
+    net = MaskedLM(GPTConfig(**config["gpt"]), config["vocab_size"])
+    net.load_state_dict(ckpt["state_dict"])
+    return net.eval(), config
+
+
+# ---------------------------------------------------------------------------
+# Sample and evaluate
+# ---------------------------------------------------------------------------
+
+def sample_text(net, config: dict, prompt: str, length: int, steps: int, *, num_samples: int = 1,
+                temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[str]:
+    """``num_samples`` texts: the prompt (kept as given) then ``length`` characters written in K = steps steps."""
+    import torch
+
+    from components.models.mdlm import MaskedDiffusion
+    from components.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(config["vocab"])
+    prompt_ids = torch.from_numpy(tok.encode(prompt, strict=True))
+    if len(prompt_ids) + length > config["gpt"]["block_size"]:
+        raise MaskedLMFamilyError(f"sample.length: the prompt ({len(prompt_ids)}) plus {length} characters exceed "
+                                  f"the model's block_size={config['gpt']['block_size']}")
+    process = MaskedDiffusion(config["mask_id"], config["masked"]["eps"])
+    gen = torch.Generator().manual_seed(seed)
+    ids = process.sample(net, num_samples, length, steps, prompt=prompt_ids, temperature=temperature,
+                         top_k=top_k, generator=gen)
+    return [tok.decode(row) for row in ids]
+
+
+def _median_seconds(fn, repeats: int = TIMING_REPEATS) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def sweep_table(rows: list[dict[str, Any]], real_bpc: float, length: int) -> str:
+    lines = [f"| K | ms/char (one sequence of {length}) | sample n-gram bits/char |", "|---:|---:|---:|"]
+    lines += [f"| {r['steps']} | {r['ms_per_char']:.3f} | {r['sample_ngram_bpc']:.4f} |" for r in rows]
+    lines.append(f"| real test text | | {real_bpc:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
+    """Bound on bits/char, n-gram baselines, samples and the K sweep; write reports/<key>/."""
+    import torch
+
+    from components import data
+    from components.evaluation.text import KneserNey, ngram_baselines
+    from components.models.mdlm import MaskedDiffusion
+
+    root = Path(root)
+    m = params.model(key)
+    check_settings(key, m)
+    ks = k_sweep(m)
+    net, config = load_model(key, root)
+    _set_threads(m)
+    tok = _tokenizer({"vocab": config["vocab"]}, "")
+    train_ids = tok.encode(data.load_text(m.dataset, "train", root))
+    test_text = data.load_text(m.dataset, "test", root)
+    test_ids = tok.encode(test_text)
+    unknown = tok.unknown_chars(test_text)
+    block = config["gpt"]["block_size"]
+    process = MaskedDiffusion(config["mask_id"], config["masked"]["eps"])
+
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    bound, stderr = process.bits_per_char_bound(net, test_ids, block, draws=ELBO_DRAWS, seed=ELBO_SEED)
+    metrics["eval/bits_per_char"] = bound
+    metrics["eval/bits_per_char_is_upper_bound"] = 1.0
+    metrics["eval/bits_per_char_stderr"] = stderr
+    metrics["perf/eval_seconds"] = time.perf_counter() - t0
+    metrics["eval/unknown_chars"] = float(sum(unknown.values()))
+    metrics.update(ngram_baselines(train_ids, test_ids, tok.vocab_size, m.eval.ngram_orders))
+
+    s = m.sample
+    kw = dict(temperature=s.temperature, top_k=s.top_k, seed=m.train.seed)
+    texts = sample_text(net, config, s.prompt, s.length, s.steps, num_samples=max(1, m.eval.text_samples), **kw)
+    body = "".join(f"=== sample {i + 1} (K={s.steps}, temperature {s.temperature}, top_k {s.top_k}, "
+                   f"prompt {s.prompt!r}) ===\n{t}\n\n" for i, t in enumerate(texts))
+    _write_text(Path(root) / "reports" / key / "samples.txt", body)
+
+    # K sweep: speed of one sequence (as pydoc-gpt is timed) and an n-gram quality proxy of samples
+    lm = KneserNey(train_ids, SAMPLE_NGRAM_ORDER, tok.vocab_size)
+    L, n = s.length, max(1, m.eval.text_samples)
+    starts = np.linspace(0, max(len(test_ids) - L, 0), num=max(n, 16)).astype(np.int64)
+    real_bpc = float(np.mean([lm.bits_per_char(test_ids[a:a + L]) for a in starts]))
+    rows = []
+    with torch.no_grad():
+        sample_text(net, config, "", 8, 2, **kw)                               # warm-up
+        for K in sorted(set(ks) | {s.steps}):
+            secs = _median_seconds(lambda: sample_text(net, config, "", L, K, **kw))
+            free = sample_text(net, config, "", L, K, num_samples=n, **kw)
+            bpc = float(np.mean([lm.bits_per_char(tok.encode(t)) for t in free]))
+            rows.append({"steps": K, "ms_per_char": secs * 1e3 / L, "sample_ngram_bpc": bpc,
+                         "in_sweep": K in ks})
+    for r in rows:
+        if r["in_sweep"]:
+            metrics[f"perf/sample_ms_per_item_k{r['steps']}"] = r["ms_per_char"]
+            metrics[f"eval/sample_ngram_bpc_k{r['steps']}"] = r["sample_ngram_bpc"]
+        if r["steps"] == s.steps:
+            metrics["perf/sample_ms_per_item"] = r["ms_per_char"]
+            metrics["eval/sample_ngram_bpc"] = r["sample_ngram_bpc"]
+    metrics["baseline/real_sample_ngram_bpc"] = real_bpc
+
+    out = Path(root) / "reports" / key
+    _write_json(out / "sampling.json", {"length": L, "num_samples": n, "ngram_order": SAMPLE_NGRAM_ORDER,
+                                        "headline_steps": s.steps, "rows": rows, "real_sample_ngram_bpc": real_bpc})
+    _write_text(out / "sampling.md", f"# {key}: sampling speed and quality against K\n\n"
+                                     f"{sweep_table(rows, real_bpc, L)}")
+    _write_json(out / "details.json", {"unknown_test_chars": unknown, "test_chars": len(test_text),
+                                       "elbo_draws": ELBO_DRAWS, "elbo_seed": ELBO_SEED,
+                                       "elbo_steps": max(1, round(1 / config["masked"]["eps"])),
+                                       "window": block})
+    _write_json(out / "metrics.json", metrics)
+    return metrics
