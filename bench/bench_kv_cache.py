@@ -6,6 +6,7 @@ Uses the trained models/<key>/model.pt when present, else a freshly initialised 
 same shape (speed does not depend on the weights). Alternating repeats, medians.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_kv_cache.py [--model pydoc-gpt] [--tokens 256] [--repeats 5]
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_kv_cache.py --block-size 128 --n-embd 192   # a longer context
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="0: all cores")
+    ap.add_argument("--block-size", type=int, default=0,
+                    help="untrained network with this context instead (the cache pays more as it grows)")
+    ap.add_argument("--n-embd", type=int, default=0, help="with --block-size: this width instead")
     args = ap.parse_args()
 
     from components.config import load_params
@@ -39,15 +43,20 @@ def main() -> None:
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     ckpt = Path(args.root) / "models" / args.model / "model.pt"
-    if ckpt.exists():
+    if ckpt.exists() and not args.block_size:
         from components.families.transformer import load_model
 
         model, config = load_model(args.model, Path(args.root))
         source = str(ckpt)
     else:
+        import dataclasses
+
         torch.manual_seed(0)
-        model = GPT(load_params(args.params).model(args.model).gpt, 100).eval()
-        source = "random weights (no trained model found)"
+        shape = load_params(args.params).model(args.model).gpt
+        shape = dataclasses.replace(shape, block_size=args.block_size or shape.block_size,
+                                    n_embd=args.n_embd or shape.n_embd)
+        model = GPT(shape, 100).eval()
+        source = "random weights" + ("" if args.block_size else " (no trained model found)")
     c = model.config
     print(f"model: {args.model} ({source}); n_layer={c.n_layer} n_embd={c.n_embd} block_size={c.block_size}; "
           f"{args.tokens} new tokens, batch {args.batch}, threads {torch.get_num_threads()}")

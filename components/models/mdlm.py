@@ -2,8 +2,8 @@
 
 MDLM (Sahoo et al. 2024) and MD4 (Shi et al. 2024): the forward process replaces each token,
 independently, by a [MASK] token with probability t (linear schedule, alpha_t = 1 - t), so at
-t = 0 nothing is masked and at t = 1 everything is. A bidirectional transformer sees the
-partly masked sequence and predicts every position's token::
+t = 0 nothing is masked and at t = 1 everything is. A bidirectional transformer (rotary
+positions) sees the partly masked sequence and predicts every position's token::
 
     net = MaskedLM(GPTConfig(n_layer=4, n_head=4, n_embd=192, block_size=128), vocab_size=V + 1)
     logits = net(input_ids)    # (B, T) int64, id V is [MASK] -> (B, T, V): never predicts [MASK]

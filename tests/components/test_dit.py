@@ -1,4 +1,6 @@
 """DiT: adaLN-Zero starts as the identity, zero output at init, patches, the U-Net's call, the family."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from components.config import (DatasetConfig, DiffusionConfig, DiTConfig, EvalCo
 from components.models.diffusion import GaussianDiffusion
 from components.models.dit import DiT, DiTBlock, DiTConfigError, DiT_configs, count_params, modulate
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = DiTConfig(patch_size=2, width=16, depth=2, heads=2, mlp_ratio=2.0)
 
 
@@ -103,9 +106,13 @@ def test_bad_shapes_are_refused_in_one_line_naming_the_field(cfg, size, field):
 
 
 def test_named_sizes_and_the_digits_config_stay_near_the_unet():
-    assert set(DiT_configs) >= {"DiT-S/2"}
-    n = count_params(DiT(DiT_configs["DiT-S/2"], image_size=8, in_channels=1, num_classes=10))
-    assert 500_000 < n < 800_000          # digits-unet: 648k parameters
+    from components.config import load_params
+
+    digits = load_params(ROOT / "params.yaml").models["digits-dit"]
+    assert digits.backbone == "dit" and digits.family == "diffusion" and digits.enabled is False
+    assert digits.dit == DiT_configs["DiT-T/1"]
+    n = count_params(DiT(digits.dit, image_size=8, in_channels=1, num_classes=10))
+    assert 400_000 < n < 800_000          # digits-unet: 648k parameters
 
 
 # ---------------------------------------------------------------------------
