@@ -253,9 +253,9 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
 # Named sizes for small images (params.yaml can give any shape; these are starting points).
 # Parameters and training FLOPs per image on 8x8 digits (the U-Net: 0.65M, 90 MFLOPs).
 DiT_configs: dict[str, DiTConfig] = {
-    "DiT-T/1": DiTConfig(patch_size=1, width=64, depth=6, heads=4),    # 0.47M, 114 MFLOPs: digits-dit
+    "DiT-T/1": DiTConfig(patch_size=1, width=64, depth=6, heads=4),    # 0.47M, 114 MFLOPs: one token per pixel
     "DiT-S/1": DiTConfig(patch_size=1, width=96, depth=4, heads=4),    # 0.71M, 172 MFLOPs
-    "DiT-S/2": DiTConfig(patch_size=2, width=96, depth=4, heads=4),    # 0.71M, 44 MFLOPs: 2x2 patches, blurrier
+    "DiT-S/2": DiTConfig(patch_size=2, width=96, depth=4, heads=4),    # 0.71M, 44 MFLOPs: digits-dit
     "DiT-B/2": DiTConfig(patch_size=2, width=192, depth=6, heads=6),   # 4.1M
 }
 

@@ -110,7 +110,7 @@ def test_named_sizes_and_the_digits_config_stay_near_the_unet():
 
     digits = load_params(ROOT / "params.yaml").models["digits-dit"]
     assert digits.backbone == "dit" and digits.family == "diffusion" and digits.enabled is False
-    assert digits.dit == DiT_configs["DiT-T/1"]
+    assert digits.dit == DiT_configs["DiT-S/2"]
     n = count_params(DiT(digits.dit, image_size=8, in_channels=1, num_classes=10))
     assert 400_000 < n < 800_000          # digits-unet: 648k parameters
 
