@@ -197,6 +197,9 @@ def build_flow():
             out.parity = parity = stages.run_stage(params, "export", key, root)
             out.parity_max_abs = float(parity["max_abs"])
             tracking.log_parity(key, parity, root)
+            import mlflow  # the whole exported folder, so `genflow sample` finds model + config in one place
+
+            mlflow.log_artifacts(str(root / "exports" / key), "onnx")
         if not parity["passed"]:
             out.reason = (f"ONNX parity max abs error {parity['max_abs']:.3g} above tolerance "
                           f"{params.export.parity_atol:g}: not registered")

@@ -63,6 +63,11 @@ def test_flow_end_to_end_then_unchanged_rerun_trains_nothing(harness, workspace,
                              capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
 
+    from flows.cli import main
+    for spec, out in (("digits-unet@champion", "grid.png"), ("pydoc-gpt:1", "text.txt")):
+        assert main(["sample", spec, "-n", "1", "--out", str(root / out)]) == 0
+        assert (root / out).stat().st_size > 0
+
     again = _run(root, overrides)
     assert again["status"] == "completed"
     assert {m["status"] for m in again["models"].values()} == {"skipped"}
