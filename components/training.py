@@ -57,6 +57,11 @@ class TrainResult:
 # Pieces (small, pure where possible)
 # ---------------------------------------------------------------------------
 
+def set_threads(threads: int) -> None:
+    """Intra-op threads for evaluation and sampling: `threads`, or every core when 0."""
+    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+
+
 def step_seed(seed: int, step: int) -> int:
     """A well-spread 63-bit seed for one (run seed, step) pair."""
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import re
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from components import config as config_module
 from components.config import ModelConfig, Params, hash_json
+from components.data import write_json
 
 # backbone name -> (module, class, params section holding its shape, config dataclass)
 BACKBONES: dict[str, tuple[str, str, str, str]] = {
@@ -86,16 +86,8 @@ def model_to_unit(x: np.ndarray, levels: int) -> np.ndarray:
     return (np.round(unit * (levels - 1)) / (levels - 1)).astype(np.float32)
 
 
-def _set_threads(threads: int) -> None:
-    import torch
-    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def flops_per_item(net, diffusion, config: dict[str, Any], batch: int = 2) -> float:
@@ -168,7 +160,7 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
                "perf/flops_per_item": flops_per_item(net, diffusion, config),
                "perf/peak_rss_train_mb": mem.peak_mb,
                "perf/peak_rss_train_delta_mb": mem.delta_mb}
-    _write_json(out_dir / "train_metrics.json", metrics)
+    write_json(out_dir / "train_metrics.json", metrics)
     return metrics
 
 
@@ -260,7 +252,9 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     root = Path(root)
     mc = params.model(key)
     net, config = load_model(key, root)
-    _set_threads(mc.train.threads)
+    from components.training import set_threads
+
+    set_threads(mc.train.threads)
     n, s = mc.eval.num_samples, mc.sample
     labels = cycling_labels(n, config["num_classes"])
     sweep = [(name, *parse_sampler(name, config)) for name in mc.eval.sampler_sweep]  # refuse bad names first
@@ -301,7 +295,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
 
     out = root / "reports" / key
     save_grid(class_rows(samples, labels, config["num_classes"]), out / "samples.png", nrow=10)
-    _write_json(out / "sampling.json", {"num_samples": n, "guidance": s.guidance, "eta": s.eta,
+    write_json(out / "sampling.json", {"num_samples": n, "guidance": s.guidance, "eta": s.eta,
                                         "headline": {"sampler": s.sampler, "steps": s.steps},
                                         "samplers": rows,
                                         "baselines": baselines})
@@ -309,5 +303,5 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     tmp = out / f".sampling.md.{os.getpid()}.tmp"
     tmp.write_text(f"# {key}: sampling speed and quality ({n} images, guidance {s.guidance})\n\n{table}")
     os.replace(tmp, out / "sampling.md")
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics

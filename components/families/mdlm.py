@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from components.config import GPTConfig, ModelConfig, Params
+from components.data import write_json, write_text
 
 ELBO_DRAWS = 8                  # draws of t per test window for the bound (fixed seed)
 ELBO_SEED = 0
@@ -53,24 +54,10 @@ class MaskedLMFamilyError(ValueError):
 # Small helpers
 # ---------------------------------------------------------------------------
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
-def _set_threads(m: ModelConfig) -> None:
-    import torch
-
-    torch.set_num_threads(m.train.threads if m.train.threads > 0 else (os.cpu_count() or 1))
 
 
 def k_sweep(m: ModelConfig) -> list[int]:
@@ -186,7 +173,7 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
                "perf/train_steps": float(result.steps),
                "perf/params": float(net.num_params()),
                "perf/flops_per_item": flops_per_token(net, T)}   # per token, forward + backward
-    _write_json(out_dir / "train_metrics.json", metrics)
+    write_json(out_dir / "train_metrics.json", metrics)
     return metrics
 
 
@@ -262,7 +249,9 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     check_settings(key, m)
     ks = k_sweep(m)
     net, config = load_model(key, root)
-    _set_threads(m)
+    from components.training import set_threads
+
+    set_threads(m.train.threads)
     tok = _tokenizer({"vocab": config["vocab"]}, "")
     train_ids = tok.encode(data.load_text(m.dataset, "train", root))
     test_text = data.load_text(m.dataset, "test", root)
@@ -286,7 +275,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     texts = sample_text(net, config, s.prompt, s.length, s.steps, num_samples=max(1, m.eval.text_samples), **kw)
     body = "".join(f"=== sample {i + 1} (K={s.steps}, temperature {s.temperature}, top_k {s.top_k}, "
                    f"prompt {s.prompt!r}) ===\n{t}\n\n" for i, t in enumerate(texts))
-    _write_text(Path(root) / "reports" / key / "samples.txt", body)
+    write_text(Path(root) / "reports" / key / "samples.txt", body)
 
     # K sweep: speed of one sequence (as pydoc-gpt is timed) and an n-gram quality proxy of samples
     lm = KneserNey(train_ids, SAMPLE_NGRAM_ORDER, tok.vocab_size)
@@ -312,13 +301,13 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     metrics["baseline/real_sample_ngram_bpc"] = real_bpc
 
     out = Path(root) / "reports" / key
-    _write_json(out / "sampling.json", {"length": L, "num_samples": n, "ngram_order": SAMPLE_NGRAM_ORDER,
+    write_json(out / "sampling.json", {"length": L, "num_samples": n, "ngram_order": SAMPLE_NGRAM_ORDER,
                                         "headline_steps": s.steps, "rows": rows, "real_sample_ngram_bpc": real_bpc})
-    _write_text(out / "sampling.md", f"# {key}: sampling speed and quality against K\n\n"
+    write_text(out / "sampling.md", f"# {key}: sampling speed and quality against K\n\n"
                                      f"{sweep_table(rows, real_bpc, L)}")
-    _write_json(out / "details.json", {"unknown_test_chars": unknown, "test_chars": len(test_text),
+    write_json(out / "details.json", {"unknown_test_chars": unknown, "test_chars": len(test_text),
                                        "elbo_draws": ELBO_DRAWS, "elbo_seed": ELBO_SEED,
                                        "elbo_steps": max(1, round(1 / config["masked"]["eps"])),
                                        "window": block})
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics

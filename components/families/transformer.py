@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from components.config import GPTConfig, ModelConfig, Params
+from components.data import write_json, write_text
 
 TEXT_EVAL_STRIDE_DIVISOR = 4  # bits/char windows start every block_size // 4 characters
 TIMING_REPEATS = 3            # sampling-speed measurements: median of this many runs
@@ -58,24 +59,10 @@ def _report_dir(key: str, root: Path) -> Path:
     return Path(root) / "reports" / key
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
-def _set_threads(m: ModelConfig) -> None:
-    import torch
-
-    torch.set_num_threads(m.train.threads if m.train.threads > 0 else (os.cpu_count() or 1))
 
 
 def _check_transformer(key: str, m: ModelConfig) -> None:
@@ -216,7 +203,7 @@ def train(key: str, params: Params, root: Path) -> dict:
         "perf/peak_rss_train_mb": mem.peak_mb,
         "perf/peak_rss_train_delta_mb": mem.delta_mb,
     }
-    _write_json(out_dir / "train_metrics.json", metrics)
+    write_json(out_dir / "train_metrics.json", metrics)
     return metrics
 
 
@@ -385,15 +372,17 @@ def evaluate(key: str, params: Params, root: Path) -> dict:
     root = Path(root)
     m = params.model(key)
     _check_transformer(key, m)
-    _set_threads(m)
+    from components.training import set_threads
+
+    set_threads(m.train.threads)
     model, config = load_model(key, root)
     if config["kind"] == "text":
         metrics, details = _evaluate_text(key, m, model, config, root)
     else:
         metrics, details = _evaluate_images(key, m, model, config, root)
     out = _report_dir(key, root)
-    _write_json(out / "metrics.json", metrics)
-    _write_json(out / "details.json", details)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "details.json", details)
     return metrics
 
 
@@ -428,7 +417,7 @@ def _evaluate_text(key: str, m: ModelConfig, model, config: dict, root: Path) ->
     metrics["perf/peak_rss_sample_delta_mb"] = mem.delta_mb
     body = "".join(f"=== sample {i + 1} (temperature {s.temperature}, top_k {s.top_k}, prompt {s.prompt!r}) ===\n"
                    f"{t}\n\n" for i, t in enumerate(texts))
-    _write_text(_report_dir(key, root) / "samples.txt", body)
+    write_text(_report_dir(key, root) / "samples.txt", body)
 
     # Sampling speed: one sequence of `length` new characters, with and without the KV cache.
     with torch.no_grad():
