@@ -21,13 +21,17 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+
+import yaml
 
 from components.config import Params, hash_json
 
@@ -46,12 +50,19 @@ class TrackingUnavailable(TrackingError):
     """The MLflow tracking server did not answer; the message names the URI."""
 
 
+class TrackingAuthError(TrackingError):
+    """The MLflow tracking server refused the credentials (HTTP 401/403); retrying cannot help."""
+
+
 # ---------------------------------------------------------------------------
 # Where runs go
 # ---------------------------------------------------------------------------
 
 def tracking_uri(root: Path, params: Optional[Params] = None) -> str:
-    """MLFLOW_TRACKING_URI if set, else params' tracking.tracking_uri, else SQLite under <root>/.genflow/."""
+    """MLFLOW_TRACKING_URI if set, else params' tracking.tracking_uri, else SQLite under <root>/.genflow/.
+
+    The URI is returned as configured and may carry credentials: show it with `redact`.
+    """
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
@@ -64,7 +75,19 @@ def tracking_uri(root: Path, params: Optional[Params] = None) -> str:
 
 def is_server(uri: str) -> bool:
     """True for a tracking server reached over HTTP (it decides where artifacts go)."""
-    return uri.startswith(("http://", "https://", "databricks"))
+    return uri.strip().lower().startswith(("http://", "https://", "databricks"))
+
+
+# The user:password@ part of any URL in a text (greedy: a password may hold a raw '@')
+_USERINFO = re.compile(r"(?<=://)[^/\s?#]*@")
+
+
+def redact(text: Any) -> str:
+    """Hide credentials in the URLs of a text: 'http://me:secret@host:5000' -> 'http://***@host:5000'.
+
+    For anything a person or MLflow may see: params, tags, log lines, error messages.
+    """
+    return _USERINFO.sub("***@", str(text))
 
 
 def artifact_root(root: Path) -> Path:
@@ -102,13 +125,28 @@ def _tries() -> int:
 def check_tracking(root: Path, params: Optional[Params] = None) -> str:
     """Point MLflow at this project's store and make sure it answers; returns the URI.
 
+    Credentials in a server URI (``http://user:password@host``) move to MLFLOW_TRACKING_USERNAME
+    and MLFLOW_TRACKING_PASSWORD (those win when already set) and MLflow gets the URI without
+    them, so they appear in no log line ("View run at ...") or error; the URI returned has none.
     A server is probed with exponential backoff (GENFLOW_TRACKING_RETRIES tries, at most ~30 s
-    in all); when it never answers, raises `TrackingUnavailable` naming the URI.
+    in all); when it never answers, raises `TrackingUnavailable` naming the URI. A server that
+    refuses the credentials (HTTP 401/403) raises `TrackingAuthError` at once: a retry cannot help.
     """
     import mlflow
 
-    uri = tracking_uri(root, params)
     env = os.environ.get("MLFLOW_TRACKING_URI")
+    setting = "MLFLOW_TRACKING_URI" if (env or "").strip() else "tracking.tracking_uri"  # where the URI came from
+    uri = tracking_uri(root, params)
+    parts = urllib.parse.urlsplit(uri)
+    if is_server(uri) and "@" in parts.netloc:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(user))
+        if password:
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(password))
+        uri = urllib.parse.urlunsplit(parts._replace(netloc=host))
+        if setting == "MLFLOW_TRACKING_URI":
+            os.environ["MLFLOW_TRACKING_URI"] = uri  # what child processes inherit: no secret either
     mlflow.set_tracking_uri(uri)
     # MLflow also exports the URI to MLFLOW_TRACKING_URI; undo that, or it would look user-set
     # and shadow the default store of another root later in this process.
@@ -122,13 +160,20 @@ def check_tracking(root: Path, params: Optional[Params] = None) -> str:
             with _quick_http():
                 mlflow.MlflowClient(uri).search_experiments(max_results=1)
             return uri
-        except Exception:  # refused, timed out, 5xx: all mean "not usable now"
+        except Exception as e:  # refused, timed out, 5xx: all mean "not usable now"
+            status = e.get_http_status_code() if hasattr(e, "get_http_status_code") else None
+            if status in (401, 403):
+                what = "refused the credentials" if status == 401 else "denied this user access"
+                raise TrackingAuthError(
+                    f"MLflow at {redact(uri)} {what} (HTTP {status}); check MLFLOW_TRACKING_USERNAME and "
+                    f"MLFLOW_TRACKING_PASSWORD (or the user:password@ part of {setting})") from None
             delay = 0.5 * 2 ** (attempt - 1)
             if attempt == tries or time.monotonic() - start + delay + PROBE_TIMEOUT_S > RETRY_BUDGET_S:
                 break
             time.sleep(delay)
-    raise TrackingUnavailable(f"cannot reach MLflow at {uri} after {attempt} {'try' if attempt == 1 else 'tries'}; "
-                              "start the server or set MLFLOW_TRACKING_URI")
+    raise TrackingUnavailable(f"cannot reach MLflow at {redact(uri)} after {attempt} "
+                              f"{'try' if attempt == 1 else 'tries'}; start the server or set {setting}"
+                              + ("" if setting.startswith("MLFLOW") else " in params.yaml"))
 
 
 def ensure_experiment(client: Any, name: str, uri: str, root: Path) -> str:
@@ -155,13 +200,16 @@ def ensure_experiment(client: Any, name: str, uri: str, root: Path) -> str:
 # ---------------------------------------------------------------------------
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
-    """{'train': {'lr': 0.002}} -> {'train.lr': '0.002'}; lists as JSON; values cut to MLflow's limit."""
+    """{'train': {'lr': 0.002}} -> {'train.lr': '0.002'}; lists as JSON; values cut to MLflow's limit.
+
+    Credentials in URLs are redacted (`redact`): params are shown to everyone who sees the run.
+    """
     out: dict[str, str] = {}
     if isinstance(node, Mapping):
         for k, v in node.items():
             out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
-    text = node if isinstance(node, str) else json.dumps(node)
+    text = redact(node if isinstance(node, str) else json.dumps(node))
     if len(text) > MAX_PARAM_CHARS:
         text = text[:MAX_PARAM_CHARS - 3] + "..."
     out[prefix] = text
@@ -186,7 +234,8 @@ def model_params(params: Params, key: str) -> dict[str, str]:
 
 
 def pipeline_params(params: Params, models: Iterable[str]) -> dict[str, str]:
-    """Pipeline-wide sections (promotion, export, schedule, ...) and the models in the run."""
+    """Pipeline-wide sections (promotion, export, schedule, tracking, ...) and the models in the run;
+    a URL's credentials (tracking.tracking_uri, storage.dvc_remote) show as ``***``."""
     raw = params.to_dict()
     out = {"models": ",".join(models)}
     for section, value in raw.items():
@@ -195,19 +244,37 @@ def pipeline_params(params: Params, models: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def git_state(root: Path) -> tuple[str, str]:
-    """(commit, dirty) of the repository holding root; ("unknown", "unknown") outside one."""
-    def git(*args: str) -> Optional[str]:
-        try:
-            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return r.stdout if r.returncode == 0 else None
+# Files whose changes do not make a run unreproducible: DVC's record of the data (the data's
+# hashes are in the lineage) and params.yaml (each model run logs the params it used).
+_NOT_DIRTY = {"dvc.lock", "params.yaml"}
 
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain")
-    return ((commit or "").strip() or "unknown",
-            "unknown" if status is None else str(bool(status.strip())).lower())
+
+def git_changes(root: Path) -> Optional[list[str]]:
+    """Paths with uncommitted changes (untracked included), except dvc.lock and params.yaml;
+    None outside a git repository."""
+    try:
+        r = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--no-renames"],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    paths = [line[3:].strip().strip('"') for line in r.stdout.splitlines() if len(line) > 3]
+    return [p for p in paths if p not in _NOT_DIRTY]
+
+
+def git_state(root: Path) -> tuple[str, str]:
+    """(commit, dirty) of the repository holding root; ("unknown", "unknown") outside one.
+
+    dirty is "true" when code or other tracked files differ from the commit (see git_changes)."""
+    try:
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                           timeout=20)
+        commit = r.stdout.strip() if r.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    changes = git_changes(root)
+    return (commit or "unknown", "unknown" if changes is None else str(bool(changes)).lower())
 
 
 def _dist_version(*names: str) -> str:
@@ -254,6 +321,8 @@ def lineage_tags(root: Path, params: Optional[Params] = None, key: Optional[str]
         "genflow.version.onnxruntime": _dist_version("onnxruntime", "onnxruntime-gpu"),
         "genflow.version.mlflow": _dist_version("mlflow", "mlflow-skinny"),
     }
+    if dirty == "true":
+        tags["genflow.git_dirty_files"] = ", ".join(git_changes(root) or [])[:2000]
     tags.update(_data_hash_tags(data_hashes))
     if params is not None and key is not None:
         m = params.model(key)
@@ -401,7 +470,24 @@ def model_run(key: str, params: Params, root: Path, parent_run_id: Optional[str]
     with mlflow.start_run(experiment_id=exp_id, run_name=key, parent_run_id=parent_id,
                           nested=nested, tags=tags) as run:
         mlflow.log_params(model_params(params, key))
+        mlflow.log_text(yaml.safe_dump(run_params(params, key), sort_keys=False), PARAMS_ARTIFACT)
         yield run
+
+
+PARAMS_ARTIFACT = "lineage/params.yaml"
+
+
+def run_params(params: Params, key: str) -> dict:
+    """The params a model run used, as a loadable params.yaml (overrides and --quick applied):
+    its model, its dataset and the shared sections; never the tracking URI or storage settings,
+    which may carry credentials and do not change the model."""
+    raw = params.to_dict()
+    m = params.model(key)
+    raw["models"] = {key: raw["models"][key]}
+    raw["datasets"] = {m.dataset: raw["datasets"][m.dataset]}
+    raw.pop("tracking", None)
+    raw.pop("storage", None)
+    return raw
 
 
 # ---------------------------------------------------------------------------
@@ -457,7 +543,7 @@ def log_model_artifacts(key: str, root: Path, params: Optional[Params] = None,
     reports/<key>/ (samples.png, samples.txt, metrics.json, tables) -> reports/
     data/validation/<dataset>.json                                  -> validation/
     exports/<key>/parity.json                                       -> export/
-    models/<key>/model.pt, train_metrics.json                       -> checkpoint/
+    models/<key>/model.pt, train_metrics.json, schedule.json        -> checkpoint/
     Missing files are skipped. Returns the artifact paths written.
     """
     import mlflow
@@ -473,8 +559,15 @@ def log_model_artifacts(key: str, root: Path, params: Optional[Params] = None,
     if dataset:
         logged += log_files([root / "data" / "validation" / f"{dataset}.json"], "validation", rid)
     logged += log_files([root / "exports" / key / "parity.json"], "export", rid)
-    logged += log_files([root / "models" / key / "model.pt", root / "models" / key / "train_metrics.json"],
+    model_dir = root / "models" / key
+    logged += log_files([model_dir / "model.pt", model_dir / "train_metrics.json", model_dir / "schedule.json"],
                         "checkpoint", rid)
+    try:  # how training ran: what `genflow reproduce` must repeat
+        schedule = json.loads((model_dir / "schedule.json").read_text())
+        mlflow.MlflowClient().set_tag(rid, "genflow.train_threads", str(schedule["threads"]))
+        mlflow.MlflowClient().set_tag(rid, "genflow.train_steps", str(schedule["steps"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     return logged
 
 

@@ -8,7 +8,13 @@ Determinism: step k draws its batch and noise from a fresh ``torch.Generator`` s
 checkpoint at step k ends with the same weights as an uninterrupted one. The cosine schedule
 follows whichever budget binds first: steps (reproducible) or wall-clock seconds (the schedule,
 and where training stops, then depend on the machine's speed; set ``max_seconds: 0`` for
-bit-reproducible runs).
+bit-reproducible runs, or replay a recorded schedule, below).
+
+Replay: every run writes the learning rate it used at each step, with its thread count, to
+``out_dir/schedule.json``. With ``GENFLOW_REPLAY_SCHEDULE`` naming such a file, training uses those
+rates and stops after that many steps, whatever the clock says: a wall-clock-budgeted run is then
+repeated bit for bit on any machine (same seed, threads and library versions), which is what
+``genflow reproduce`` does.
 
 Several processes (``cfg.processes > 1``, started by torchrun; see components.distributed): the
 model is wrapped in DistributedDataParallel, every rank draws the same global batch from the
@@ -40,6 +46,8 @@ from components import distributed
 from components.config import TrainConfig
 
 CKPT_NAME = "last.pt"
+SCHEDULE_NAME = "schedule.json"
+REPLAY_ENV = "GENFLOW_REPLAY_SCHEDULE"
 
 
 @dataclass
@@ -51,6 +59,7 @@ class TrainResult:
     items_per_s: float
     resumed_from: Optional[int]     # step of the checkpoint this run resumed from, if any
     losses: list[float] = field(default_factory=list)  # one mean per log window
+    lrs: list[float] = field(default_factory=list)     # the learning rate of every step (schedule.json)
 
 
 # ---------------------------------------------------------------------------
@@ -74,6 +83,28 @@ def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     p = min(max(progress, 0.0), 1.0)
     cosine = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
     return cfg.lr * warm * cosine
+
+
+def load_replay(path: Optional[str] = None) -> Optional[list[float]]:
+    """The per-step learning rates of a recorded schedule.json (GENFLOW_REPLAY_SCHEDULE), or None."""
+    path = path if path is not None else os.environ.get(REPLAY_ENV, "")
+    if not path:
+        return None
+    try:
+        lrs = json.loads(Path(path).read_text())["lrs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{REPLAY_ENV}={path}: not a readable schedule.json ({e}); "
+                         "unset it to train on the params' own budget") from None
+    if not lrs:
+        raise ValueError(f"{REPLAY_ENV}={path}: the schedule has no steps")
+    return [float(x) for x in lrs]
+
+
+def write_schedule(path: Path, lrs: list[float], threads: int, processes: int) -> None:
+    """The learning rate of every step and how many threads ran them (what a replay needs)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"steps": len(lrs), "threads": threads, "processes": processes, "lrs": lrs}))
+    os.replace(tmp, path)
 
 
 def budget_progress(step: int, seconds: float, cfg: TrainConfig) -> float:
@@ -164,6 +195,8 @@ def train(model: torch.nn.Module,
         raise ValueError(f"train.max_steps: must be at least 1, got {cfg.max_steps}")
     world = distributed.join(model)   # rank 0 of 1, unless started by torchrun with WORLD_SIZE > 1
     torch.set_num_threads(world.threads(cfg.threads))
+    torch.use_deterministic_algorithms(True, warn_only=True)   # same seed, same threads -> same weights
+    replay = load_replay()
     ckpt_path = Path(out_dir) / "ckpt" / CKPT_NAME
 
     def log(msg: str) -> None:
@@ -173,7 +206,7 @@ def train(model: torch.nn.Module,
     ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
     opt = make_optimizer(model, cfg)
     fp = run_fingerprint(model, cfg, fingerprint)
-    step, seconds_before, items, losses, loss_steps = 0, 0.0, 0, [], []
+    step, seconds_before, items, losses, loss_steps, lrs = 0, 0.0, 0, [], [], []
     resumed_from = None
 
     # rank 0 reads the checkpoint and sends it to the others: every rank resumes from the same state
@@ -185,6 +218,7 @@ def train(model: torch.nn.Module,
         opt.load_state_dict(state["optimizer"])
         step, seconds_before, items, losses = state["step"], state["seconds"], state["items"], list(state["losses"])
         loss_steps = list(state.get("loss_steps", []))
+        lrs = list(state.get("lrs", []))
         resumed_from = step
         log(f"resuming from {ckpt_path} at step {step}")
         if state.get("processes", 1) != world.size:
@@ -203,7 +237,12 @@ def train(model: torch.nn.Module,
     def clock() -> float:  # elapsed(), as rank 0 sees it when the clock drives the schedule or the stop
         return world.agree(elapsed()) if cfg.max_seconds > 0 else elapsed()
 
+    if replay is not None:
+        log(f"replaying the recorded schedule of {len(replay)} steps ({REPLAY_ENV})")
+
     def out_of_budget(seconds: float) -> bool:
+        if replay is not None:
+            return step >= len(replay)
         return step >= cfg.max_steps or (cfg.max_seconds > 0 and seconds >= cfg.max_seconds)
 
     def checkpoint(finished: bool) -> None:
@@ -212,7 +251,7 @@ def train(model: torch.nn.Module,
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
             "optimizer": opt.state_dict(), "step": step, "seconds": elapsed(), "items": items,
-            "losses": losses, "loss_steps": loss_steps, "finished": finished, "fingerprint": fp,
+            "losses": losses, "loss_steps": loss_steps, "lrs": lrs, "finished": finished, "fingerprint": fp,
             "processes": world.size})
 
     window: list[float] = []
@@ -227,7 +266,8 @@ def train(model: torch.nn.Module,
             torch.manual_seed(step_seed(cfg.seed + 1, step))
         else:  # dropout differs between ranks, as it does between the rows of one batch
             torch.manual_seed(distributed.rank_seed(cfg.seed + 1, step, world.rank))
-        lr = lr_at(step, budget_progress(step, seconds, cfg), cfg)
+        lr = replay[step] if replay is not None else lr_at(step, budget_progress(step, seconds, cfg), cfg)
+        lrs.append(lr)
         for group in opt.param_groups:
             group["lr"] = lr
 
@@ -257,10 +297,11 @@ def train(model: torch.nn.Module,
             loss_steps.append(step)
             if world.main:
                 _mlflow_log("train/loss", mean, step)
-            left = (cfg.max_steps - step) * items_per_batch / max(rate, 1e-9)
-            if cfg.max_seconds > 0:
+            total = len(replay) if replay is not None else cfg.max_steps
+            left = (total - step) * items_per_batch / max(rate, 1e-9)
+            if cfg.max_seconds > 0 and replay is None:
                 left = min(left, cfg.max_seconds - seconds)
-            log(f"step {step}/{cfg.max_steps} | loss {mean:.4f} | lr {lr:.2e} | "
+            log(f"step {step}/{total} | loss {mean:.4f} | lr {lr:.2e} | "
                 f"{rate:.0f} items/s | ETA {_fmt_seconds(left)}")
             window, t_window, step_window = [], now, step
         if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and not last:
@@ -269,9 +310,11 @@ def train(model: torch.nn.Module,
     del net   # drop DDP's gradient hooks before the model is handed back
     seconds = elapsed()
     checkpoint(finished=True)
+    if world.main:
+        write_schedule(Path(out_dir) / SCHEDULE_NAME, lrs, torch.get_num_threads(), world.size)
     result = TrainResult(steps=step, seconds=seconds, items=items,
                          final_loss=losses[-1] if losses else float("nan"),
                          items_per_s=items / seconds if seconds > 0 else 0.0,
-                         resumed_from=resumed_from, losses=losses)
+                         resumed_from=resumed_from, losses=losses, lrs=lrs)
     model.eval()
     return (ema if ema is not None else model), result

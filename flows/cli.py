@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from components.config import Params, ParamsError, load_params
+from components.config import Params, load_params
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", dest="run_id", default=None, help="pipeline (parent) run id; default: the latest")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="also retrain each model with seeds 0..N-1 at the quick budget (spread over seeds)")
+
+    p = sub.add_parser("reproduce", help="rebuild a registered version from its lineage and compare (never moves aliases)")
+    _common(p)
+    p.add_argument("model", metavar="MODEL[@alias|:version]", help="e.g. digits-unet@champion or pydoc-gpt:3")
+    p.add_argument("--atol", type=float, default=1e-6, help="largest weight difference still 'equal within tolerance'")
+    p.add_argument("--rtol", type=float, default=1e-4, help="largest relative metric difference, likewise")
+    p.add_argument("--keep", default=None, metavar="DIR", help="copy the rebuilt models/ reports/ exports/ here")
 
     p = sub.add_parser("schedule", help="serve the retrain flow on a cron schedule (needs PREFECT_API_URL)")
     _common(p)
@@ -151,6 +158,15 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from components.reproduce import DIFFERENT, format_verdict, reproduce
+
+    verdict = reproduce(args.model, Path.cwd(), _load(args), atol=args.atol, rtol=args.rtol,
+                        keep=Path(args.keep).resolve() if args.keep else None)
+    print(format_verdict(verdict))
+    return 2 if verdict.verdict == DIFFERENT else 0
+
+
 def cmd_schedule(args) -> int:
     from flows.retrain import serve_schedule
 
@@ -161,10 +177,10 @@ def cmd_schedule(args) -> int:
 def cmd_ui(args) -> int:
     import subprocess
 
-    from components.tracking import tracking_uri
+    from components.tracking import redact, tracking_uri
 
     uri = tracking_uri(Path.cwd())
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {redact(uri)} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", args.host, "--port", str(args.port)]
     try:
@@ -176,7 +192,7 @@ def cmd_ui(args) -> int:
 COMMANDS = {
     "run": cmd_run, "stage": cmd_stage, "models": cmd_models, "promote": cmd_promote,
     "rollback": cmd_rollback, "sample": cmd_sample, "compare": cmd_compare,
-    "schedule": cmd_schedule, "ui": cmd_ui,
+    "reproduce": cmd_reproduce, "schedule": cmd_schedule, "ui": cmd_ui,
 }
 
 

@@ -115,8 +115,13 @@ def test_lineage_tags_outside_and_inside_a_git_repository(tmp_path):
         subprocess.run(["git", "-C", str(repo), *cmd], check=True, capture_output=True)
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert tracking.git_state(repo) == (head, "false")
+    # the data's DVC record and params.yaml are in the lineage already: they do not make a run dirty
+    (repo / "dvc.lock").write_text("stages: {}")
+    (repo / "params.yaml").write_text("models: {}")
+    assert tracking.git_state(repo) == (head, "false")
     (repo / "a.txt").write_text("changed")
     assert tracking.git_state(repo) == (head, "true")
+    assert tracking.git_changes(repo) == ["a.txt"]
 
 
 def test_bad_retry_setting_is_one_clear_line(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The shared training loop: exact resume, EMA, schedule, budgets, checkpoints, logging."""
+import json
 import sys
 import time
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from components.config import TrainConfig
-from components.training import CKPT_NAME, TrainResult, lr_at, train
+from components.training import CKPT_NAME, REPLAY_ENV, SCHEDULE_NAME, TrainResult, lr_at, train
 
 DATA = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
 
@@ -152,3 +153,25 @@ def test_threads_follow_the_config(tmp_path):
     finally:
         torch.set_num_threads(before)
 
+
+
+def test_a_recorded_schedule_replays_a_wall_clock_run_bit_for_bit(tmp_path, monkeypatch):
+    """A time-budgeted run stops wherever the clock says; replaying its schedule.json stops at
+    the same step with the same learning rates, so the weights are identical."""
+    slow = lambda step, gen: (time.sleep(0.01), get_batch(step, gen))[1]  # noqa: E731
+    timed = cfg(max_steps=100_000, max_seconds=0.3, checkpoint_every=0)
+    first_model, first = train(make_model(), slow, loss_fn, timed, tmp_path / "a", items_per_batch=8)
+    record = json.loads((tmp_path / "a" / SCHEDULE_NAME).read_text())
+    assert record["steps"] == first.steps == len(first.lrs) == len(record["lrs"])
+    assert record["threads"] == 1 and record["lrs"] == first.lrs
+    # the cosine followed the clock: the last rate is near the floor although few of 100k steps ran
+    assert first.steps < 1000 and record["lrs"][-1] < 0.2 * timed.lr
+
+    monkeypatch.setenv(REPLAY_ENV, str(tmp_path / "a" / SCHEDULE_NAME))
+    again_model, again = train(make_model(), get_batch, loss_fn, timed, tmp_path / "b", items_per_batch=8)
+    assert again.steps == first.steps and again.lrs == first.lrs
+    assert_same_weights(first_model, again_model)
+
+    monkeypatch.setenv(REPLAY_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match=f"{REPLAY_ENV}=.*missing.json: not a readable schedule.json"):
+        train(make_model(), get_batch, loss_fn, timed, tmp_path / "c", items_per_batch=8)
