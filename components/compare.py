@@ -21,14 +21,14 @@ import html
 import io
 import json
 import math
-import os
 import re
-import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from components.files import replaced_dir
 
 
 class CompareError(ValueError):
@@ -1063,22 +1063,10 @@ def write_report(report: Report, out_dir: Path) -> Path:
     sees the old report or the new one, never half of one. Returns out_dir.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-    for d in (tmp, old):
-        shutil.rmtree(d, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with replaced_dir(out_dir) as tmp:
         for name, png in report.plots.items():
             (tmp / name).write_bytes(png)
         (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")
         (tmp / "report.html").write_text(render_html(report), encoding="utf-8")
         (tmp / "compare.json").write_text(json.dumps(report_json(report), indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out_dir

@@ -20,7 +20,6 @@ leaves data/raw and data/prepared as they were.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -29,15 +28,15 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
 from components.config import DatasetConfig, SplitConfig
+from components.files import replaced_dir, write_json
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -76,18 +75,6 @@ def tree_md5s(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): file_md5(p) for p in files}
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file beside it, then os.replace)."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez with fixed zip timestamps, so the same arrays always give the same bytes (DVC hashes)."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -98,28 +85,6 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             zf.writestr(info, buf.getvalue())
-
-
-@contextlib.contextmanager
-def _replaced_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside target; on success it replaces target, on error it vanishes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-        if target.exists():
-            os.rename(target, old)  # a non-empty folder cannot be os.replace'd in one step
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old.exists():
-                os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def display_path(path: Path, root: str | Path) -> str:
@@ -289,7 +254,7 @@ def ingest(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
     """
     kind, value = parse_source(name, cfg, root)
     target = raw_dir(name, root)
-    with _replaced_dir(target) as tmp:
+    with replaced_dir(target) as tmp:
         if kind == "builtin" and value == "digits":
             images, labels, classes = load_digits_arrays()
             save_npz(tmp / "images.npz", images=images, labels=labels, classes=np.array(classes),
@@ -550,7 +515,7 @@ def prepare(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
     manifest = {"name": name, "kind": cfg.kind, "source": cfg.source,
                 "raw_fingerprint": dataset_fingerprint(name, root),
                 "split": {"val": cfg.split.val, "test": cfg.split.test, "seed": cfg.split.seed}}
-    with _replaced_dir(target) as tmp:
+    with replaced_dir(target) as tmp:
         if cfg.kind == "image":
             manifest.update(_prepare_images(name, cfg, root, tmp))
         else:

@@ -42,8 +42,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from components import distributed
+from components import distributed, interrupt
 from components.config import TrainConfig
+from components.files import atomic_file, write_json
 
 CKPT_NAME = "last.pt"
 SCHEDULE_NAME = "schedule.json"
@@ -102,9 +103,7 @@ def load_replay(path: Optional[str] = None) -> Optional[list[float]]:
 
 def write_schedule(path: Path, lrs: list[float], threads: int, processes: int) -> None:
     """The learning rate of every step and how many threads ran them (what a replay needs)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"steps": len(lrs), "threads": threads, "processes": processes, "lrs": lrs}))
-    os.replace(tmp, path)
+    write_json(path, {"steps": len(lrs), "threads": threads, "processes": processes, "lrs": lrs}, indent=None)
 
 
 def budget_progress(step: int, seconds: float, cfg: TrainConfig) -> float:
@@ -144,10 +143,8 @@ def run_fingerprint(model: torch.nn.Module, cfg: TrainConfig, extra: str = "") -
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_resumable(path: Path, fingerprint: str, log: Callable[[str], None]) -> Optional[dict]:
@@ -260,6 +257,10 @@ def train(model: torch.nn.Module,
     model.train()
     seconds = clock()
     while not out_of_budget(seconds):
+        if interrupt.stop_requested():   # Ctrl-C: keep what was learnt, resume next time
+            checkpoint(finished=False)
+            log(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; the next run resumes from it")
+            raise interrupt.Interrupted(f"{name or 'training'} interrupted at step {step}")
         # fresh randomness per step: resume at step k replays exactly what step k would have drawn
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
         if world.size == 1:

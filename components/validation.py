@@ -31,8 +31,9 @@ import numpy as np
 from components.config import DatasetConfig
 from components.data import (
     MAX_ASPECT, DataError, RawImages, RawText, display_path, image_array, raw_dir, read_raw_images,
-    read_raw_text, split_indices, unit_documents, write_json, write_text,
+    read_raw_text, split_indices, unit_documents,
 )
+from components.files import write_json, write_text
 
 SHOWN_PER_RULE = 3   # offending files named per failed rule in the one-line error
 KEPT_PER_RULE = 20   # offending files kept per rule in the JSON summary (GX's partial list)

@@ -203,19 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    from components import interrupt
+
+    interrupt.install()   # Ctrl-C also stops training running in the flow's worker threads
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("genflow: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, FileNotFoundError, LookupError) as e:
-        # Every genflow error is written for people: one line, naming what and where.
-        if os.environ.get("GENFLOW_DEBUG"):
+    except Exception as e:
+        if interrupt.stop_requested():   # Ctrl-C also stopped the local Prefect server: not a new error
+            print("genflow: interrupted", file=sys.stderr)
+            return 130
+        if not isinstance(e, (ValueError, RuntimeError, FileNotFoundError, LookupError)) \
+                or os.environ.get("GENFLOW_DEBUG"):
             raise
+        # Every genflow error is written for people: one line, naming what and where.
         print(f"genflow {args.command}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
               file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

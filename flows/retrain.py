@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from components.config import Params, ParamsError, apply_quick, hash_json, load_params
+from components.files import write_json
 
 
 def configure_environment(root: Path) -> None:
@@ -284,7 +285,8 @@ def build_flow():
                     except Exception as e:
                         outcomes[k] = ModelOutcome(status="failed", reason=_one_line(e))
             summary = finish(params, root_p, keys, outcomes, time.perf_counter() - t0, data_ok)
-            tracking.log_summary(summary, root_p)
+            if parent is not None:   # None when no model got past its data: nothing was tracked
+                tracking.log_summary(summary, root_p)
         return summary
 
     return retrain
@@ -346,10 +348,7 @@ def summary_table(summary: dict) -> str:
 
 
 def write_json_atomic(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+    write_json(path, doc, sort_keys=False)
 
 
 def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=False,
@@ -362,7 +361,7 @@ def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=Fa
     check_prefect_api()
     from components.tracking import check_tracking
 
-    check_tracking(root)
+    check_tracking(root, params)  # params' tracking_uri too: an absent server stops the run before any work
     retrain = build_flow()
     quiet_libraries()
     state = retrain(params_path=str(params_path), overrides=list(overrides or []), only=keys,

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from components.files import atomic_file
 
 METRICS = ("fd", "kid", "precision", "recall", "class_acc", "nn_ratio")
 REFERENCE_HIDDEN = 128
@@ -194,10 +195,8 @@ def load_reference(dataset: str, root: Path) -> Reference:
             net = ReferenceNet(z["w0"], z["b0"], z["w1"], z["b1"])
     else:
         net = fit_reference_net(train_x, y_tr)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, w0=net.w0, b0=net.b0, w1=net.w1, b1=net.b1)
-        os.replace(tmp, cache)
+        with atomic_file(cache) as tmp:
+            np.savez(tmp, w0=net.w0, b0=net.b0, w1=net.w1, b1=net.b1)
 
     ref = Reference(net=net, levels=levels, image_shape=tuple(x_tr.shape[1:]),
                     num_classes=len(manifest["classes"]),
@@ -377,8 +376,6 @@ def save_grid(samples: np.ndarray, path: Path, nrow: int = 10, cell: int = 32, p
         y0, x0 = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
         grid[y0:y0 + h * scale, x0:x0 + w * scale] = np.kron(img, np.ones((scale, scale)))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    Image.fromarray(np.round(grid * 255).astype(np.uint8), mode="L").save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(np.round(grid * 255).astype(np.uint8), mode="L").save(tmp)
     return path

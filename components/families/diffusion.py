@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import re
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 
 from components import config as config_module
 from components.config import ModelConfig, Params, hash_json
-from components.data import write_json
+from components.files import atomic_file, write_json, write_text
 
 # backbone name -> (module, class, params section holding its shape, config dataclass)
 BACKBONES: dict[str, tuple[str, str, str, str]] = {
@@ -147,10 +146,8 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
     if not distributed.is_main_process():   # several processes: rank 0 writes the model and metrics
         return {}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".model.pt.{os.getpid()}.tmp"
-    torch.save({"state_dict": ema_net.state_dict(), "config": config}, tmp)
-    os.replace(tmp, out_dir / "model.pt")
+    with atomic_file(out_dir / "model.pt") as tmp:
+        torch.save({"state_dict": ema_net.state_dict(), "config": config}, tmp)
 
     metrics = {"train/loss": result.final_loss,
                "perf/train_seconds": result.seconds,
@@ -300,8 +297,6 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
                                         "samplers": rows,
                                         "baselines": baselines})
     table = sampling_table(rows, baselines)
-    tmp = out / f".sampling.md.{os.getpid()}.tmp"
-    tmp.write_text(f"# {key}: sampling speed and quality ({n} images, guidance {s.guidance})\n\n{table}")
-    os.replace(tmp, out / "sampling.md")
+    write_text(out / "sampling.md", f"# {key}: sampling speed and quality ({n} images, guidance {s.guidance})\n\n{table}")
     write_json(out / "metrics.json", metrics)
     return metrics

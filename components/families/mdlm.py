@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import statistics
 import time
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from components.config import GPTConfig, ModelConfig, Params
-from components.data import write_json, write_text
+from components.files import atomic_file, write_json, write_text
 
 ELBO_DRAWS = 8                  # draws of t per test window for the bound (fixed seed)
 ELBO_SEED = 0
@@ -163,10 +162,8 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
     model, result = training.train(net, get_batch, loss_fn, m.train, out_dir, items_per_batch=B * T,
                                    name=key, fingerprint=fingerprint)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".model.pt.{os.getpid()}.tmp"
-    torch.save({"state_dict": model.state_dict(), "config": config}, tmp)
-    os.replace(tmp, out_dir / "model.pt")
+    with atomic_file(out_dir / "model.pt") as tmp:
+        torch.save({"state_dict": model.state_dict(), "config": config}, tmp)
     metrics = {"train/loss": result.final_loss,                  # NELBO in nats per token
                "perf/train_seconds": result.seconds,
                "perf/train_items_per_s": result.items_per_s,     # tokens per second

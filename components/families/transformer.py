@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from components.config import GPTConfig, ModelConfig, Params
-from components.data import write_json, write_text
+from components.files import atomic_file, write_json, write_text
 
 TEXT_EVAL_STRIDE_DIVISOR = 4  # bits/char windows start every block_size // 4 characters
 TIMING_REPEATS = 3            # sampling-speed measurements: median of this many runs
@@ -189,10 +188,8 @@ def train(key: str, params: Params, root: Path) -> dict:
         return {}
 
     flops = flops_per_token(model, T if kind == "text" else tokens_per_batch // B)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".model.pt.{os.getpid()}.tmp"
-    torch.save({"state_dict": model.state_dict(), "config": config}, tmp)
-    os.replace(tmp, out_dir / "model.pt")
+    with atomic_file(out_dir / "model.pt") as tmp:
+        torch.save({"state_dict": model.state_dict(), "config": config}, tmp)
     metrics = {
         "train/loss": result.final_loss,
         "perf/train_steps": float(result.steps),

@@ -175,3 +175,26 @@ def test_a_recorded_schedule_replays_a_wall_clock_run_bit_for_bit(tmp_path, monk
     monkeypatch.setenv(REPLAY_ENV, str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match=f"{REPLAY_ENV}=.*missing.json: not a readable schedule.json"):
         train(make_model(), get_batch, loss_fn, timed, tmp_path / "c", items_per_batch=8)
+
+
+def test_a_stop_request_checkpoints_and_the_next_run_resumes(tmp_path):
+    """Ctrl-C (components.interrupt) reaches the loop in any thread: it saves and stops."""
+    from components import interrupt
+
+    straight_model, _ = train(make_model(), get_batch, loss_fn, cfg(), tmp_path / "a", items_per_batch=8)
+
+    def stop_at_7(step, gen):
+        if step == 7:
+            interrupt.request_stop()
+        return get_batch(step, gen)
+
+    try:
+        with pytest.raises(KeyboardInterrupt, match="interrupted at step 8"):
+            train(make_model(), stop_at_7, loss_fn, cfg(checkpoint_every=0), tmp_path / "b", items_per_batch=8)
+    finally:
+        interrupt.reset()
+    state = torch.load(tmp_path / "b" / "ckpt" / CKPT_NAME, weights_only=True)
+    assert state["step"] == 8 and not state["finished"]
+    resumed_model, resumed = train(make_model(), get_batch, loss_fn, cfg(), tmp_path / "b", items_per_batch=8)
+    assert resumed.resumed_from == 8
+    assert_same_weights(straight_model, resumed_model)

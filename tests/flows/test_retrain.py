@@ -92,6 +92,11 @@ def test_bad_dataset_stops_only_its_branch(harness, workspace, tmp_path):
     assert failed["status"] == "failed" and "bad.txt" in failed["reason"] and "UTF-8" in failed["reason"]
     assert _versions("pydoc-gpt") == []
 
+    # every dataset bad: the flow still ends with the data's reason, and nothing is tracked or trained
+    alone = _run(root, overrides + [f"datasets.pydoc.source=textfile:{bad}"], only=["pydoc-gpt"])
+    assert alone["status"] == "failed" and "UTF-8" in alone["models"]["pydoc-gpt"]["reason"]
+    assert not (root / "models" / "pydoc-gpt").exists()
+
 
 def test_parity_failure_blocks_registration(harness, workspace):
     root, overrides = workspace
