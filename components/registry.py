@@ -602,6 +602,21 @@ def _judge(client: Any, key: str, mv: Any, params: Params,
     return d
 
 
+def stale_champion(key: str, version: Union[str, int], root: Path,
+                   params: Optional[Params] = None) -> Optional[str]:
+    """The champion's run id when its metrics were measured on other evaluation data than
+    `version`'s (the data changed since), so the gate needs it re-evaluated; else None."""
+    client = _client(root, params)
+    champ = _aliases(client, key).get(CHAMPION)
+    if champ is None or champ == str(version):
+        return None
+    mine = client.get_model_version(key, str(version)).tags.get(EVAL_HASH_TAG, "unknown")
+    theirs = client.get_model_version(key, champ)
+    if mine != "unknown" and mine == theirs.tags.get(EVAL_HASH_TAG, "unknown"):
+        return None
+    return theirs.run_id
+
+
 def gate(key: str, version: Union[str, int], params: Params, root: Path,
          champion_metrics_on_new_data: Optional[Mapping[str, Any]] = None) -> Decision:
     """The promotion gate: promote `version` to champion if it beats the champion by the rule.

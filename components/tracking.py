@@ -90,6 +90,12 @@ def redact(text: Any) -> str:
     return _USERINFO.sub("***@", str(text))
 
 
+def strip_userinfo(text: str) -> str:
+    """'http://me:secret@host' -> 'http://host': for settings handed to other services (Prefect
+    stores flow-run parameters) once `check_tracking` has moved the credentials to the environment."""
+    return _USERINFO.sub("", str(text))
+
+
 def artifact_root(root: Path) -> Path:
     return Path(root).resolve() / ".genflow" / "mlartifacts"
 

@@ -96,7 +96,8 @@ def push(root: Path, remote: str = "") -> int:
     """Push cached data to the remote: the default one, a configured remote's name (``stack``),
     or a folder or URL (``s3://bucket/path``).
 
-    Returns the number of files pushed.
+    Returns the number of files pushed. A remote that refuses the data raises `VersioningError`
+    with one line naming the remote and storage.dvc_remote (a password in its URL shows as ***).
     """
     if not is_dvc_repo(root):
         return 0
@@ -115,6 +116,10 @@ def push(root: Path, remote: str = "") -> int:
             finally:
                 repo.close()
         except Exception as e:
-            where = remote or "the default DVC remote (.dvc/config)"
-            raise VersioningError(f"dvc push to {where} failed: {e}; check storage.dvc_remote in "
-                                  "params.yaml or `dvc remote list`") from e
+            from components.tracking import redact  # a remote URL may carry a password
+
+            where = redact(remote) if remote else "the default DVC remote (.dvc/config)"
+            lines = str(e).strip().splitlines()  # DVC's messages may run to several lines
+            reason = redact(lines[0] if lines else type(e).__name__)
+            raise VersioningError(f"dvc push to {where} failed: {reason}; fix storage.dvc_remote in "
+                                  "params.yaml (a remote name, folder or URL) or see `dvc remote list`") from e

@@ -177,9 +177,13 @@ def cmd_schedule(args) -> int:
 def cmd_ui(args) -> int:
     import subprocess
 
-    from components.tracking import redact, tracking_uri
+    from components.tracking import is_server, redact, tracking_uri
 
-    uri = tracking_uri(Path.cwd())
+    uri = tracking_uri(Path.cwd(), _load(args))
+    if is_server(uri):
+        print(f"genflow ui: the tracking store is the MLflow server {redact(uri)}; open that URL in a browser "
+              "(its UI is already running there)", file=sys.stderr)
+        return 1
     print(f"MLflow UI for {redact(uri)} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", args.host, "--port", str(args.port)]

@@ -222,7 +222,15 @@ def build_flow():
             found = registry.find_version(key, {"genflow.inputs_hash": out.inputs_hash}, root)
             out.version = found["version"] if found else registry.register_model(
                 key, out.run_id, out.metrics, out.parity, params, root, inputs_hash=out.inputs_hash)
-        decision = registry.gate(key, out.version, params, root)
+        theirs = None
+        champion_run = registry.stale_champion(key, out.version, root)
+        if champion_run:   # new data: measure the champion on it too, so the gate compares like with like
+            log.info(f"{key}: the evaluation data changed since the champion was measured; re-evaluating it")
+            try:
+                theirs = stages.evaluate_registered(params, key, champion_run, root)
+            except Exception as e:   # the gate then refuses to compare and says why
+                log.warning(f"{key}: could not re-evaluate the champion (run {champion_run}): {_one_line(e)}")
+        decision = registry.gate(key, out.version, params, root, champion_metrics_on_new_data=theirs)
         out.decision = decision.reason
         out.aliases = registry.aliases_of(key, out.version, root)
         out.status = "trained"
@@ -359,12 +367,15 @@ def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=Fa
     check_sources(params, sorted({params.model(k).dataset for k in keys}))
     configure_environment(root)
     check_prefect_api()
-    from components.tracking import check_tracking
+    from components.tracking import check_tracking, strip_userinfo
 
     check_tracking(root, params)  # params' tracking_uri too: an absent server stops the run before any work
     retrain = build_flow()
     quiet_libraries()
-    state = retrain(params_path=str(params_path), overrides=list(overrides or []), only=keys,
+    # Prefect stores the flow's parameters: no URL credentials in them (check_tracking moved
+    # MLflow's to MLFLOW_TRACKING_USERNAME / _PASSWORD already)
+    overrides = [strip_userinfo(o) for o in overrides or []]
+    state = retrain(params_path=str(params_path), overrides=overrides, only=keys,
                     quick=quick, force=force, root=str(root), return_state=True)
     last = root / "reports" / "last_run.json"
     if state.is_completed() and last.exists():

@@ -57,6 +57,37 @@ def export(params: Params, key: str, root: Path) -> dict:
     return onnx_export.export_model(key, model, config, params.export, root)
 
 
+def evaluate_registered(params: Params, key: str, run_id: str, root: Path) -> dict:
+    """Evaluate the checkpoint logged by run `run_id` (a registered version) on today's prepared
+    data, with today's evaluation settings, in a scratch folder; returns its eval/ perf/ metrics.
+
+    The gate uses it when the data changed since the champion was measured: both models are then
+    compared on the same data."""
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    from components.tracking import check_tracking
+
+    root = Path(root).resolve()
+    (root / ".genflow").mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"reeval-{key}-", dir=root / ".genflow"))
+    try:
+        (scratch / "data").symlink_to(root / "data", target_is_directory=True)
+        (scratch / ".genflow").mkdir()
+        (root / ".genflow" / "cache").mkdir(exist_ok=True)
+        (scratch / ".genflow" / "cache").symlink_to(root / ".genflow" / "cache", target_is_directory=True)
+        model_dir = scratch / "models" / key
+        model_dir.mkdir(parents=True)
+        client = mlflow.MlflowClient(check_tracking(root, params))
+        got = client.download_artifacts(run_id, "checkpoint/model.pt", str(scratch / "dl"))
+        shutil.move(got, model_dir / "model.pt")
+        return family_module(params, key).evaluate(key, params, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 RUNNERS: dict[str, Callable[[Params, str, Path], dict]] = {
     "ingest": ingest, "validate": validate, "prepare": prepare,
     "train": train, "evaluate": evaluate, "export": export,

@@ -123,3 +123,48 @@ def test_transient_registry_error_is_retried(harness, workspace, monkeypatch):
     summary = _run(root, overrides, only=["digits-gpt"])
     assert summary["models"]["digits-gpt"]["status"] == "trained"
     assert len(calls) == 2 and _versions("digits-gpt") == [1]
+
+
+def test_new_images_retrain_and_the_gate_compares_on_the_new_data(harness, workspace, tmp_path):
+    """More images in an imagefolder source: a new snapshot (new DVC hash), the model retrains, and
+    the champion is re-evaluated on the new data so the gate compares like with like."""
+    import numpy as np
+    from mlflow import MlflowClient
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root, overrides = workspace
+    digits = load_digits()
+    src = tmp_path / "digits-folder"
+
+    def add_images(start, stop):
+        for i in range(start, stop):
+            folder = src / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            px = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
+            Image.fromarray(px, mode="L").save(folder / f"{i}.png")
+
+    add_images(0, 300)
+    sets = overrides + [f"datasets.digits.source=imagefolder:{src}"]
+    first = _run(root, sets, only=["digits-unet"])
+    assert first["models"]["digits-unet"]["status"] == "trained" and _versions("digits-unet") == [1]
+    hash_1 = MlflowClient().get_model_version("digits-unet", "1").tags["genflow.eval_data_hash"]
+    # re-evaluation uses the registered checkpoint, not what lies in models/ now
+    from components.config import load_params
+    from flows.stages import evaluate_registered
+
+    (root / "models" / "digits-unet" / "model.pt").write_bytes(b"not a checkpoint")
+    again = evaluate_registered(load_params(root / "params.yaml", sets), "digits-unet",
+                                MlflowClient().get_model_version("digits-unet", "1").run_id, root)
+    assert again["eval/fd"] == first["models"]["digits-unet"]["metrics"]["eval/fd"]
+
+    add_images(300, 450)
+    second = _run(root, sets, only=["digits-unet"])
+    m = second["models"]["digits-unet"]
+    assert m["status"] == "trained" and _versions("digits-unet") == [1, 2]
+    v2 = MlflowClient().get_model_version("digits-unet", "2").tags
+    assert v2["genflow.eval_data_hash"] != hash_1   # a new snapshot of the data
+    assert "champion re-evaluated on the new data" in v2["genflow.gate.reason"], v2["genflow.gate.reason"]
+    aliases = MlflowClient().get_registered_model("digits-unet").aliases
+    assert str(aliases["champion"]) == ("2" if v2["genflow.gate.decision"] == "promoted" else "1")
+    assert not list((root / ".genflow").glob("reeval-*"))   # the scratch folder is gone

@@ -1,17 +1,9 @@
 """Tracking and registry against a real `mlflow server` on 127.0.0.1 (SQLite + artifacts in tmp).
 
-The test starts the server itself (one worker, no job runners: ~12 s to healthy) and stops it,
-with its whole process group, in the fixture's teardown.
+The `mlflow_server` fixture (tests/integration/conftest.py) starts the server (one worker, no job
+runners: ~12 s to healthy) and stops it, with its whole process group, in its teardown.
 """
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,69 +13,9 @@ import pytest
 from components import registry, tracking
 from components.config import DatasetConfig, ModelConfig, Params, PromotionRule
 from components.registry import RegistryError
+from integration.conftest import get_json
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """URL of a fresh MLflow server; killed (process group) at the end of the module."""
-    d = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(d / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180  # ~12 s on an idle machine; generous for a loaded one
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (d / "server.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"mlflow server did not become healthy (exit {proc.poll()}):\n{tail}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)  # the server's worker processes too
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
-
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uri():
-    """The test points MLflow's global URI at the server; put the session's store back after it."""
-    session_uri = os.environ["MLFLOW_TRACKING_URI"]
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(session_uri)
 
 
 def tiny_onnx(path: Path, seed: int) -> Path:

@@ -1,21 +1,18 @@
 """The MLflow UI shows a pipeline run the way users compare models: in a real headless browser.
 
-A real `mlflow server` on 127.0.0.1 (one worker, no job runners, SQLite in tmp_path) receives a
+A real `mlflow server` on 127.0.0.1 (one worker, no job runners, SQLite in a temporary folder) receives a
 pipeline run logged with the tracking helpers: a parent and two nested model runs named by
 model key, with fake metrics (no training). Debian's chromium, driven by chromedriver through
 selenium, opens the UI's compare-runs page of those runs, waits for it to render, saves a
 screenshot under tmp_path/reports/compare/, and checks that every model key and an eval/ metric
-are on the page. Server and browser are stopped by PID even when the test fails.
+are on the page. Server (tests/integration/conftest.py) and browser are stopped by PID even
+when the test fails.
 """
 import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -32,18 +29,11 @@ MODELS = {"digits-unet": {"eval/fd": 0.81, "eval/class_acc": 0.95, "perf/sample_
           "digits-gpt": {"eval/fd": 1.52, "eval/class_acc": 0.80, "perf/sample_ms_per_item": 10.0}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(pid: int, group: bool = False) -> None:
-    """SIGTERM, then SIGKILL, to a process (or its whole process group); quiet when already gone."""
-    kill = os.killpg if group else os.kill
+def stop(pid: int) -> None:
+    """SIGTERM, then SIGKILL, to a process; quiet when already gone."""
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         try:
-            kill(pid, sig)
+            os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             return
         deadline = time.monotonic() + wait
@@ -76,40 +66,6 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """URL of a fresh MLflow server with its store in tmp_path; stopped (process group) afterwards."""
-    d = tmp_path / "server"
-    d.mkdir()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(d / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180  # ~12 s on an idle machine
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not become healthy (exit {proc.poll()}):\n"
-                            + (d / "server.log").read_text(errors="replace")[-2000:])
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop(proc.pid, group=True)
-        proc.wait(timeout=10)
-        log.close()
-
-
-@pytest.fixture
 def browser(tmp_path):
     """A headless chromium driven by chromedriver; it and its helper processes are stopped by PID."""
     if not (CHROMIUM and CHROMEDRIVER):
@@ -138,14 +94,6 @@ def browser(tmp_path):
         finally:
             for p in [pid, *helpers]:
                 stop(p)
-
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uri():
-    session_uri = os.environ["MLFLOW_TRACKING_URI"]
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(session_uri)
 
 
 def test_compare_runs_page_shows_every_model_of_a_pipeline_run(mlflow_server, browser, tmp_path, monkeypatch):
