@@ -6,6 +6,7 @@ never two DVC commands at once, even from parallel flow tasks.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 from typing import Iterable
@@ -90,6 +91,48 @@ def commit_stages(root: Path, stages: Iterable[str]) -> None:
                 repo.close()
         except Exception as e:  # DVC raises many types; the user needs the stage and the reason
             raise VersioningError(f"dvc commit {' '.join(stages)} failed: {e}") from e
+
+
+def remote_url(root: Path, remote: str = "") -> tuple[str, str]:
+    """(name, url) of the remote `push` would use: storage.dvc_remote (a remote's name, a folder
+    or a URL) or DVC's default remote; ("", "") when there is none."""
+    if not is_dvc_repo(root):
+        return "", ""
+    with _DVC_LOCK:
+        repo = _repo(root)
+        try:
+            remotes = repo.config.get("remote", {})
+            name = remote if remote in remotes else ("" if remote else repo.config.get("core", {}).get("remote", ""))
+        finally:
+            repo.close()
+    if name:
+        return name, str(remotes.get(name, {}).get("url", ""))
+    if remote:
+        return "storage.dvc_remote", remote if "://" in remote else str((Path(root) / remote).resolve())
+    return "", ""
+
+
+def check_remote(root: Path, remote: str = "") -> None:
+    """Refuse, before any work, a local DVC remote that cannot be written (a path through a regular
+    file, or a read-only folder): otherwise models would be registered whose data never reach it.
+    Remote object stores (s3://, ...) are checked by the push itself."""
+    name, url = remote_url(root, remote)
+    if not url or ("://" in url and not url.startswith("file://")):
+        return
+    from components.tracking import redact
+
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    problem = None
+    if not probe.is_dir():
+        problem = f"{probe} is a file, so the folder {path} cannot be made"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problem = f"{probe} is not writable"
+    if problem:
+        raise VersioningError(f"DVC remote {name} ({redact(url)}): {problem}; fix storage.dvc_remote in "
+                              "params.yaml or `dvc remote modify` before running")
 
 
 def push(root: Path, remote: str = "") -> int:

@@ -365,6 +365,9 @@ def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=Fa
     root = Path(root).resolve()
     keys = select_models(params, only)
     check_sources(params, sorted({params.model(k).dataset for k in keys}))
+    from components.versioning import check_remote
+
+    check_remote(root, params.storage.dvc_remote)   # data must reach it after training: check first
     configure_environment(root)
     check_prefect_api()
     from components.tracking import check_tracking, strip_userinfo

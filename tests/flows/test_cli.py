@@ -40,6 +40,8 @@ def test_unknown_dataset_for_stage(project_root, monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["run", "--only", "nope"], "models.nope: no such model"),
     (["run", "--set", "datasets.digits.source=imagefolder:/no/such/folder"], "imagefolder:/no/such/folder does not exist"),
+    (["run", "--set", "storage.dvc_remote=/etc/hostname/remote"],
+     "DVC remote storage.dvc_remote (/etc/hostname/remote): /etc/hostname is a file"),
 ])
 def test_run_refuses_bad_input_before_work(project_root, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(project_root)
