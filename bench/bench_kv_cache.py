@@ -7,6 +7,12 @@ same shape (speed does not depend on the weights). Alternating repeats, medians.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_kv_cache.py [--model pydoc-gpt] [--tokens 256] [--repeats 5]
     OMP_WAIT_POLICY=PASSIVE python bench/bench_kv_cache.py --block-size 128 --n-embd 192   # a longer context
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_kv_cache.py --onnx   # onnxruntime too (exports the model first)
+
+--onnx also exports the network (components/export.py, into a temporary folder) and times
+CausalLMEngine.generate on onnxruntime the same way: with the cache against re-running the
+exported graph on the whole context (empty past) for every token. Same thread count for both
+engines; onnxruntime with components/inference.py's session options (no spinning).
 """
 from __future__ import annotations
 
@@ -14,8 +20,10 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +44,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=0,
                     help="untrained network with this context instead (the cache pays more as it grows)")
     ap.add_argument("--n-embd", type=int, default=0, help="with --block-size: this width instead")
+    ap.add_argument("--onnx", action="store_true", help="also onnxruntime: export, then the same comparison")
     args = ap.parse_args()
 
     from components.config import load_params
@@ -56,10 +65,12 @@ def main() -> None:
         shape = dataclasses.replace(shape, block_size=args.block_size or shape.block_size,
                                     n_embd=args.n_embd or shape.n_embd)
         model = GPT(shape, 100).eval()
+        config = {"backbone": "gpt", "family": "transformer", "kind": "text", "vocab": None}
         source = "random weights" + ("" if args.block_size else " (no trained model found)")
     c = model.config
     print(f"model: {args.model} ({source}); n_layer={c.n_layer} n_embd={c.n_embd} block_size={c.block_size}; "
-          f"{args.tokens} new tokens, batch {args.batch}, threads {torch.get_num_threads()}")
+          f"{args.tokens} new tokens, batch {args.batch}, threads {torch.get_num_threads()}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other processes share them: timings are noisy)")
 
     prompt = torch.zeros(args.batch, 1, dtype=torch.long)
 
@@ -69,15 +80,44 @@ def main() -> None:
         model.generate(prompt, args.tokens, use_cache=use_cache, generator=gen)
         return time.perf_counter() - t
 
+    compare("PyTorch", run, args.tokens, args.repeats)
+    if args.onnx:
+        with tempfile.TemporaryDirectory(prefix="genflow-bench-") as tmp:
+            engine = export_engine(model, config, args.model, args.params, Path(tmp), torch.get_num_threads())
+
+            def run_onnx(use_cache: bool) -> float:
+                t = time.perf_counter()
+                engine.generate(prompt.numpy(), args.tokens, seed=0, use_cache=use_cache)
+                return time.perf_counter() - t
+
+            compare("onnxruntime", run_onnx, args.tokens, args.repeats)
+
+
+def compare(engine: str, run: Callable[[bool], float], tokens: int, repeats: int) -> float:
+    """Alternating repeats of run(use_cache=True) and run(False); prints and returns the median ratio."""
     run(True), run(False)  # warm-up
     cached, nocache = [], []
-    for r in range(args.repeats):
+    for r in range(repeats):
         cached.append(run(True))
         nocache.append(run(False))
-        print(f"repeat {r + 1}: cached {cached[-1] * 1e3:7.1f} ms   no cache {nocache[-1] * 1e3:7.1f} ms", flush=True)
+        print(f"{engine} repeat {r + 1}: cached {cached[-1] * 1e3:7.1f} ms   no cache {nocache[-1] * 1e3:7.1f} ms",
+              flush=True)
     a, b = statistics.median(cached), statistics.median(nocache)
-    print(f"median per token: cached {a * 1e3 / args.tokens:.3f} ms, no cache {b * 1e3 / args.tokens:.3f} ms; "
-          f"speed-up with the KV cache = {b / a:.1f}x")
+    print(f"{engine} median per token: cached {a * 1e3 / tokens:.3f} ms, no cache {b * 1e3 / tokens:.3f} ms; "
+          f"speed-up with the KV cache = {b / a:.1f}x", flush=True)
+    return b / a
+
+
+def export_engine(model, config: dict, key: str, params_path: str, root: Path, threads: int):
+    """Export the network to root/exports/<key>/ and load it on onnxruntime (CPU)."""
+    from components.config import load_params
+    from components.export import export_model
+    from components.inference import load_engine
+
+    result = export_model(key, model, config, load_params(params_path).export, root)
+    if not result["passed"]:
+        sys.exit(f"{key}: the ONNX export failed its parity check ({result.get('reason')})")
+    return load_engine(root / "exports" / key, threads=threads, prefer_gpu=False)
 
 
 if __name__ == "__main__":

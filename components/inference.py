@@ -280,6 +280,8 @@ class CausalLMEngine(Engine):
 
     def forward(self, ids: np.ndarray, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ids (B, T) i64, past (L,2,B,nh,P,hs) -> logits (B, T, V), present (L,2,B,nh,P+T,hs)."""
+        # Plain numpy in and out: feeding present back as an OrtValue (IO binding) was no faster for
+        # pydoc-gpt's cache (at most 4 x 2 x 64 x 128 floats per row)
         logits, present = self.session.run(["logits", "present_kv"],
                                            {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
                                             "past_kv": past})
@@ -318,17 +320,24 @@ class CausalLMEngine(Engine):
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  *, seed: int = 0, rng: Optional[np.random.Generator] = None,
-                 allowed: Optional[np.ndarray] = None) -> np.ndarray:
-        """Sample `max_new_tokens` after the prompt ids (B, T) with the cache; returns (B, T + new).
+                 allowed: Optional[np.ndarray] = None, use_cache: bool = True) -> np.ndarray:
+        """Sample `max_new_tokens` after the prompt ids (B, T); returns (B, T + new).
 
-        Same as GPT.generate(use_cache=True): once the cache holds block_size tokens, the last
-        3/4 of the context is re-encoded and decoding goes on from there.
+        Same as GPT.generate: with the cache (default), once it holds block_size tokens the last
+        3/4 of the context is re-encoded and decoding goes on from there; without it
+        (use_cache=False, a baseline), every token re-runs the last block_size tokens.
         """
         ids = np.asarray(ids, dtype=np.int64)
         B, T = ids.shape
         self.check_sampling(T, max_new_tokens, temperature, top_k or 0)
         rng = rng or np.random.default_rng(seed)
         block = self.block_size
+        if not use_cache:
+            for _ in range(max_new_tokens):  # logits only: present_kv is not wanted
+                logits = self.session.run(["logits"], {"input_ids": np.ascontiguousarray(ids[:, -block:]),
+                                                       "past_kv": self.empty_past(B)})[0]
+                ids = np.concatenate([ids, self.next_token(logits[:, -1], temperature, top_k or 0, rng, allowed)], 1)
+            return ids
         logits, past = self.forward(ids, self.empty_past(B))                       # prefill
         for i in range(max_new_tokens):
             nxt = self.next_token(logits[:, -1], temperature, top_k or 0, rng, allowed)  # (B, 1)

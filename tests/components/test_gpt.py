@@ -1,8 +1,9 @@
-"""The GPT: causal mask, KV cache equal to a full forward pass, overfitting, sampling errors."""
+"""The GPT: causal mask, KV cache equal to a full forward pass, generation's preallocated cache and sliding
+window, overfitting, sampling errors."""
 import pytest
 import torch
 
-from components.models.gpt import GPT, ContextLengthError, GPTConfig, SamplingError
+from components.models.gpt import GPT, ContextLengthError, Decoder, GPTConfig, SamplingError
 
 
 def tiny(block_size: int = 16, vocab_size: int = 11, seed: int = 0) -> GPT:
@@ -116,3 +117,101 @@ def test_top_k_one_sampling_is_deterministic_and_temperature_changes_randomness(
     assert (a == a[0]).all()  # greedy: every row the same
     b = model.generate(prompt, 5, temperature=50.0, generator=torch.Generator().manual_seed(0))
     assert not (b == b[0]).all()  # nearly uniform: rows differ
+
+
+# ---------------------------------------------------------------------------
+# Generation's cache: preallocated, written in place, same numbers as forward()
+# ---------------------------------------------------------------------------
+
+def perturbed(bias: bool, block_size: int = 16, scale: float = 0.05) -> GPT:
+    """A tiny GPT whose biases and LayerNorm gains are not their initial 0 and 1 (so they count)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size, bias=bias), 11).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_decoder_gives_the_logits_and_cache_of_a_full_forward_pass(bias):
+    model = perturbed(bias)
+    idx = torch.randint(0, 11, (3, 16), generator=torch.Generator().manual_seed(2))
+    full, present = model(idx)  # (3, 16, 11), (n_layer, 2, B, nh, 16, hs)
+    decoder = Decoder(model, 3)
+    with torch.inference_mode():
+        got = {4: decoder(idx[:, :5], 0)}  # prefill: the logits after its last token
+        for t in range(5, 10):  # one token at a time
+            got[t] = decoder(idx[:, t:t + 1], t)
+        got[13] = decoder(idx[:, 10:14], 10)  # a chunk after a past: the explicit causal mask
+        got[15] = decoder(idx[:, 14:16], 14)
+    for t, logits in got.items():
+        torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-4)
+    # the cache, (n_layer, B, block, 2, nh, hs), holds forward()'s present keys and values
+    torch.testing.assert_close(decoder.cache.permute(0, 3, 1, 4, 2, 5), present, atol=1e-5, rtol=1e-4)
+
+
+def test_the_decoder_overwrites_its_cache_from_the_start_position():
+    model = perturbed(False)
+    idx = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(3))
+    decoder = Decoder(model, 2)
+    with torch.inference_mode():
+        decoder(torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(4)), 0)  # fill it with others
+        decoder(idx[:, :8], 0)  # a new prefill: positions 8.. are stale and must be ignored
+        logits = decoder(idx[:, 8:9], 8)
+    torch.testing.assert_close(logits, model(idx[:, :9])[0][:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_the_decoder_refuses_more_than_the_context():
+    decoder = Decoder(tiny(block_size=8), 1)
+    with torch.inference_mode(), pytest.raises(ContextLengthError, match=r"^input: 6 cached \+ 3 new"):
+        decoder(torch.zeros(1, 3, dtype=torch.long), 6)
+
+
+def growing_cache_generate(model: GPT, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+                           allowed_tokens=None):
+    """generate(use_cache=True) as first written: the past grows by torch.cat through forward()."""
+    block = model.config.block_size
+    with torch.no_grad():
+        logits, past = model(idx, model.empty_cache(idx.size(0)))
+        for i in range(max_new_tokens):
+            nxt = model._next_token(logits[:, -1], temperature, top_k, generator, allowed_tokens)
+            idx = torch.cat([idx, nxt], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if past.size(4) >= block:  # cache full: keep the most recent 3/4 of the context
+                logits, past = model(idx[:, -max(1, block * 3 // 4):], model.empty_cache(idx.size(0)))
+            else:
+                logits, past = model(nxt, past)
+    return idx
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7, top_k=3), dict(allowed_tokens=6)])
+def test_cached_generation_past_the_context_samples_what_the_growing_cache_did(kw):
+    # large weights: the next token depends on the context, so a different window samples differently
+    model = perturbed(True, block_size=8, scale=0.25)  # 3 + 30 tokens: the window slides (keeps 6 tokens) 5 times
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    ours = model.generate(prompt, 30, generator=torch.Generator().manual_seed(5), **kw)
+    ref = growing_cache_generate(model, prompt, 30, generator=torch.Generator().manual_seed(5), **kw)
+    assert ours.shape == (2, 33)
+    assert torch.equal(ours, ref)
+    assert len(set(ours[0, 3:].tolist())) > 2  # really sampled: not one repeated token
+
+
+def test_generate_returns_an_ordinary_tensor():
+    model = tiny()
+    out = model.generate(torch.tensor([[1, 2]]), 4)
+    assert out.shape == (1, 6) and out.dtype == torch.long and not out.is_inference()
+    out[0, 0] = 7  # callers may edit it (an inference tensor would refuse)
+    assert torch.equal(model.generate(torch.tensor([[1, 2]]), 0), torch.tensor([[1, 2]]))
+
+
+def test_the_inverse_cdf_draw_picks_the_first_token_whose_cdf_exceeds_the_uniform():
+    model = tiny()
+    logits = torch.randn(64, 11, generator=torch.Generator().manual_seed(6))
+    logits[:, 3] = -float("inf")  # a token that can never be drawn (a flat step in the cdf)
+    ours = model._next_token(logits, 1.0, None, torch.Generator().manual_seed(7), None)
+    cdf = torch.softmax(logits, -1).cumsum(-1)
+    u = torch.rand(64, 1, generator=torch.Generator().manual_seed(7)) * cdf[:, -1:]
+    assert torch.equal(ours, (cdf <= u).sum(-1, keepdim=True).clamp(max=10))
+    assert not (ours == 3).any()

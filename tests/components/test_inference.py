@@ -78,6 +78,34 @@ def test_text_generation_matches_pytorch_greedy_decoding_past_the_context(export
     assert np.array_equal(ours, theirs.numpy())
 
 
+@pytest.fixture(scope="module")
+def peaked_gpt(tmp_path_factory):
+    """An exported GPT with large weights (its next token depends on the context) and a short context."""
+    root = tmp_path_factory.mktemp("peaked")
+    torch.manual_seed(1)
+    net = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8), len(VOCAB) + 1).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.25 * torch.randn_like(p))
+    assert export_model("pydoc-gpt", net, TEXT_CONFIG, ExportConfig(), root, exporter="torchscript")["passed"]
+    return load_engine(root / "exports" / "pydoc-gpt", threads=1), net
+
+
+def test_generation_with_and_without_the_cache_slides_its_window_like_pytorch(peaked_gpt):
+    engine, net = peaked_gpt
+    prompt = np.array([[1, 2, 3], [4, 5, 6]])
+    for use_cache in (True, False):  # 33 tokens, context 8: cached re-encodes 6; uncached re-runs the last 8
+        ours = engine.generate(prompt, 30, top_k=1, use_cache=use_cache)
+        theirs = net.generate(torch.from_numpy(prompt), 30, top_k=1, use_cache=use_cache)
+        assert np.array_equal(ours, theirs.numpy()), use_cache
+    assert not np.array_equal(engine.generate(prompt, 30, top_k=1),
+                              engine.generate(prompt, 30, top_k=1, use_cache=False))  # two different windows
+    # inside the context both ways see the same tokens: the same draws
+    cached = engine.generate(prompt, 5, seed=3)
+    assert np.array_equal(cached, engine.generate(prompt, 5, seed=3, use_cache=False))
+    assert len(set(cached[:, 3:].ravel().tolist())) > 2  # really sampled
+
+
 def test_seeds_make_samples_reproducible(exported):
     root, _ = exported
     engine = load_engine(root / "exports" / "digits-gpt")
