@@ -30,11 +30,7 @@ import contextlib
 import io
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +39,7 @@ from typing import Any, Optional
 import numpy as np
 
 from components.config import ExportConfig
+from components.files import replaced_dir
 
 EXPORT_FORMAT = 1          # version of the exported folder's layout (config.json "format")
 TORCHSCRIPT_MAX_OPSET = 20
@@ -358,17 +355,6 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(_json_safe(obj), indent=2) + "\n")
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; a reader sees the old folder or the new one, never a mix."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, root: Path, *,
                  exporter: Optional[str] = None, opset: Optional[int] = None) -> dict:
     """Export `model` to exports/<key>/ (model.onnx, config.json, parity.json) and check parity.
@@ -401,48 +387,41 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
         net = copy.deepcopy(model).cpu()
     was_training = net.training
     net.eval()
-    exports = Path(root) / "exports"
-    exports.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=exports))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is for everyone who may read exports/
+    final = Path(root) / "exports" / key
     try:
-        spec = graph_spec(backbone, net, config)
-        spec.module.eval()
-        model_path = tmp / "model.onnx"
-        try:
-            _export_graph(spec, model_path, exporter, opset)
-        except Exception as e:
-            raise ExportError(f"{key}: the {exporter} ONNX exporter failed at opset {opset} "
-                              f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]})") from e
-        try:
-            file_opset = check_onnx(model_path)
-        except Exception as e:
-            raise ExportError(f"{key}: exported graph fails onnx.checker "
-                              f"({(str(e).strip().splitlines() or [''])[0][:300]})") from e
-        inputs, outputs = _io(model_path)
-        parity = check_parity(spec, net, model_path, export_cfg)
-        seconds = time.perf_counter() - t0
-        parity.update(opset=file_opset, exporter=exporter, seconds=seconds)
+        with replaced_dir(final) as tmp:   # a reader sees the old export or the new one, never a mix
+            spec = graph_spec(backbone, net, config)
+            spec.module.eval()
+            model_path = tmp / "model.onnx"
+            try:
+                _export_graph(spec, model_path, exporter, opset)
+            except Exception as e:
+                raise ExportError(f"{key}: the {exporter} ONNX exporter failed at opset {opset} "
+                                  f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]})") from e
+            try:
+                file_opset = check_onnx(model_path)
+            except Exception as e:
+                raise ExportError(f"{key}: exported graph fails onnx.checker "
+                                  f"({(str(e).strip().splitlines() or [''])[0][:300]})") from e
+            inputs, outputs = _io(model_path)
+            parity = check_parity(spec, net, model_path, export_cfg)
+            seconds = time.perf_counter() - t0
+            parity.update(opset=file_opset, exporter=exporter, seconds=seconds)
 
-        import onnx
-        import onnxruntime
+            import onnx
+            import onnxruntime
 
-        engine_config = {
-            "format": EXPORT_FORMAT, "key": key, "family": config.get("family") or FAMILIES[backbone],
-            "backbone": backbone,
-            "graph": kind, "kind": spec.info.pop("kind", "image"),
-            "files": {"model": "model.onnx"}, "inputs": inputs, "outputs": outputs,
-            "opset": file_opset, "exporter": exporter,
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-            **spec.info,
-        }
-        _write_json(tmp / "config.json", engine_config)
-        _write_json(tmp / "parity.json", parity)
-        final = exports / key
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            engine_config = {
+                "format": EXPORT_FORMAT, "key": key, "family": config.get("family") or FAMILIES[backbone],
+                "backbone": backbone,
+                "graph": kind, "kind": spec.info.pop("kind", "image"),
+                "files": {"model": "model.onnx"}, "inputs": inputs, "outputs": outputs,
+                "opset": file_opset, "exporter": exporter,
+                "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+                **spec.info,
+            }
+            _write_json(tmp / "config.json", engine_config)
+            _write_json(tmp / "parity.json", parity)
     finally:
         net.train(was_training)
     status = "passed" if parity["passed"] else f"FAILED: {parity['reason']}"

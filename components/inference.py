@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from components.files import atomic_file, write_text
+
 # Heavy imports (onnxruntime, mlflow, PIL) happen inside functions: the CLI imports this module.
 
 CONFIG_FILE = "config.json"
@@ -671,19 +673,6 @@ def download_version(name: str, alias: Optional[str], version: Optional[str], ro
 # Output files (atomic: a reader never sees half a file, a failure leaves none)
 # ---------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an output file is for everyone
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def image_grid(levels: np.ndarray, n_levels: int, rows: int, scale: int = 4, pad: int = 2) -> np.ndarray:
     """(N, C, H, W) grey levels -> one uint8 picture, `rows` rows, each pixel scale x scale, grey gaps
     (the layout of the evaluation's samples.png: 0 is black, the top level white)."""
@@ -702,11 +691,8 @@ def image_grid(levels: np.ndarray, n_levels: int, rows: int, scale: int = 4, pad
 def write_png(path: Path, picture: np.ndarray) -> None:
     from PIL import Image
 
-    _atomic_write(path, lambda tmp: Image.fromarray(picture, mode="L").save(tmp, format="PNG"))
-
-
-def write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with atomic_file(path) as tmp:
+        Image.fromarray(picture, mode="L").save(tmp, format="PNG")
 
 
 # ---------------------------------------------------------------------------

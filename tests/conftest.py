@@ -33,6 +33,17 @@ if str(ROOT) not in sys.path:
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def saved_environ():
+    """Commands set defaults in os.environ and may point MLflow elsewhere: put both back afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+
+
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
     return _SESSION_TMP

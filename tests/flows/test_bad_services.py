@@ -9,7 +9,6 @@ Flask-WTF extra, which this environment does not install).
 import base64
 import json
 import os
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,15 +23,7 @@ from integration.conftest import free_port
 KEY = "digits-gpt"
 
 
-@pytest.fixture(autouse=True)
-def saved_environ():
-    """genflow run sets defaults in os.environ and points MLflow at the server: put both back."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+pytestmark = pytest.mark.usefixtures("saved_environ")   # every test here runs commands that set env
 
 
 class FakeTrackingServer:

@@ -15,14 +15,6 @@ from flows.cli import main
 from integration.conftest import free_port, group_members, stop_group
 
 
-@pytest.fixture
-def saved_environ():
-    """genflow schedule sets Prefect defaults in os.environ: put the environment back afterwards."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
 
 @pytest.mark.integration
 def test_genflow_ui_serves_the_mlflow_ui_of_the_project_store(project_clone):

@@ -9,7 +9,6 @@ servers in tests/integration/test_stack.py, so that one tiny run serves both.
 import ast
 import os
 import secrets
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,6 @@ from integration.conftest import free_port
 URI_SECRET = "uri-pw-" + secrets.token_hex(6)
 KEY = "digits-gpt"
 
-
-@pytest.fixture
-def saved_environ():
-    """check_tracking moves URI credentials into os.environ and points MLflow elsewhere: put both back."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
 
 
 # ---------------------------------------------------------------------------
