@@ -295,6 +295,10 @@ def build_flow():
             summary = finish(params, root_p, keys, outcomes, time.perf_counter() - t0, data_ok)
             if parent is not None:   # None when no model got past its data: nothing was tracked
                 tracking.log_summary(summary, root_p)
+        if summary["status"] != "completed":   # the Prefect UI shows the run Failed, with the reasons
+            from prefect.states import Failed
+
+            return Failed(message=failure_message(summary), data=summary)
         return summary
 
     return retrain
@@ -333,6 +337,14 @@ def finish(params: Params, root: Path, keys: list[str], outcomes: dict, seconds:
     except Exception:  # an artifact is a nicety; the table is printed and written anyway
         pass
     return summary
+
+
+def failure_message(summary: dict) -> str:
+    """'pydoc-gpt: data pydoc: ...; dvc push ...': every failure and its reason, on one line."""
+    parts = [f"{k}: {m.get('reason') or m.get('status')}" for k, m in summary.get("models", {}).items()
+             if m.get("status") == "failed"]
+    parts += list(summary.get("notes", []))
+    return "; ".join(parts)[:2000] or "failed"
 
 
 HEADLINE = ("eval/fd", "eval/class_acc", "eval/nn_ratio", "eval/bits_per_dim", "eval/bits_per_char")
@@ -378,10 +390,11 @@ def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=Fa
     # Prefect stores the flow's parameters: no URL credentials in them (check_tracking moved
     # MLflow's to MLFLOW_TRACKING_USERNAME / _PASSWORD already)
     overrides = [strip_userinfo(o) for o in overrides or []]
+    started = time.time()
     state = retrain(params_path=str(params_path), overrides=overrides, only=keys,
                     quick=quick, force=force, root=str(root), return_state=True)
     last = root / "reports" / "last_run.json"
-    if state.is_completed() and last.exists():
+    if last.exists() and last.stat().st_mtime >= started - 1:   # written by this run (completed or failed)
         return json.loads(last.read_text())
     try:
         state.result()

@@ -91,6 +91,14 @@ def test_bad_dataset_stops_only_its_branch(harness, workspace, tmp_path):
     failed = summary["models"]["pydoc-gpt"]
     assert failed["status"] == "failed" and "bad.txt" in failed["reason"] and "UTF-8" in failed["reason"]
     assert _versions("pydoc-gpt") == []
+    # the Prefect flow run itself ends Failed, its message naming the failure and the reason
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        last_run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    assert last_run.state.is_failed()
+    assert "pydoc-gpt: data pydoc:" in last_run.state.message and "UTF-8" in last_run.state.message
 
     # every dataset bad: the flow still ends with the data's reason, and nothing is tracked or trained
     alone = _run(root, overrides + [f"datasets.pydoc.source=textfile:{bad}"], only=["pydoc-gpt"])
