@@ -27,10 +27,20 @@ os.environ.update({
     "TQDM_DISABLE": "1",
 })
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+_SESSION_URI = os.environ["MLFLOW_TRACKING_URI"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uri():
+    """Some tests point MLflow's global tracking URI at a server or another store: put the session's back."""
+    session_uri = os.environ.get("MLFLOW_TRACKING_URI", _SESSION_URI)
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(session_uri)
 
 
 @pytest.fixture

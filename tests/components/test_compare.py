@@ -9,7 +9,6 @@ import copy
 import json
 import os
 import re
-import sys
 import types
 import uuid
 
@@ -61,13 +60,6 @@ def log_pipeline(params: Params, root, metrics: dict) -> tracking.PipelineRun:
                 tracking.log_metrics(met)
     return parent
 
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uri():
-    session_uri = os.environ["MLFLOW_TRACKING_URI"]
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(session_uri)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import os
 import socket
-import sys
 import uuid
 from pathlib import Path
 
@@ -93,13 +92,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uri():
-    session_uri = os.environ["MLFLOW_TRACKING_URI"]
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(session_uri)
 
 
 @pytest.fixture

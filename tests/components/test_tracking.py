@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 
@@ -38,14 +37,6 @@ def free_port() -> int:
 def params():
     return make_params(f"t{uuid.uuid4().hex[:8]}")
 
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uri():
-    """check_tracking points MLflow's global URI elsewhere in some tests; put the session's back."""
-    session_uri = os.environ["MLFLOW_TRACKING_URI"]
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(session_uri)
 
 
 @pytest.fixture

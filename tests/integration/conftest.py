@@ -205,11 +205,3 @@ def stack(tmp_path_factory):
     finally:
         _stop_all(servers)
 
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_uri():
-    """Tests point MLflow's global URI at a server; put the session's store back after each."""
-    session_uri = os.environ["MLFLOW_TRACKING_URI"]
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(session_uri)
