@@ -152,3 +152,31 @@ def test_passwords_never_reach_output_params_tags_artifacts_or_logs(stack_run):
     assert files_holding(run.prefect.log.parent, HIDDEN) == []
     assert files_holding(run.root, HIDDEN, skip=("params.yaml",)) == []
     assert files_holding(run.base / "client-prefect-home", HIDDEN) == []
+
+
+def test_schedule_serves_a_cron_deployment_on_the_server(stack_run):
+    """`genflow schedule --cron` registers the retrain flow as a deployment with that cron on the
+    Prefect server of PREFECT_API_URL and keeps serving it until stopped."""
+    import time
+
+    from integration.conftest import group_members, stop_group
+
+    env = {**os.environ, "PREFECT_API_URL": stack_run.prefect.url, "PYTHONUNBUFFERED": "1",
+           "PREFECT_HOME": str(stack_run.base / "schedule-prefect-home")}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", "--cron", "*/30 * * * *"],
+                            cwd=stack_run.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deployment, deadline = None, time.monotonic() + 240
+        while deployment is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(2)
+            found = get_json(f"{stack_run.prefect.url}/deployments/filter", {})
+            deployment = next((d for d in found if d["name"] == "nightly-retrain"), None)
+        assert deployment is not None, proc.stdout.read() if proc.poll() is not None else "no deployment"
+        crons = [s["schedule"].get("cron") for s in deployment.get("schedules", [])]
+        assert crons == ["*/30 * * * *"]
+        assert deployment["parameters"]["root"] == str(stack_run.root.resolve())
+        assert proc.poll() is None   # still serving
+    finally:
+        left = stop_group(proc.pid, proc)
+    assert left == [] and group_members(proc.pid) == []
