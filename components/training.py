@@ -147,6 +147,21 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def read_model_file(key: str, root: Path, error: type[Exception], backbone: Optional[str] = None) -> dict:
+    """models/<key>/model.pt as {"state_dict", "config"}; `error` with one line when it is missing
+    or (with `backbone`) holds another kind of network."""
+    path = Path(root) / "models" / key / "model.pt"
+    if not path.exists():
+        raise error(f"models/{key}/model.pt: not found; run `genflow stage train {key}` first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    found = ckpt.get("config", {}).get("backbone")
+    if backbone is not None and found != backbone:
+        article = "an" if backbone[0] in "aeiou" else "a"
+        raise error(f"models/{key}/model.pt: holds a {found!r} model, not {article} {backbone}; "
+                    f"retrain it with `genflow stage train {key}`")
+    return ckpt
+
+
 def load_resumable(path: Path, fingerprint: str, log: Callable[[str], None]) -> Optional[dict]:
     """The checkpoint at `path` if it belongs to this run and is unfinished, else None."""
     if not path.exists():

@@ -163,12 +163,9 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
 
 def load_model(key: str, root: Path):
     """(network with the trained EMA weights in eval mode, its config dict) from models/<key>/model.pt."""
-    import torch
+    from components.training import read_model_file
 
-    path = Path(root) / "models" / key / "model.pt"
-    if not path.exists():
-        raise DiffusionFamilyError(f"models/{key}/model.pt: not found; run `genflow stage train {key}` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_model_file(key, root, DiffusionFamilyError)
     config = ckpt["config"]
     net = build_network(config)
     net.load_state_dict(ckpt["state_dict"])

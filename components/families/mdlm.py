@@ -176,18 +176,11 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
 
 def load_model(key: str, root: Path):
     """(MaskedLM in eval mode with the trained weights, its config dict) from models/<key>/model.pt."""
-    import torch
-
+    from components.training import read_model_file
     from components.models.mdlm import MaskedLM
 
-    path = Path(root) / "models" / key / "model.pt"
-    if not path.exists():
-        raise MaskedLMFamilyError(f"models/{key}/model.pt: not found; run `genflow stage train {key}` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config = ckpt.get("config", {})
-    if config.get("backbone") != "mdlm":
-        raise MaskedLMFamilyError(f"models/{key}/model.pt: holds a {config.get('backbone')!r} model, not an mdlm; "
-                                  f"retrain it with `genflow stage train {key}`")
+    ckpt = read_model_file(key, root, MaskedLMFamilyError, backbone="mdlm")
+    config = ckpt["config"]
     net = MaskedLM(GPTConfig(**config["gpt"]), config["vocab_size"])
     net.load_state_dict(ckpt["state_dict"])
     return net.eval(), config

@@ -206,18 +206,11 @@ def train(key: str, params: Params, root: Path) -> dict:
 
 def load_model(key: str, root: Path):
     """(GPT in eval mode with the trained weights, its config dict) from models/<key>/model.pt."""
-    import torch
-
+    from components.training import read_model_file
     from components.models.gpt import GPT
 
-    path = _model_dir(key, root) / "model.pt"
-    if not path.exists():
-        raise ModelNotTrainedError(f"models/{key}/model.pt: not found; run `genflow stage train {key}` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config = ckpt.get("config", {})
-    if config.get("backbone") != "gpt":
-        raise ModelNotTrainedError(f"models/{key}/model.pt: holds a {config.get('backbone')!r} model, not a gpt; "
-                                   f"retrain it with `genflow stage train {key}`")
+    ckpt = read_model_file(key, root, ModelNotTrainedError, backbone="gpt")
+    config = ckpt["config"]
     model = GPT(GPTConfig(**config["gpt"]), config["vocab_size"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), config

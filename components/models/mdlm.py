@@ -37,6 +37,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from components.config import GPTConfig  # noqa: F401  (re-exported: the network's shape)
+from components.models.gpt import init_gpt2_weights
 
 Rand = Callable[[tuple], torch.Tensor]  # shape -> float64 uniform draws in [0, 1)
 
@@ -145,20 +146,7 @@ class MaskedLM(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        init_gpt2_weights(self, config.n_layer)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
