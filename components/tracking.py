@@ -46,6 +46,11 @@ class TrackingError(ValueError):
     """Tracking was used wrongly (e.g. logging with no active run); the message says what to do."""
 
 
+# set (to "1") by the command line when it copied params.yaml's tracking.tracking_uri into
+# MLFLOW_TRACKING_URI, so that messages name the setting the user wrote
+URI_FROM_PARAMS_ENV = "GENFLOW_TRACKING_URI_FROM_PARAMS"
+
+
 class TrackingUnavailable(TrackingError):
     """The MLflow tracking server did not answer; the message names the URI."""
 
@@ -141,7 +146,10 @@ def check_tracking(root: Path, params: Optional[Params] = None) -> str:
     import mlflow
 
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    setting = "MLFLOW_TRACKING_URI" if (env or "").strip() else "tracking.tracking_uri"  # where the URI came from
+    from_env = bool((env or "").strip())
+    # where the URI came from, for messages: the command line copies params' URI into the variable
+    setting = "MLFLOW_TRACKING_URI" if from_env and not os.environ.get(URI_FROM_PARAMS_ENV) \
+        else "tracking.tracking_uri"
     uri = tracking_uri(root, params)
     parts = urllib.parse.urlsplit(uri)
     if is_server(uri) and "@" in parts.netloc:
@@ -151,7 +159,7 @@ def check_tracking(root: Path, params: Optional[Params] = None) -> str:
         if password:
             os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(password))
         uri = urllib.parse.urlunsplit(parts._replace(netloc=host))
-        if setting == "MLFLOW_TRACKING_URI":
+        if from_env:
             os.environ["MLFLOW_TRACKING_URI"] = uri  # what child processes inherit: no secret either
     mlflow.set_tracking_uri(uri)
     # MLflow also exports the URI to MLFLOW_TRACKING_URI; undo that, or it would look user-set

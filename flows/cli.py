@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args) -> Params:
     params = load_params(args.params, args.overrides)
     if params.tracking.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        from components.tracking import URI_FROM_PARAMS_ENV
+
         os.environ["MLFLOW_TRACKING_URI"] = params.tracking.tracking_uri  # one setting for every command
+        os.environ[URI_FROM_PARAMS_ENV] = "1"                              # messages name params.yaml
     return params
 
 

@@ -39,6 +39,7 @@ def _restore_mlflow_uri():
     """Some tests point MLflow's global tracking URI at a server or another store: put the session's back."""
     session_uri = os.environ.get("MLFLOW_TRACKING_URI", _SESSION_URI)
     yield
+    os.environ.pop("GENFLOW_TRACKING_URI_FROM_PARAMS", None)  # set by the CLI with params' tracking_uri
     if "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(session_uri)
 

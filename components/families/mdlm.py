@@ -6,12 +6,14 @@
 
 The model (components.models.mdlm) is a bidirectional transformer over the characters of a text
 dataset plus one [MASK] id, trained on the continuous-time ELBO of the absorbing process. Its
-shape is the model's ``gpt`` section of params.yaml (n_layer, n_head, n_embd, block_size); the
-smallest mask rate is ``masked.eps``; ``sample.steps`` is K, the number of parallel denoising steps.
+shape is the model's ``gpt`` section of params.yaml (n_layer, n_head, n_embd, block_size) plus
+``masked.conv_kernel`` (its local input convolution); ``masked.estimator`` picks how the loss
+draws the ELBO (``count``, or ``time`` with smallest mask rate ``masked.eps``); ``sample.steps`` is
+K, the number of parallel denoising steps.
 
 Evaluation, next to pydoc-gpt's numbers on the same split:
 - eval/bits_per_char: an upper bound (the ELBO, see MaskedDiffusion.bits_per_char_bound) on the
-  test split, cut into block_size windows, with ELBO_DRAWS draws of t per window from a fixed
+  test split, cut into block_size windows, with ELBO_DRAWS draws (masked counts) per window from a fixed
   seed; eval/bits_per_char_is_upper_bound = 1 says so, eval/bits_per_char_stderr is its spread.
 - baseline/ngram{n}_bits_per_char: interpolated Kneser-Ney models fitted on train (as pydoc-gpt).
 - the K sweep: for each K (``eval.sampler_sweep`` names ``k8``, ``k32`` ...; default 8, 32, 128),
@@ -53,12 +55,6 @@ class MaskedLMFamilyError(ValueError):
 # Small helpers
 # ---------------------------------------------------------------------------
 
-
-
-
-
-
-
 def k_sweep(m: ModelConfig) -> list[int]:
     """The K values of the speed/quality sweep: eval.sampler_sweep entries kN, else DEFAULT_K_SWEEP.
 
@@ -77,12 +73,14 @@ def k_sweep(m: ModelConfig) -> list[int]:
 
 def check_settings(key: str, m: ModelConfig) -> None:
     """Refuse bad settings in one line before any training or sampling."""
-    from components.models.mdlm import check_eps, check_steps
+    from components.models.mdlm import check_conv_kernel, check_eps, check_estimator, check_steps
 
     if m.backbone != "mdlm":
         raise MaskedLMFamilyError(f"models.{key}.backbone: {m.backbone!r} is not a masked diffusion "
                                   "language model (mdlm)")
     check_eps(m.masked.eps)
+    check_estimator(m.masked.estimator)
+    check_conv_kernel(m.masked.conv_kernel)
     check_steps(m.sample.steps)
     k_sweep(m)
     if not (m.sample.temperature > 0 and math.isfinite(m.sample.temperature)):
@@ -148,8 +146,8 @@ def train(key: str, params: Params, root: Path) -> dict[str, float]:
                               "vocab": tok.vocab, "vocab_size": vocab_size, "mask_id": vocab_size - 1}
 
     torch.manual_seed(m.train.seed)  # the initial weights are part of the run's seed
-    net = MaskedLM(m.gpt, vocab_size)
-    process = MaskedDiffusion(config["mask_id"], m.masked.eps)
+    net = MaskedLM(m.gpt, vocab_size, conv_kernel=m.masked.conv_kernel)
+    process = MaskedDiffusion(config["mask_id"], m.masked.eps, m.masked.estimator)
 
     def get_batch(step: int, gen: torch.Generator):
         return windows[torch.randint(len(windows), (B,), generator=gen)]       # (B, T)
@@ -181,8 +179,12 @@ def load_model(key: str, root: Path):
 
     ckpt = read_model_file(key, root, MaskedLMFamilyError, backbone="mdlm")
     config = ckpt["config"]
-    net = MaskedLM(GPTConfig(**config["gpt"]), config["vocab_size"])
-    net.load_state_dict(ckpt["state_dict"])
+    net = MaskedLM(GPTConfig(**config["gpt"]), config["vocab_size"], conv_kernel=config["masked"].get("conv_kernel", 0))
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise MaskedLMFamilyError(f"models/{key}/model.pt: its weights do not fit this version's network (written "
+                                  f"by an older genflow); retrain it: genflow stage train {key}") from None
     return net.eval(), config
 
 
@@ -297,7 +299,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
                                      f"{sweep_table(rows, real_bpc, L)}")
     write_json(out / "details.json", {"unknown_test_chars": unknown, "test_chars": len(test_text),
                                        "elbo_draws": ELBO_DRAWS, "elbo_seed": ELBO_SEED,
-                                       "elbo_steps": max(1, round(1 / config["masked"]["eps"])),
+                                       "elbo": "continuous-time, count form (exact in t)",
                                        "window": block})
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -62,6 +62,13 @@ def _tracing() -> bool:
 # Blocks
 # ---------------------------------------------------------------------------
 
+def inverse_frequencies(head_dim: int) -> torch.Tensor:
+    """The rotary frequencies 10000^(-2i / head_dim) of the channel pairs, (head_dim / 2,)."""
+    if head_dim % 2:
+        raise ValueError(f"n_embd / n_head: the head size {head_dim} must be even for rotary positions")
+    return 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
 def rotary(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles pos * inv_freq, each (T, 1, 1, head_dim / 2)."""
     angles = (pos[:, None].float() * inv_freq[None, :])[:, None, None, :]
@@ -75,10 +82,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, causal (GPT) or not (causal=False: every position sees every
+    other, the masked diffusion model's denoiser in components.models.mdlm)."""
+
+    def __init__(self, config: GPTConfig, causal: bool = True):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.causal = causal
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
@@ -100,7 +111,7 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat([past[0], k], dim=2)  # (B, nh, T_past + T, hs)
             v = torch.cat([past[1], v], dim=2)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=past is None,  # with a past: the explicit mask (or none, T=1)
+            q, k, v, attn_mask=mask, is_causal=self.causal and past is None,  # with a past: the explicit mask
             dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B * T, C)  # re-assemble the heads side by side
         y = self.c_proj(y)
@@ -122,10 +133,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = SelfAttention(config, causal)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -173,10 +184,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        hs = config.n_embd // config.n_head
-        if hs % 2:
-            raise ValueError(f"n_embd / n_head: the head size {hs} must be even for rotary positions")
-        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))  # (hs/2,)
+        inv_freq = inverse_frequencies(config.n_embd // config.n_head)  # (hs/2,)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, not saved
 
         init_gpt2_weights(self, config.n_layer)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from components.config import GPTConfig
+import itertools
+
 from components.models.mdlm import (MaskedDiffusion, MaskedDiffusionError, MaskedLM, check_steps, draw_tokens,
                                     unmask_counts)
 
@@ -13,9 +15,9 @@ V = 6                     # 5 real tokens + [MASK]
 MASK = V - 1
 
 
-def tiny_net(block_size: int = 16, seed: int = 0) -> MaskedLM:
+def tiny_net(block_size: int = 16, seed: int = 0, conv_kernel: int = 3) -> MaskedLM:
     torch.manual_seed(seed)
-    return MaskedLM(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size), V)
+    return MaskedLM(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=block_size), V, conv_kernel=conv_kernel)
 
 
 class CountingNet:
@@ -33,8 +35,9 @@ class CountingNet:
 # Network
 # ---------------------------------------------------------------------------
 
-def test_logits_cover_every_token_but_mask_and_attention_is_bidirectional():
-    net = tiny_net().eval()
+@pytest.mark.parametrize("conv_kernel", [0, 3])
+def test_logits_cover_every_token_but_mask_and_attention_is_bidirectional(conv_kernel):
+    net = tiny_net(conv_kernel=conv_kernel).eval()
     ids = torch.tensor([[0, 1, 2, MASK, 4, 3]])
     logits = net(ids)
     assert logits.shape == (1, 6, V - 1) and net.mask_id == MASK
@@ -95,12 +98,61 @@ def test_training_loss_weights_masked_positions_by_one_over_t():
         def forward(self, ids):
             return torch.zeros(*ids.shape, V - 1)
 
-    process = MaskedDiffusion(MASK, eps=1e-3)
     x0 = torch.zeros(256, 64, dtype=torch.long)
-    loss = process.training_loss(Uniform(), x0, torch.Generator().manual_seed(0))
+    loss = MaskedDiffusion(MASK, eps=1e-3, estimator="time").training_loss(Uniform(), x0, torch.Generator().manual_seed(0))
     assert loss.item() == pytest.approx(math.log(V - 1), rel=0.03)
-    bpc, _ = process.bits_per_char_bound(Uniform(), np.zeros(4096, dtype=np.int64), 64, draws=4)
-    assert bpc == pytest.approx(math.log2(V - 1), rel=0.03)
+    # the count form has no 1/t weight: every term is a mean of equal costs, so it is exact
+    loss = MaskedDiffusion(MASK).training_loss(Uniform(), x0, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(math.log(V - 1), rel=1e-6)
+    bpc, _ = MaskedDiffusion(MASK).bits_per_char_bound(Uniform(), np.zeros(4096, dtype=np.int64), 64, draws=4)
+    assert bpc == pytest.approx(math.log2(V - 1), rel=1e-6)
+
+
+def test_mask_exactly_masks_n_uniformly_chosen_positions_per_row():
+    process = MaskedDiffusion(MASK)
+    x0 = torch.randint(0, MASK, (16000, 8), generator=torch.Generator().manual_seed(0))
+    n = torch.arange(16000) % 8 + 1                                            # 1..8, all masked at 8
+    xt = process.mask_exactly(x0, n, torch.Generator().manual_seed(1))
+    assert torch.equal((xt == MASK).sum(1), n)
+    assert torch.equal(xt[xt != MASK], x0[xt != MASK])
+    share = (xt[n == 2] == MASK).float().mean(0)                              # each position alike: 2/8
+    assert torch.allclose(share, torch.full((8,), 0.25), atol=0.05)   # 5 sd
+
+
+def exact_nelbo_per_token(net, x0: torch.Tensor) -> float:
+    """The continuous-time NELBO of one short sequence by enumerating every masked set:
+    (1/L) * sum over n of E_{|S| = n} [mean over S of -log p(x_i | x_S masked)] (nats per token)."""
+    L = x0.numel()
+    total = 0.0
+    with torch.no_grad():
+        for n in range(1, L + 1):
+            sets = list(itertools.combinations(range(L), n))
+            xt = x0.repeat(len(sets), 1)
+            for row, S in enumerate(sets):
+                xt[row, list(S)] = MASK
+            nll = torch.nn.functional.cross_entropy(net(xt).transpose(1, 2), x0.repeat(len(sets), 1),
+                                                    reduction="none")
+            total += float(((nll * (xt == MASK)).sum(1) / n).mean())
+    return total / L
+
+
+def test_both_estimators_and_the_bound_agree_with_the_exact_elbo():
+    """The count form integrates t out: its mean must equal the time form's (and the exact value)."""
+    net = tiny_net(block_size=5, seed=4).eval()
+    with torch.no_grad():                                                     # make the network far from uniform
+        net.lm_head.weight.mul_(40)
+    x0 = torch.tensor([[0, 3, 1, 4, 2]])
+    exact = exact_nelbo_per_token(net, x0)
+    batch = x0.repeat(20000, 1)
+    with torch.no_grad():
+        count = MaskedDiffusion(MASK).training_loss(net, batch, torch.Generator().manual_seed(0)).item()
+        time_ = MaskedDiffusion(MASK, eps=1e-4, estimator="time").training_loss(
+            net, batch, torch.Generator().manual_seed(0)).item()
+    assert count == pytest.approx(exact, rel=0.01)
+    assert time_ == pytest.approx(exact, rel=0.05)                            # noisier: the 1/t weight
+    bpc, stderr = MaskedDiffusion(MASK).bits_per_char_bound(net, np.tile(x0[0].numpy(), 400), 5, draws=10)
+    assert bpc == pytest.approx(exact / math.log(2), rel=0.02) and stderr > 0
+    assert exact > 1.2 * math.log(V - 1) or exact < 0.8 * math.log(V - 1)    # a non-trivial check
 
 
 # ---------------------------------------------------------------------------
@@ -157,6 +209,17 @@ def test_a_mask_rate_outside_zero_one_is_refused(eps):
     with pytest.raises(MaskedDiffusionError, match=r"^masked.eps: ") as e:
         MaskedDiffusion(MASK, eps=eps)
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kernel", [-1, 2, 4, 2.5, True])
+def test_an_even_or_negative_convolution_width_is_refused(kernel):
+    with pytest.raises(MaskedDiffusionError, match=r"^masked.conv_kernel: must be 0 \(no convolution\) or an odd"):
+        MaskedLM(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8), V, conv_kernel=kernel)
+
+
+def test_an_unknown_estimator_is_refused():
+    with pytest.raises(MaskedDiffusionError, match=r"^masked.estimator: 'binomial' is not one of count, time"):
+        MaskedDiffusion(MASK, estimator="binomial")
 
 
 @pytest.mark.parametrize("steps", [0, -3, 2.5])

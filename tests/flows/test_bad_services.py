@@ -126,6 +126,22 @@ def test_unreachable_server_from_params_names_tracking_uri(project_root, tmp_pat
     assert list(work.iterdir()) == []
 
 
+def test_the_command_line_names_params_yaml_when_the_uri_came_from_it(project_root, tmp_path, monkeypatch,
+                                                                      capsys, saved_environ):
+    """The CLI hands params' URI to MLflow through MLFLOW_TRACKING_URI; the message still names params.yaml."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv(tracking.URI_FROM_PARAMS_ENV, raising=False)
+    monkeypatch.setenv("GENFLOW_TRACKING_RETRIES", "1")
+    uri = f"http://127.0.0.1:{free_port()}"
+    code, err = genflow_run(project_root, work, monkeypatch, capsys, "--set", f"tracking.tracking_uri={uri}")
+    assert code == 1
+    assert err == (f"genflow run: cannot reach MLflow at {uri} after 1 try; start the server or set "
+                   "tracking.tracking_uri in params.yaml")
+    assert list(work.iterdir()) == []
+
+
 def test_a_server_that_comes_back_is_reached_by_the_retry(tmp_path, monkeypatch):
     with FakeTrackingServer([503, 503, 200]) as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
