@@ -261,7 +261,43 @@ class DiffusionEngine(Engine):
         return np.rint((np.clip(x, -1.0, 1.0) + 1.0) / 2.0 * (levels - 1)).astype(np.uint8)
 
 
-class CausalLMEngine(Engine):
+class TextEngine(Engine):
+    """What the two language-model engines share: sampling defaults, the tokenizer, a text request."""
+
+    def __init__(self, folder: Path, config: dict, session: Any, provider: str):
+        super().__init__(folder, config, session, provider)
+        self.vocab_size, self.block_size = int(config["vocab_size"]), int(config["block_size"])
+        self.defaults = dict(config.get("sample") or {})
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from components.tokenizer import CharTokenizer  # numpy only
+
+            if not self.config.get("vocab"):
+                raise InferenceError(f"{self.name}: config.json has no vocab; it is not a text model")
+            self._tokenizer = CharTokenizer(self.config["vocab"])
+        return self._tokenizer
+
+    def text_request(self, prompt: Optional[str], length: Optional[int], temperature: Optional[float],
+                     top_k: Optional[int], count: int, default_length: int) -> tuple[np.ndarray, int, float, int]:
+        """(prompt ids, length, temperature, top_k): the arguments given, else the model's sample defaults."""
+        d = self.defaults
+        prompt = d.get("prompt", "") if prompt is None else prompt
+        length = int(length if length is not None else d.get("length", default_length))
+        temperature = float(temperature if temperature is not None else d.get("temperature", 1.0))
+        top_k = int(top_k if top_k is not None else d.get("top_k", 0))
+        if count < 1:
+            raise InferenceError(f"--count: must be at least 1, got {count}")
+        try:
+            start = self.tokenizer.encode(prompt, strict=True)
+        except ValueError as e:
+            raise InferenceError(f"--prompt: {e}") from None
+        return start, length, temperature, top_k
+
+
+class CausalLMEngine(TextEngine):
     """A GPT graph with a key/value cache: one graph for prefill (empty past) and decoding."""
 
     graph = "causal_lm"
@@ -269,10 +305,7 @@ class CausalLMEngine(Engine):
     def __init__(self, folder: Path, config: dict, session: Any, provider: str):
         super().__init__(folder, config, session, provider)
         c = config
-        self.vocab_size, self.block_size = int(c["vocab_size"]), int(c["block_size"])
         self.n_layer, self.n_head, self.head_dim = int(c["n_layer"]), int(c["n_head"]), int(c["head_dim"])
-        self.defaults = dict(c.get("sample") or {})
-        self._tokenizer = None
 
     # --- the network ---------------------------------------------------------
 
@@ -355,32 +388,11 @@ class CausalLMEngine(Engine):
 
     # --- text ----------------------------------------------------------------
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from components.tokenizer import CharTokenizer  # numpy only
-
-            if not self.config.get("vocab"):
-                raise InferenceError(f"{self.name}: config.json has no vocab; it is not a text model")
-            self._tokenizer = CharTokenizer(self.config["vocab"])
-        return self._tokenizer
-
     def sample_text(self, prompt: Optional[str] = None, *, length: Optional[int] = None, count: int = 1,
                     temperature: Optional[float] = None, top_k: Optional[int] = None, seed: int = 0) -> list[str]:
         """`count` texts, each the prompt followed by `length` generated characters."""
-        d = self.defaults
-        prompt = d.get("prompt", "") if prompt is None else prompt
-        length = int(length if length is not None else d.get("length", 256))
-        temperature = float(temperature if temperature is not None else d.get("temperature", 1.0))
-        top_k = int(top_k if top_k is not None else d.get("top_k", 0))
-        if count < 1:
-            raise InferenceError(f"--count: must be at least 1, got {count}")
-        tok = self.tokenizer
-        try:
-            start = tok.encode(prompt, strict=True)
-        except ValueError as e:
-            raise InferenceError(f"--prompt: {e}") from None
-        lead = 0
+        start, length, temperature, top_k = self.text_request(prompt, length, temperature, top_k, count, 256)
+        tok, lead = self.tokenizer, 0
         if len(start) == 0:  # no prompt: start from a document break, as the training text does
             start, lead = tok.encode("\n" if "\n" in tok.stoi else tok.vocab[0]), 1
         self.check_sampling(len(start), length, temperature, top_k)
@@ -436,7 +448,7 @@ def draw_tokens(logits: np.ndarray, u: np.ndarray, temperature: float = 1.0, top
     return np.minimum(ids, z.shape[-1] - 1).astype(np.int64)
 
 
-class MaskedLMEngine(Engine):
+class MaskedLMEngine(TextEngine):
     """A masked diffusion language model: the whole text is written in K parallel denoising steps.
 
     The graph maps ids with [MASK] (B, T) to logits over the other ids (B, T, V - 1); there is
@@ -447,11 +459,7 @@ class MaskedLMEngine(Engine):
 
     def __init__(self, folder: Path, config: dict, session: Any, provider: str):
         super().__init__(folder, config, session, provider)
-        c = config
-        self.vocab_size, self.block_size = int(c["vocab_size"]), int(c["block_size"])
-        self.mask_id = int(c.get("mask_id", self.vocab_size - 1))
-        self.defaults = dict(c.get("sample") or {})
-        self._tokenizer = None
+        self.mask_id = int(config.get("mask_id", self.vocab_size - 1))
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """ids (B, T) i64 with [MASK] -> logits (B, T, V - 1)."""
@@ -494,35 +502,15 @@ class MaskedLMEngine(Engine):
             x[rows, chosen] = tokens
         return x
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from components.tokenizer import CharTokenizer  # numpy only
-
-            if not self.config.get("vocab"):
-                raise InferenceError(f"{self.name}: config.json has no vocab; it is not a text model")
-            self._tokenizer = CharTokenizer(self.config["vocab"])
-        return self._tokenizer
-
     def sample_text(self, prompt: Optional[str] = None, *, length: Optional[int] = None, count: int = 1,
                     temperature: Optional[float] = None, top_k: Optional[int] = None, seed: int = 0,
                     steps: Optional[int] = None) -> list[str]:
         """`count` texts, each the prompt followed by `length` characters written in K = steps steps."""
-        d = self.defaults
-        prompt = d.get("prompt", "") if prompt is None else prompt
-        length = int(length if length is not None else d.get("length", self.block_size))
-        steps = int(steps if steps is not None else d.get("steps", 32))
-        temperature = float(temperature if temperature is not None else d.get("temperature", 1.0))
-        top_k = int(top_k if top_k is not None else d.get("top_k", 0))
-        if count < 1:
-            raise InferenceError(f"--count: must be at least 1, got {count}")
-        tok = self.tokenizer
-        try:
-            start = tok.encode(prompt, strict=True)
-        except ValueError as e:
-            raise InferenceError(f"--prompt: {e}") from None
+        start, length, temperature, top_k = self.text_request(prompt, length, temperature, top_k, count,
+                                                              self.block_size)
+        steps = int(steps if steps is not None else self.defaults.get("steps", 32))
         ids = self.generate(start, count, length, steps, temperature, top_k, seed=seed)
-        return [tok.decode(row) for row in ids]
+        return [self.tokenizer.decode(row) for row in ids]
 
 
 ENGINES: dict[str, type[Engine]] = {"denoiser": DiffusionEngine, "causal_lm": CausalLMEngine,

@@ -7,6 +7,7 @@
     matmul_peak_gflops(threads=2)           # a few large fp32 matmuls: what the cores can do at best
     step, items = make_train_step(net, config, batch_size=64)
     thread_scaling(step, items, threads=(1, 2))   # {1: items/s, 2: items/s}
+    median_seconds(lambda: sample(...))     # wall time of one call: the median of 3
 
 Resident memory is the whole process's (libraries, data, every model it holds), so `delta_mb`
 is the nearer figure for what one block adds; allocators keep freed memory, so a block that
@@ -17,6 +18,7 @@ torch is imported inside the functions that need it; peak_rss needs only the sta
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import threading
 import time
@@ -27,6 +29,17 @@ from typing import Callable, Iterator, Optional
 POLL_INTERVAL_S = 0.02       # resident memory is read this often while a block runs
 MATMUL_SIZE = 1024           # n of the n x n fp32 matmuls of the peak probe (2 n^3 = 2.1 GFLOP each)
 MATMUL_REPEATS = 10          # the best of this many timings is the peak
+TIMING_REPEATS = 3           # median_seconds: the median of this many runs
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = TIMING_REPEATS) -> float:
+    """Wall-clock seconds of fn(), the median of `repeats` runs (sampling-speed figures)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------

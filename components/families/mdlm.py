@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,12 @@ import numpy as np
 
 from components.config import GPTConfig, ModelConfig, Params
 from components.files import atomic_file, write_json, write_text
+from components.resources import median_seconds
 
 ELBO_DRAWS = 8                  # draws of t per test window for the bound (fixed seed)
 ELBO_SEED = 0
 DEFAULT_K_SWEEP = (8, 32, 128)  # used when eval.sampler_sweep names no kN entries
 SAMPLE_NGRAM_ORDER = 4          # the n-gram model that scores samples (quality proxy)
-TIMING_REPEATS = 3              # sampling-speed measurements: median of this many runs
 
 
 class MaskedLMFamilyError(ValueError):
@@ -212,14 +211,6 @@ def sample_text(net, config: dict, prompt: str, length: int, steps: int, *, num_
     return [tok.decode(row) for row in ids]
 
 
-def _median_seconds(fn, repeats: int = TIMING_REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
 
 def sweep_table(rows: list[dict[str, Any]], real_bpc: float, length: int) -> str:
     lines = [f"| K | ms/char (one sequence of {length}) | sample n-gram bits/char |", "|---:|---:|---:|"]
@@ -278,7 +269,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     with torch.no_grad():
         sample_text(net, config, "", 8, 2, **kw)                               # warm-up
         for K in sorted(set(ks) | {s.steps}):
-            secs = _median_seconds(lambda: sample_text(net, config, "", L, K, **kw))
+            secs = median_seconds(lambda: sample_text(net, config, "", L, K, **kw))
             free = sample_text(net, config, "", L, K, num_samples=n, **kw)
             bpc = float(np.mean([lm.bits_per_char(tok.encode(t)) for t in free]))
             rows.append({"steps": K, "ms_per_char": secs * 1e3 / L, "sample_ngram_bpc": bpc,

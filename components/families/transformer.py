@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,9 @@ import numpy as np
 
 from components.config import GPTConfig, ModelConfig, Params
 from components.files import atomic_file, write_json, write_text
+from components.resources import median_seconds
 
 TEXT_EVAL_STRIDE_DIVISOR = 4  # bits/char windows start every block_size // 4 characters
-TIMING_REPEATS = 3            # sampling-speed measurements: median of this many runs
 
 
 class ModelNotTrainedError(ValueError):
@@ -262,14 +261,6 @@ def sample_images(model, config: dict, labels: np.ndarray, *, temperature: float
     return (pixels / (levels - 1)).astype(np.float32)
 
 
-def _median_seconds(fn, repeats: int = TIMING_REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
 
 # ---------------------------------------------------------------------------
 # Likelihood of images
@@ -412,8 +403,8 @@ def _evaluate_text(key: str, m: ModelConfig, model, config: dict, root: Path) ->
     # Sampling speed: one sequence of `length` new characters, with and without the KV cache.
     with torch.no_grad():
         sample_text(model, config, s.prompt, 8, **kw)  # warm-up
-        cached = _median_seconds(lambda: sample_text(model, config, s.prompt, s.length, **kw))
-        nocache = _median_seconds(lambda: sample_text(model, config, s.prompt, s.length, use_cache=False, **kw))
+        cached = median_seconds(lambda: sample_text(model, config, s.prompt, s.length, **kw))
+        nocache = median_seconds(lambda: sample_text(model, config, s.prompt, s.length, use_cache=False, **kw))
     metrics["perf/sample_ms_per_token_cached"] = cached * 1e3 / s.length
     metrics["perf/sample_ms_per_token_nocache"] = nocache * 1e3 / s.length
     metrics["perf/sample_ms_per_item"] = metrics["perf/sample_ms_per_token_cached"]
