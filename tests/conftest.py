@@ -61,6 +61,34 @@ def session_tmp() -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_root(session_tmp):
+    """The digits, ingested and prepared once per test session (family and image-metric tests share it)."""
+    from components import data
+    from components.config import DatasetConfig
+
+    root = session_tmp / "digits-root"
+    if not (root / "data" / "prepared" / "digits" / "manifest.json").exists():
+        cfg = DatasetConfig(source="builtin:digits", kind="image", image_size=8, levels=17)
+        data.ingest("digits", cfg, root)
+        data.prepare("digits", cfg, root)
+    return root
+
+
+def make_imagefolder(folder: Path, counts: dict[str, int], size=(16, 16), seed=0) -> Path:
+    """One sub-folder per class with distinct random grey PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for cls, n in counts.items():
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            px = rng.integers(0, 256, size=(size[1], size[0]), dtype=np.uint8)
+            Image.fromarray(px, mode="L").save(folder / cls / f"img_{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def project_root() -> Path:
     return ROOT
 

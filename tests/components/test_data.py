@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from components import data
+from conftest import make_imagefolder
 from components.config import DatasetConfig, ImageValidationConfig, SplitConfig, TextValidationConfig
 from components.data import DataError
 
@@ -16,15 +17,6 @@ from components.data import DataError
 # helpers
 # ---------------------------------------------------------------------------
 
-def make_imagefolder(folder: Path, counts: dict[str, int], size=(16, 16), seed=0) -> Path:
-    """One sub-folder per class with distinct random grey PNGs."""
-    rng = np.random.default_rng(seed)
-    for cls, n in counts.items():
-        (folder / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            px = rng.integers(0, 256, size=(size[1], size[0]), dtype=np.uint8)
-            Image.fromarray(px, mode="L").save(folder / cls / f"img_{i}.png")
-    return folder
 
 
 def image_cfg(src: Path, **kw) -> DatasetConfig:

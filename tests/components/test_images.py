@@ -3,19 +3,8 @@ import numpy as np
 import pytest
 
 from components import data
-from components.config import DatasetConfig
 from components.evaluation import images as im
 
-
-@pytest.fixture(scope="session")
-def digits_root(session_tmp):
-    """The digits, ingested and prepared once per test session (shared with the family tests)."""
-    root = session_tmp / "digits-root"
-    if not (root / "data" / "prepared" / "digits" / "manifest.json").exists():
-        cfg = DatasetConfig(source="builtin:digits", kind="image", image_size=8, levels=17)
-        data.ingest("digits", cfg, root)
-        data.prepare("digits", cfg, root)
-    return root
 
 
 def unit(x):

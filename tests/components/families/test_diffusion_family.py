@@ -14,16 +14,6 @@ from components.models.diffusion import DiffusionInputError
 KEY = "tiny-unet"
 
 
-@pytest.fixture(scope="session")
-def digits_root(session_tmp):
-    """The digits, ingested and prepared once per test session (shared with the image-metric tests)."""
-    root = session_tmp / "digits-root"
-    if not (root / "data" / "prepared" / "digits" / "manifest.json").exists():
-        cfg = DatasetConfig(source="builtin:digits", kind="image", image_size=8, levels=17)
-        data.ingest("digits", cfg, root)
-        data.prepare("digits", cfg, root)
-    return root
-
 
 def tiny_params(**sample) -> Params:
     model = ModelConfig(
