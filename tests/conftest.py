@@ -74,6 +74,13 @@ def digits_root(session_tmp):
     return root
 
 
+def logged_steps(run_id: str, metric: str) -> list[int]:
+    """The steps at which `metric` was logged to run `run_id` of the session's MLflow store, in order."""
+    import mlflow
+
+    return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, metric))
+
+
 def make_imagefolder(folder: Path, counts: dict[str, int], size=(16, 16), seed=0) -> Path:
     """One sub-folder per class with distinct random grey PNGs."""
     import numpy as np

@@ -260,37 +260,26 @@ def test_a_run_that_writes_no_metrics_is_an_error(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_family_train_with_two_processes_launches_torchrun(session_tmp, capsys, monkeypatch):
-    from components import data
+def test_family_train_with_two_processes_launches_torchrun(digits_root, capsys, monkeypatch):
+    import mlflow
+    from conftest import logged_steps
+
     from components.config import DatasetConfig, DiffusionConfig, ModelConfig, UNetConfig
     from components.families import diffusion as fam
 
-    root = session_tmp / "digits-root"   # the same prepared digits as the diffusion family's tests
+    root = digits_root   # the same prepared digits as the diffusion family's tests
     dataset = DatasetConfig(source="builtin:digits", kind="image", image_size=8, levels=17)
-    if not (root / "data" / "prepared" / "digits" / "manifest.json").exists():
-        data.ingest("digits", dataset, root)
-        data.prepare("digits", dataset, root)
     model = ModelConfig(family="diffusion", backbone="unet", dataset="digits",
                         unet=UNetConfig(channels=[8, 16], time_dim=16, groups=4),
                         diffusion=DiffusionConfig(timesteps=10),
                         train=TrainConfig(max_steps=4, max_seconds=0, batch_size=8, warmup_steps=1, log_every=2,
                                           checkpoint_every=2, threads=1, processes=2))
     params = Params(datasets={"digits": dataset}, models={"tiny-ddp": model})
-    logged = []
-
-    class FakeMlflow:
-        @staticmethod
-        def active_run():
-            return object()
-
-        @staticmethod
-        def log_metric(name, value, step=None):
-            logged.append((name, step))
-    monkeypatch.setitem(sys.modules, "mlflow", FakeMlflow)
     for name in ("WORLD_SIZE", "RANK"):
         monkeypatch.delenv(name, raising=False)
 
-    metrics = fam.train("tiny-ddp", params, root)
+    with mlflow.start_run(run_name="ddp-test") as run:             # the session's SQLite store
+        metrics = fam.train("tiny-ddp", params, root)
     folder = root / "models" / "tiny-ddp"
     assert metrics == json.loads((folder / "train_metrics.json").read_text())
     assert metrics["perf/train_steps"] == 4 and metrics["perf/flops_per_item"] > 0
@@ -299,4 +288,4 @@ def test_family_train_with_two_processes_launches_torchrun(session_tmp, capsys, 
     out = capsys.readouterr().out
     assert out.count("tiny-ddp step 2/4 | loss") == 1              # rank 0's lines, streamed through
     assert "training on 2 processes (gloo)" in out
-    assert logged == [("train/loss", 2), ("train/loss", 4)]        # the curve, in the caller's MLflow run
+    assert logged_steps(run.info.run_id, "train/loss") == [2, 4]  # the curve, in the caller's MLflow run

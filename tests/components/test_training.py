@@ -1,6 +1,5 @@
 """The shared training loop: exact resume, EMA, schedule, budgets, checkpoints, logging."""
 import json
-import sys
 import time
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 from components.config import TrainConfig
 from components.training import CKPT_NAME, REPLAY_ENV, SCHEDULE_NAME, TrainResult, lr_at, train
+from conftest import logged_steps
 
 DATA = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
 
@@ -127,22 +127,14 @@ def test_time_budget_stops_training(tmp_path):
     assert (tmp_path / "ckpt" / CKPT_NAME).exists()
 
 
-def test_logs_lines_and_mlflow_metrics(tmp_path, capsys, monkeypatch):
-    logged = []
+def test_logs_lines_and_mlflow_metrics(tmp_path, capsys):
+    import mlflow
 
-    class FakeMlflow:
-        @staticmethod
-        def active_run():
-            return object()
-
-        @staticmethod
-        def log_metric(name, value, step=None):
-            logged.append((name, step))
-    monkeypatch.setitem(sys.modules, "mlflow", FakeMlflow)
-    train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8, name="tiny")
+    with mlflow.start_run(run_name="training-loop-test") as run:   # the session's SQLite store
+        train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8, name="tiny")
     out = capsys.readouterr().out
     assert "tiny step 5/20 | loss" in out and "items/s" in out and "ETA" in out
-    assert logged == [("train/loss", s) for s in (5, 10, 15, 20)]
+    assert logged_steps(run.info.run_id, "train/loss") == [5, 10, 15, 20]
 
 
 def test_threads_follow_the_config(tmp_path):
