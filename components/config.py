@@ -101,7 +101,7 @@ class DiffusionConfig:
 class MaskedDiffusionConfig:
     estimator: Literal["count", "time"] = "count"  # how the training loss draws the ELBO (models/mdlm.py)
     eps: float = 1e-3          # "time" estimator: smallest mask time drawn (avoids the 1/t pole at 0)
-    conv_kernel: int = 5       # width of the denoiser's local convolution over the input; 0: none
+    conv_kernel: int = 9       # width of the denoiser's local convolution over the input; 0: none
 
 
 @dataclass

@@ -40,7 +40,7 @@ from components.config import GPTConfig, ModelConfig, Params
 from components.files import atomic_file, write_json, write_text
 from components.resources import median_seconds
 
-ELBO_DRAWS = 8                  # draws of t per test window for the bound (fixed seed)
+ELBO_DRAWS = 8                  # draws of the masked count per test window for the bound (fixed seed)
 ELBO_SEED = 0
 DEFAULT_K_SWEEP = (8, 32, 128)  # used when eval.sampler_sweep names no kN entries
 SAMPLE_NGRAM_ORDER = 4          # the n-gram model that scores samples (quality proxy)
@@ -209,7 +209,6 @@ def sample_text(net, config: dict, prompt: str, length: int, steps: int, *, num_
     ids = process.sample(net, num_samples, length, steps, prompt=prompt_ids, temperature=temperature,
                          top_k=top_k, generator=gen)
     return [tok.decode(row) for row in ids]
-
 
 
 def sweep_table(rows: list[dict[str, Any]], real_bpc: float, length: int) -> str:

@@ -261,7 +261,6 @@ def sample_images(model, config: dict, labels: np.ndarray, *, temperature: float
     return (pixels / (levels - 1)).astype(np.float32)
 
 
-
 # ---------------------------------------------------------------------------
 # Likelihood of images
 # ---------------------------------------------------------------------------

@@ -5,19 +5,19 @@ independently, by a [MASK] token with probability t (linear schedule, alpha_t = 
 t = 0 nothing is masked and at t = 1 everything is. A bidirectional transformer (rotary
 positions) sees the partly masked sequence and predicts every position's token::
 
-    net = MaskedLM(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64), vocab_size=V + 1, conv_kernel=5)
+    net = MaskedLM(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64), V + 1, conv_kernel=9)
     logits = net(input_ids)    # (B, T) int64, id V is [MASK] -> (B, T, V): never predicts [MASK]
 
     process = MaskedDiffusion(mask_id=V)
     loss = process.training_loss(net, x0, generator)                    # continuous-time NELBO / token
-    ids = process.sample(net, batch=4, length=128, steps=32)            # K = 32 parallel steps
+    ids = process.sample(net, batch=4, length=64, steps=16)             # K = 16 parallel steps
 
 Loss (the continuous-time ELBO of the absorbing process, both papers' eq. for a linear schedule):
 ``E_{t ~ U(0, 1)} [ (1/t) * sum over masked positions i of -log p(x_i | x_t) ]``, divided by
 the sequence length; trained by default in its equivalent count form (t integrated out, see
-MaskedDiffusion), which has no 1/t weight and a much less noisy gradient. Positions that are not masked carry over unchanged, so only masked
-positions are scored ("SUBS" parameterisation); the network is not told t (MDLM shows the
-absorbing process does not need it).
+MaskedDiffusion), which has no 1/t weight and a much less noisy gradient. Positions that are
+not masked carry over unchanged, so only masked positions are scored ("SUBS"
+parameterisation); the network is not told t (MDLM shows the absorbing process does not need it).
 
 Sampling in K steps: the masked share goes from 1 to 0 on the grid t_k = k/K; from t to
 s = t - 1/K, the expected share (t - s)/t of the still-masked positions is unmasked, at
