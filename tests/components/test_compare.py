@@ -134,6 +134,27 @@ def test_quality_is_judged_against_the_best_simple_baseline():
     assert worse.verdict == DISAGREES
 
 
+MDLM_TEXT = {"train/loss": 2.3, "eval/bits_per_char": 3.3, "eval/bits_per_char_is_upper_bound": 1.0,
+             "baseline/ngram4_bits_per_char": 2.2, "baseline/ngram5_bits_per_char": 2.1, "perf/params": 9.6e5,
+             "perf/train_seconds": 270.0, "perf/train_items_per_s": 8000.0, "perf/flops_per_item": 6e6,
+             "perf/sample_ms_per_item": 2.4, "perf/sample_ms_per_item_k4": 0.6, "perf/sample_ms_per_item_k53": 7.9,
+             "eval/sample_ngram_bpc": 5.9, "eval/sample_ngram_bpc_k4": 6.3, "eval/sample_ngram_bpc_k53": 5.8}
+
+
+def test_the_masked_lm_sits_beside_pydoc_gpt_with_its_bound_marked_and_its_k_sweep_timed():
+    mdlm = result("pydoc-mdlm", MDLM_TEXT, sample__steps=16)
+    mdlm.backbone = "mdlm"
+    models = [result("pydoc-gpt", GPT_TEXT), mdlm]
+    quality = compare.row_quality("pydoc", models)
+    assert quality.cells["pydoc-mdlm"].startswith("3.3 bits/char (upper bound)")
+    assert "(upper bound)" not in quality.cells["pydoc-gpt"]
+    assert quality.verdict == MIXED             # the GPT beats the 5-gram, the masked model's bound does not
+    speed = compare.row_sampling_speed("pydoc", models)
+    assert [f"({n} steps)" in speed.cells["pydoc-mdlm"] for n in (4, 16, 53)] == [True, True, True]
+    assert speed.verdict == MIXED     # K=4 and K=16 beat the GPT's 3 ms/char, one character a step does not
+    assert "1 of 3 diffusion samplers slower than pydoc-gpt (3 ms/char): K=4 0.6, K=16 2.4, K=53 7.9" in speed.evidence
+
+
 def test_cost_counts_flops_per_image_and_the_share_of_the_peak():
     unet, gpt = result("digits-unet", UNET), result("digits-gpt", GPT_IMAGES)
     assert compare.train_flops_per_item(gpt) == 5e6 * 64          # per token x 64 pixels
