@@ -39,7 +39,8 @@ def _restore_mlflow_uri():
     """Some tests point MLflow's global tracking URI at a server or another store: put the session's back."""
     session_uri = os.environ.get("MLFLOW_TRACKING_URI", _SESSION_URI)
     yield
-    os.environ.pop("GENFLOW_TRACKING_URI_FROM_PARAMS", None)  # set by the CLI with params' tracking_uri
+    if "components.tracking" in sys.modules:  # the CLI sets it when params.yaml gave the tracking URI
+        os.environ.pop(sys.modules["components.tracking"].URI_FROM_PARAMS_ENV, None)
     if "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(session_uri)
 

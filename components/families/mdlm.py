@@ -178,7 +178,8 @@ def load_model(key: str, root: Path):
 
     ckpt = read_model_file(key, root, MaskedLMFamilyError, backbone="mdlm")
     config = ckpt["config"]
-    net = MaskedLM(GPTConfig(**config["gpt"]), config["vocab_size"], conv_kernel=config["masked"].get("conv_kernel", 0))
+    net = MaskedLM(GPTConfig(**config["gpt"]), config["vocab_size"],
+                   conv_kernel=config["masked"].get("conv_kernel", 0))
     try:
         net.load_state_dict(ckpt["state_dict"])
     except RuntimeError:

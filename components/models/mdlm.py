@@ -213,7 +213,8 @@ class MaskedDiffusion:
         masked = u < self.mask_rate(t)[:, None]                                # t=0: none, t=1: all
         return torch.where(masked, torch.full_like(x0, self.mask_id), x0)
 
-    def mask_exactly(self, x0: torch.Tensor, n: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def mask_exactly(self, x0: torch.Tensor, n: torch.Tensor,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """x0 (B, T) with exactly n[b] positions of row b, a uniformly random set, set to [MASK]."""
         ranks = torch.rand(x0.shape, generator=generator, device=x0.device).argsort(1).argsort(1)  # (B, T)
         return torch.where(ranks < n[:, None], torch.full_like(x0, self.mask_id), x0)
