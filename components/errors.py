@@ -1,0 +1,35 @@
+"""One root for every error a user can cause: the CLI prints its message as one line.
+
+    try:
+        ...
+    except GenflowError as e:   # bad params, bad data, a model or server that cannot do as asked
+        print(f"genflow: {e}")   # anything else is a bug and shows its traceback
+
+Each subclass also derives from the builtin a caller would expect (ValueError for bad input,
+RuntimeError for a service that failed), so ``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+
+class GenflowError(Exception):
+    """Something the user can fix; the message names the key, file or field and what to do."""
+
+
+class ConfigError(GenflowError, ValueError):
+    """params.yaml, a --set override or a command-line option is not valid."""
+
+
+class DataError(GenflowError, ValueError):
+    """A dataset cannot be read, validated or prepared; the message names the file and rule."""
+
+
+class ModelError(GenflowError, ValueError):
+    """A model cannot be built, trained, evaluated, exported or sampled as asked."""
+
+
+class RegistryError(GenflowError, ValueError):
+    """The MLflow model registry refused or does not hold what was asked."""
+
+
+class ServerError(GenflowError, RuntimeError):
+    """A service (MLflow, Prefect, a DVC remote, the model server) failed or cannot be reached."""
