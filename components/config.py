@@ -18,8 +18,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from components.errors import ConfigError
 
-class ParamsError(ValueError):
+
+class ParamsError(ConfigError):
     """params.yaml (or a --set override) is not valid; the message names the key."""
 
 
@@ -146,7 +148,7 @@ class EvalConfig:
 class ModelConfig:
     family: Literal["diffusion", "transformer"] = "diffusion"
     dataset: str = ""
-    backbone: Literal["unet", "dit", "gpt", "mdlm"] = "unet"
+    backbone: str = "unet"     # a name in components.families.base.BACKBONES
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     gpt: GPTConfig = field(default_factory=GPTConfig)
@@ -365,18 +367,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _check_links(params: Params) -> None:
+    from components.families.base import BACKBONES   # torch-free registry
+
     for key, m in params.models.items():
         if m.dataset not in params.datasets:
             raise ParamsError(f"models.{key}.dataset: unknown dataset {m.dataset!r}; "
                               f"known: {', '.join(params.datasets) or 'none'}")
+        if m.backbone not in BACKBONES:
+            raise ParamsError(f"models.{key}.backbone: expected one of {' | '.join(map(repr, BACKBONES))}, "
+                              f"got {m.backbone!r}")
+        entry = BACKBONES[m.backbone]
         kind = params.datasets[m.dataset].kind
-        want = {"unet": "image", "dit": "image", "mdlm": "text"}.get(m.backbone)
-        if want and want != kind:
+        if kind not in entry.data_kinds:
+            want = " or ".join(entry.data_kinds)
             raise ParamsError(f"models.{key}.backbone: {m.backbone} needs an {want} dataset, "
                               f"but {m.dataset} is {kind}")
-        fam = "transformer" if m.backbone == "gpt" else "diffusion"
-        if m.family != fam:
-            raise ParamsError(f"models.{key}.family: backbone {m.backbone} is a {fam} model, not {m.family}")
+        if m.family != entry.family_name:
+            raise ParamsError(f"models.{key}.family: backbone {m.backbone} is a {entry.family_name} model, "
+                              f"not {m.family}")
     for name, d in params.datasets.items():
         if ":" not in d.source:
             raise ParamsError(f"datasets.{name}.source: {d.source!r} is not KIND:VALUE "

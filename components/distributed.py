@@ -39,12 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from components.errors import ConfigError
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]   # holds components/ and flows/: the child's import path
 # torchrun's agent reporting a failed rank, e.g. "E1127 01:12:15.383000 28120 .../elastic/multiprocessing/api.py:1002]"
 AGENT_FAILURE = re.compile(r"^[EW]\d{4} [\d:.]+ \d+ \S*torch/distributed/elastic/")
 
 
-class DistributedError(ValueError):
+class DistributedError(ConfigError):
     """Distributed training cannot run as asked; the message names the setting and what to do."""
 
 
@@ -318,9 +320,9 @@ def _log_loss_curve(model_dir: Path) -> None:
         return
     import torch
 
-    from components.training import CKPT_NAME
+    from components.layout import CHECKPOINT_DIR, CHECKPOINT_NAME
 
-    path = model_dir / "ckpt" / CKPT_NAME
+    path = model_dir / CHECKPOINT_DIR / CHECKPOINT_NAME
     if not path.exists():
         return
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -34,29 +34,23 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from components.config import ExportConfig
+from components.errors import ModelError
+from components.families.base import ATTENTION_MIN_OPSET, BACKBONES, Backbone, backbone_of_class  # noqa: F401
 from components.files import replaced_dir
 
 EXPORT_FORMAT = 1          # version of the exported folder's layout (config.json "format")
 TORCHSCRIPT_MAX_OPSET = 20
-ATTENTION_MIN_OPSET = 23   # opset of the ONNX Attention op
-
-# backbone -> (graph kind, exporter, minimum opset); the opset is max(export.opset, minimum)
-PLANS: dict[str, tuple[str, str, int]] = {
-    "unet": ("denoiser", "torchscript", 0),
-    "dit": ("denoiser", "torchscript", 0),
-    "gpt": ("causal_lm", "dynamo", ATTENTION_MIN_OPSET),
-    "mdlm": ("masked_lm", "dynamo", ATTENTION_MIN_OPSET),
-}
-FAMILIES = {"unet": "diffusion", "dit": "diffusion", "gpt": "transformer", "mdlm": "diffusion"}
+# Each backbone's export plan (graph kind, exporter, minimum opset) is its registry entry:
+# components.families.base.BACKBONES; the opset is max(export.opset, its min_opset).
 SAMPLE_KEYS = ("sampler", "steps", "eta", "guidance", "temperature", "top_k", "length", "prompt")
 
 
-class ExportError(ValueError):
+class ExportError(ModelError):
     """The model cannot be exported as asked; the message names the field or file."""
 
 
@@ -73,12 +67,13 @@ def _find(config: dict, key: str, *sections: str, default: Any = None) -> Any:
     return config[key] if config.get(key) is not None else default
 
 
-def backbone_of(model: Any, config: dict) -> str:
-    backbone = config.get("backbone") or {"UNet": "unet", "DiT": "dit", "GPT": "gpt",
-                                           "MaskedLM": "mdlm"}.get(type(model).__name__)
-    if backbone not in PLANS:
-        raise ExportError(f"config.backbone: {backbone!r} has no ONNX export; known: {', '.join(PLANS)}")
-    return backbone
+def backbone_of(model: Any, config: dict) -> Backbone:
+    """The registry entry of the network: config["backbone"], else the network's class."""
+    name = config.get("backbone")
+    entry = BACKBONES.get(name) if name else backbone_of_class(type(model).__name__)
+    if entry is None:
+        raise ExportError(f"config.backbone: {name!r} has no ONNX export; known: {', '.join(BACKBONES)}")
+    return entry
 
 
 # ---------------------------------------------------------------------------
@@ -122,11 +117,12 @@ def _wrap(kind: str, net: Any) -> Any:
     return {"denoiser": lambda n: n, "causal_lm": CausalLMGraph, "masked_lm": MaskedLMGraph}[kind](net)
 
 
-def graph_spec(backbone: str, net: Any, config: dict) -> GraphSpec:
-    """Example inputs, names and dynamic axes for one network, plus what the engine must know."""
+def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec:
+    """Example inputs, names and dynamic axes for one network (a backbone name or registry entry),
+    plus what the engine must know."""
     import torch
 
-    kind = PLANS[backbone][0]
+    kind = (BACKBONES[entry] if isinstance(entry, str) else entry).graph
     sample = {k: v for k, v in (config.get("sample") or {}).items() if k in SAMPLE_KEYS}
     if kind == "denoiser":
         size = int(getattr(net, "image_size", None) or _find(config, "image_size", "data", "dataset", default=0))
@@ -368,8 +364,8 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
     import torch
 
     t0 = time.perf_counter()
-    backbone = backbone_of(model, config)
-    kind, plan_exporter, min_opset = PLANS[backbone]
+    entry = backbone_of(model, config)
+    kind, plan_exporter, min_opset = entry.graph, entry.exporter, entry.min_opset
     if exporter not in (None, "torchscript", "dynamo"):
         raise ExportError(f"exporter: expected 'torchscript' or 'dynamo', got {exporter!r}")
     if opset is None:
@@ -390,7 +386,7 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
     final = Path(root) / "exports" / key
     try:
         with replaced_dir(final) as tmp:   # a reader sees the old export or the new one, never a mix
-            spec = graph_spec(backbone, net, config)
+            spec = graph_spec(entry, net, config)
             spec.module.eval()
             model_path = tmp / "model.onnx"
             try:
@@ -412,8 +408,8 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
             import onnxruntime
 
             engine_config = {
-                "format": EXPORT_FORMAT, "key": key, "family": config.get("family") or FAMILIES[backbone],
-                "backbone": backbone,
+                "format": EXPORT_FORMAT, "key": key, "family": config.get("family") or entry.family_name,
+                "backbone": entry.name,
                 "graph": kind, "kind": spec.info.pop("kind", "image"),
                 "files": {"model": "model.onnx"}, "inputs": inputs, "outputs": outputs,
                 "opset": file_opset, "exporter": exporter,

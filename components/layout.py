@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Union
 
 
+CHECKPOINT_DIR = "ckpt"       # models/<key>/ckpt/last.pt: the resumable training checkpoint
+CHECKPOINT_NAME = "last.pt"
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -41,6 +45,9 @@ class Layout:
 
     def model_file(self, key: str) -> Path:
         return self.model_dir(key) / "model.pt"
+
+    def checkpoint_file(self, key: str) -> Path:
+        return self.model_dir(key) / CHECKPOINT_DIR / CHECKPOINT_NAME
 
     def report_dir(self, key: str) -> Path:
         return self.root / "reports" / key

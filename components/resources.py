@@ -5,7 +5,7 @@
     mem.peak_mb, mem.delta_mb               # the peak, and how far it rose above the start
 
     matmul_peak_gflops(threads=2)           # a few large fp32 matmuls: what the cores can do at best
-    step, items = make_train_step(net, config, batch_size=64)
+    step, items = probe_train_step(net, config, batch_size=64)   # components.families.base
     thread_scaling(step, items, threads=(1, 2))   # {1: items/s, 2: items/s}
     median_seconds(lambda: sample(...))     # wall time of one call: the median of 3
 
@@ -157,60 +157,6 @@ def matmul_peak_gflops(threads: Optional[int] = None, n: int = MATMUL_SIZE,
             a @ b
             best = min(best, time.perf_counter() - t)
     return 2.0 * n**3 / best / 1e9
-
-
-def make_train_step(net, config: dict, batch_size: int, lr: float = 1e-4) -> tuple[Callable[[], None], int]:
-    """One optimiser step of the model's own training loss on random data: (step(), items per step).
-
-    `config` is the dict saved with the weights (models/<key>/model.pt). Items are images for
-    image diffusion and tokens for the GPT and the masked language model, as in
-    perf/train_items_per_s. The data are random: only the cost of a step is of interest.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    gen = torch.Generator().manual_seed(0)
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr)
-    B, backbone = batch_size, config.get("backbone")
-
-    if backbone in ("unet", "dit"):
-        from components.families.diffusion import make_diffusion
-
-        diffusion = make_diffusion(config)
-        s, c = config["image_size"], config.get("channels", 1)
-        x0 = torch.rand(B, c, s, s, generator=gen) * 2 - 1                       # (B, C, H, W) in [-1, 1]
-        y = torch.randint(config["num_classes"], (B,), generator=gen)            # (B,)
-
-        def loss() -> torch.Tensor:
-            return diffusion.training_loss(net, x0, y, gen)
-        items = B
-    elif backbone == "gpt":
-        T = config["gpt"]["block_size"] if config.get("kind") == "text" else config["image_size"] ** 2
-        seq = torch.randint(config["vocab_size"], (B, T + 1), generator=gen)    # (B, T + 1)
-
-        def loss() -> torch.Tensor:
-            logits, _ = net(seq[:, :-1], use_cache=False)                        # (B, T, V)
-            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), seq[:, 1:].reshape(-1))
-        items = B * T
-    elif backbone == "mdlm":
-        from components.models.mdlm import MaskedDiffusion
-
-        process = MaskedDiffusion(config["mask_id"], config["masked"]["eps"])
-        T = config["gpt"]["block_size"]
-        seq = torch.randint(config["mask_id"], (B, T), generator=gen)            # (B, T), no [MASK] ids
-
-        def loss() -> torch.Tensor:
-            return process.training_loss(net, seq, gen)
-        items = B * T
-    else:
-        raise ValueError(f"backbone {backbone!r}: no training step known; expected unet, dit, gpt or mdlm")
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss().backward()
-        opt.step()
-    return step, items
 
 
 def training_throughput(step: Callable[[], None], items_per_step: int, threads: int, *,

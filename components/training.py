@@ -44,9 +44,11 @@ import torch
 
 from components import distributed, interrupt
 from components.config import TrainConfig
+from components.errors import ConfigError
 from components.files import atomic_file, write_json
+from components.layout import CHECKPOINT_DIR, CHECKPOINT_NAME
 
-CKPT_NAME = "last.pt"
+CKPT_NAME = CHECKPOINT_NAME
 SCHEDULE_NAME = "schedule.json"
 REPLAY_ENV = "GENFLOW_REPLAY_SCHEDULE"
 
@@ -94,10 +96,10 @@ def load_replay(path: Optional[str] = None) -> Optional[list[float]]:
     try:
         lrs = json.loads(Path(path).read_text())["lrs"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{REPLAY_ENV}={path}: not a readable schedule.json ({e}); "
+        raise ConfigError(f"{REPLAY_ENV}={path}: not a readable schedule.json ({e}); "
                          "unset it to train on the params' own budget") from None
     if not lrs:
-        raise ValueError(f"{REPLAY_ENV}={path}: the schedule has no steps")
+        raise ConfigError(f"{REPLAY_ENV}={path}: the schedule has no steps")
     return [float(x) for x in lrs]
 
 
@@ -147,21 +149,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def read_model_file(key: str, root: Path, error: type[Exception], backbone: Optional[str] = None) -> dict:
-    """models/<key>/model.pt as {"state_dict", "config"}; `error` with one line when it is missing
-    or (with `backbone`) holds another kind of network."""
-    path = Path(root) / "models" / key / "model.pt"
-    if not path.exists():
-        raise error(f"models/{key}/model.pt: not found; run `genflow stage train {key}` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    found = ckpt.get("config", {}).get("backbone")
-    if backbone is not None and found != backbone:
-        article = "an" if backbone[0] in "aeiou" else "a"
-        raise error(f"models/{key}/model.pt: holds a {found!r} model, not {article} {backbone}; "
-                    f"retrain it with `genflow stage train {key}`")
-    return ckpt
-
-
 def load_resumable(path: Path, fingerprint: str, log: Callable[[str], None]) -> Optional[dict]:
     """The checkpoint at `path` if it belongs to this run and is unfinished, else None."""
     if not path.exists():
@@ -204,12 +191,12 @@ def train(model: torch.nn.Module,
     (and the same caller `fingerprint`, e.g. a data hash) is resumed.
     """
     if cfg.max_steps < 1:
-        raise ValueError(f"train.max_steps: must be at least 1, got {cfg.max_steps}")
+        raise ConfigError(f"train.max_steps: must be at least 1, got {cfg.max_steps}")
     world = distributed.join(model)   # rank 0 of 1, unless started by torchrun with WORLD_SIZE > 1
     torch.set_num_threads(world.threads(cfg.threads))
     torch.use_deterministic_algorithms(True, warn_only=True)   # same seed, same threads -> same weights
     replay = load_replay()
-    ckpt_path = Path(out_dir) / "ckpt" / CKPT_NAME
+    ckpt_path = Path(out_dir) / CHECKPOINT_DIR / CHECKPOINT_NAME
 
     def log(msg: str) -> None:
         if world.main:  # one voice for all ranks

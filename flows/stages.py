@@ -3,23 +3,15 @@ Prefect flow all call these. Each one reads params, calls one component, returns
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Callable
 
 from components.config import Params, ParamsError
+from components.families.base import family_of
 
 DATASET_STAGES = ("ingest", "validate", "prepare")
 MODEL_STAGES = ("train", "evaluate", "export")
 STAGES = DATASET_STAGES + MODEL_STAGES
-
-_FAMILY_MODULE = {"unet": "diffusion", "dit": "diffusion", "gpt": "transformer", "mdlm": "mdlm"}
-
-
-def family_module(params: Params, key: str):
-    """The components.families module that trains and evaluates model ``key``."""
-    backbone = params.model(key).backbone
-    return importlib.import_module(f"components.families.{_FAMILY_MODULE[backbone]}")
 
 
 def ingest(params: Params, name: str, root: Path) -> dict:
@@ -43,17 +35,19 @@ def prepare(params: Params, name: str, root: Path) -> dict:
 
 
 def train(params: Params, key: str, root: Path) -> dict:
-    return family_module(params, key).train(key, params, root)
+    from components.families import base
+
+    return base.train(key, params, root)
 
 
 def evaluate(params: Params, key: str, root: Path) -> dict:
-    return family_module(params, key).evaluate(key, params, root)
+    return family_of(params, key).evaluate(key, params, root)
 
 
 def export(params: Params, key: str, root: Path) -> dict:
     from components import export as onnx_export
 
-    model, config = family_module(params, key).load_model(key, root)
+    model, config = family_of(params, key).load_model(key, root)
     return onnx_export.export_model(key, model, config, params.export, root)
 
 
@@ -83,7 +77,7 @@ def evaluate_registered(params: Params, key: str, run_id: str, root: Path) -> di
         client = mlflow.MlflowClient(check_tracking(root, params))
         got = client.download_artifacts(run_id, "checkpoint/model.pt", str(scratch / "dl"))
         shutil.move(got, model_dir / "model.pt")
-        return family_module(params, key).evaluate(key, params, scratch)
+        return family_of(params, key).evaluate(key, params, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

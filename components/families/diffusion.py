@@ -16,13 +16,16 @@ import importlib
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from components import config as config_module
-from components.config import ModelConfig, Params, hash_json
-from components.files import atomic_file, write_json, write_text
+from components.config import ModelConfig, Params
+from components.errors import ModelError
+from components.families import base
+from components.files import write_json, write_text
+from components.layout import Layout
 
 # backbone name -> (module, class, params section holding its shape, config dataclass)
 BACKBONES: dict[str, tuple[str, str, str, str]] = {
@@ -31,19 +34,24 @@ BACKBONES: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-class DiffusionFamilyError(ValueError):
+class DiffusionFamilyError(ModelError):
     """A diffusion model cannot be trained, evaluated or loaded as asked; the message says why."""
 
 
 # ---------------------------------------------------------------------------
-# Config dict and network
+# The Family contract (components/families/base.py): spec, network, batches, loss, cost
 # ---------------------------------------------------------------------------
 
-def model_config(key: str, mc: ModelConfig, manifest: dict) -> dict[str, Any]:
-    """The plain, JSON-able description saved with the weights (all that is needed to rebuild them)."""
+def check(key: str, mc: ModelConfig) -> None:
+    """Refuse a model this family cannot train, in one line, before any data is read."""
     if mc.family != "diffusion" or mc.backbone not in BACKBONES:
         raise DiffusionFamilyError(f"models.{key}.backbone: {mc.backbone!r} is not an image diffusion backbone; "
                                    f"known: {', '.join(BACKBONES)}")
+
+
+def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path] = None) -> dict[str, Any]:
+    """The model spec saved with the weights: plain JSON, all that is needed to rebuild them."""
+    check(key, mc)
     if manifest.get("kind") != "image":
         raise DiffusionFamilyError(f"models.{key}.dataset: {mc.dataset} holds {manifest.get('kind')}, "
                                    "an image diffusion model needs images")
@@ -57,7 +65,7 @@ def model_config(key: str, mc: ModelConfig, manifest: dict) -> dict[str, Any]:
 
 
 def build_network(config: dict[str, Any]):
-    """A freshly initialised network for a config dict (from model_config or a model.pt)."""
+    """A freshly initialised network for a model spec (from model_config or a model.pt)."""
     module, cls, section, cfg_cls = BACKBONES[config["backbone"]]
     try:
         net_cls = getattr(importlib.import_module(module), cls)
@@ -85,15 +93,38 @@ def model_to_unit(x: np.ndarray, levels: int) -> np.ndarray:
     return (np.round(unit * (levels - 1)) / (levels - 1)).astype(np.float32)
 
 
+def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path):
+    """(get_batch(step, gen) -> (images (B, 1, H, W) in [-1, 1], labels (B,)), images per batch)."""
+    import torch
+
+    from components.data import load_images
+
+    x, y = load_images(mc.dataset, "train", root)
+    x0 = torch.from_numpy(levels_to_model(x, config["levels"]))              # (N, 1, H, W) in [-1, 1]
+    labels = torch.from_numpy(y.astype(np.int64))                            # (N,)
+    B = mc.train.batch_size
+
+    def get_batch(step: int, gen: torch.Generator):
+        idx = torch.randint(len(x0), (B,), generator=gen)
+        return x0[idx], labels[idx]
+    return get_batch, B
 
 
+def loss_fn(config: dict[str, Any]):
+    """The DDPM loss: noise-prediction MSE at a random timestep, labels dropped at p_uncond."""
+    diffusion = make_diffusion(config)
+
+    def loss(model, batch, gen):
+        return diffusion.training_loss(model, batch[0], batch[1], gen)
+    return loss
 
 
-def flops_per_item(net, diffusion, config: dict[str, Any], batch: int = 2) -> float:
+def flops_per_item(net, config: dict[str, Any], batch: int = 2) -> float:
     """FLOPs of one training step (forward + backward) per image, counted by torch's FlopCounterMode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    diffusion = make_diffusion(config)
     s, c = config["image_size"], config["channels"]
     x0 = torch.zeros(batch, c, s, s)
     y = torch.zeros(batch, dtype=torch.long)
@@ -103,73 +134,23 @@ def flops_per_item(net, diffusion, config: dict[str, Any], batch: int = 2) -> fl
     return counter.get_total_flops() / batch
 
 
-# ---------------------------------------------------------------------------
-# Train
-# ---------------------------------------------------------------------------
-
-def train(key: str, params: Params, root: Path) -> dict[str, float]:
-    """Train params.models[key] on its prepared dataset; write models/<key>/model.pt and train_metrics.json."""
+def probe_step(net, config: dict[str, Any], batch_size: int, gen):
+    """(loss() of a training step on random images of the model's shape, images per step)."""
     import torch
 
-    from components import distributed
-    from components.data import load_images, load_manifest
-    from components.resources import peak_rss
-    from components.training import train as run_training
-
-    root = Path(root)
-    mc = params.model(key)
-    if distributed.should_launch(mc.train.processes):   # train.processes > 1: rerun under torchrun
-        return distributed.launch_params(key, params, root)
-    manifest = load_manifest(mc.dataset, root)
-    config = model_config(key, mc, manifest)
-    x, y = load_images(mc.dataset, "train", root)
-
-    torch.manual_seed(mc.train.seed)  # the initial weights are part of the run's seed
-    net = build_network(config)
     diffusion = make_diffusion(config)
-    x0 = torch.from_numpy(levels_to_model(x, config["levels"]))              # (N, 1, H, W) in [-1, 1]
-    labels = torch.from_numpy(y.astype(np.int64))                            # (N,)
-    B = mc.train.batch_size
-
-    def get_batch(step: int, gen: torch.Generator):
-        idx = torch.randint(len(x0), (B,), generator=gen)
-        return x0[idx], labels[idx]
-
-    def loss_fn(model, batch, gen: torch.Generator):
-        return diffusion.training_loss(model, batch[0], batch[1], gen)
-
-    out_dir = root / "models" / key
-    data_id = hash_json([manifest.get("files", {}), config])  # resume only onto the same data and model
-    with peak_rss() as mem:  # resident memory while training (perf/peak_rss_train_mb)
-        ema_net, result = run_training(net, get_batch, loss_fn, mc.train, out_dir, items_per_batch=B,
-                                       name=key, fingerprint=data_id)
-    if not distributed.is_main_process():   # several processes: rank 0 writes the model and metrics
-        return {}
-
-    with atomic_file(out_dir / "model.pt") as tmp:
-        torch.save({"state_dict": ema_net.state_dict(), "config": config}, tmp)
-
-    metrics = {"train/loss": result.final_loss,
-               "perf/train_seconds": result.seconds,
-               "perf/train_items_per_s": result.items_per_s,
-               "perf/train_steps": float(result.steps),
-               "perf/params": float(sum(p.numel() for p in net.parameters())),
-               "perf/flops_per_item": flops_per_item(net, diffusion, config),
-               "perf/peak_rss_train_mb": mem.peak_mb,
-               "perf/peak_rss_train_delta_mb": mem.delta_mb}
-    write_json(out_dir / "train_metrics.json", metrics)
-    return metrics
+    s, c = config["image_size"], config.get("channels", 1)
+    x0 = torch.rand(batch_size, c, s, s, generator=gen) * 2 - 1                # (B, C, H, W) in [-1, 1]
+    y = torch.randint(config["num_classes"], (batch_size,), generator=gen)     # (B,)
+    return (lambda: diffusion.training_loss(net, x0, y, gen)), batch_size
 
 
 def load_model(key: str, root: Path):
-    """(network with the trained EMA weights in eval mode, its config dict) from models/<key>/model.pt."""
-    from components.training import read_model_file
+    """(network with the trained EMA weights in eval mode, its model spec) from models/<key>/model.pt."""
+    return base.load_model(key, root, DiffusionFamilyError, tuple(BACKBONES))
 
-    ckpt = read_model_file(key, root, DiffusionFamilyError)
-    config = ckpt["config"]
-    net = build_network(config)
-    net.load_state_dict(ckpt["state_dict"])
-    return net.eval(), config
+
+train = base.train   # the one training entry (components/families/base.py)
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +268,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     baselines = image_baselines(config["dataset"], root, n=n, seed=0)
     metrics.update(baselines)
 
-    out = root / "reports" / key
+    out = Layout(root).report_dir(key)
     save_grid(class_rows(samples, labels, config["num_classes"]), out / "samples.png", nrow=10)
     write_json(out / "sampling.json", {"num_samples": n, "guidance": s.guidance, "eta": s.eta,
                                         "headline": {"sampler": s.sampler, "steps": s.steps},

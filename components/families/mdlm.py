@@ -27,7 +27,6 @@ Evaluation, next to pydoc-gpt's numbers on the same split:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import time
@@ -37,7 +36,10 @@ from typing import Any
 import numpy as np
 
 from components.config import GPTConfig, ModelConfig, Params
-from components.files import atomic_file, write_json, write_text
+from components.errors import ModelError
+from components.families import base
+from components.files import write_json, write_text
+from components.layout import Layout
 from components.resources import median_seconds
 
 ELBO_DRAWS = 8                  # draws of the masked count per test window for the bound (fixed seed)
@@ -46,7 +48,7 @@ DEFAULT_K_SWEEP = (8, 32, 128)  # used when eval.sampler_sweep names no kN entri
 SAMPLE_NGRAM_ORDER = 4          # the n-gram model that scores samples (quality proxy)
 
 
-class MaskedLMFamilyError(ValueError):
+class MaskedLMFamilyError(ModelError):
     """A masked diffusion language model cannot be trained, evaluated or loaded as asked; one line."""
 
 
@@ -100,15 +102,75 @@ def _tokenizer(manifest: dict, train_text: str):
 
 
 # ---------------------------------------------------------------------------
-# Train
+# The Family contract (components/families/base.py): spec, network, batches, loss, cost
 # ---------------------------------------------------------------------------
 
-def flops_per_token(net, T: int) -> float:
-    """Forward + backward FLOPs per token at length T (SDPA's math backend so attention counts)."""
+check = check_settings
+
+
+def model_config(key: str, m: ModelConfig, manifest: dict, root: Path) -> dict[str, Any]:
+    """The model spec: the network's shape, the process settings and the vocabulary (+ [MASK])."""
+    from components import data
+
+    if manifest.get("kind") != "text":
+        raise MaskedLMFamilyError(f"models.{key}.dataset: {m.dataset} holds {manifest.get('kind')}, "
+                                  "a masked diffusion language model needs text")
+    tok = _tokenizer(manifest, data.load_text(m.dataset, "train", root))
+    vocab_size = tok.vocab_size + 1                                            # characters, unknown, [MASK]
+    return {"family": "diffusion", "backbone": "mdlm", "kind": "text", "model": key,
+            "dataset": m.dataset, "gpt": dataclasses.asdict(m.gpt),
+            "masked": dataclasses.asdict(m.masked), "sample": dataclasses.asdict(m.sample),
+            "vocab": tok.vocab, "vocab_size": vocab_size, "mask_id": vocab_size - 1}
+
+
+def build_network(config: dict[str, Any]):
+    from components.models.mdlm import MaskedLM
+
+    return MaskedLM(GPTConfig(**config["gpt"]), config["vocab_size"],
+                    conv_kernel=config["masked"].get("conv_kernel", 0))
+
+
+def _process(config: dict[str, Any]):
+    from components.models.mdlm import MaskedDiffusion
+
+    return MaskedDiffusion(config["mask_id"], config["masked"]["eps"], config["masked"].get("estimator", "count"))
+
+
+def training_data(key: str, m: ModelConfig, config: dict[str, Any], root: Path):
+    """(get_batch(step, gen) -> windows (B, T) of the train text, tokens per batch)."""
+    import torch
+
+    from components import data
+
+    tok = _tokenizer(config, "")
+    T, B = m.gpt.block_size, m.train.batch_size
+    ids = torch.from_numpy(tok.encode(data.load_text(m.dataset, "train", root)))   # (N,)
+    if len(ids) < T + 1:
+        raise MaskedLMFamilyError(f"datasets.{m.dataset}: the train split has {len(ids)} characters, fewer "
+                                  f"than models.{key}.gpt.block_size + 1 = {T + 1}; lower block_size or add text")
+    windows = ids.unfold(0, T, 1)                                              # (N - T + 1, T) view
+
+    def get_batch(step: int, gen: torch.Generator):
+        return windows[torch.randint(len(windows), (B,), generator=gen)]       # (B, T)
+    return get_batch, B * T
+
+
+def loss_fn(config: dict[str, Any]):
+    """The negative ELBO of the absorbing process, in nats per token (masked.estimator picks the draw)."""
+    process = _process(config)
+
+    def loss(model, batch, gen):
+        return process.training_loss(model, batch, gen)
+    return loss
+
+
+def flops_per_item(net, config: dict[str, Any]) -> float:
+    """Forward + backward FLOPs per token at length block_size (SDPA's math backend so attention counts)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    T = config["gpt"]["block_size"]
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
         net(torch.zeros(1, T, dtype=torch.long)).logsumexp(-1).sum().backward()
@@ -116,76 +178,22 @@ def flops_per_token(net, T: int) -> float:
     return counter.get_total_flops() / T
 
 
-def train(key: str, params: Params, root: Path) -> dict[str, float]:
-    """Train params.models[key] on its prepared text; write models/<key>/model.pt and train_metrics.json."""
+def probe_step(net, config: dict[str, Any], batch_size: int, gen):
+    """(loss() of a training step on random text windows, tokens per step)."""
     import torch
 
-    from components import data, training
-    from components.models.mdlm import MaskedDiffusion, MaskedLM
-
-    root = Path(root)
-    m = params.model(key)
-    check_settings(key, m)
-    manifest = data.load_manifest(m.dataset, root)
-    if manifest.get("kind") != "text":
-        raise MaskedLMFamilyError(f"models.{key}.dataset: {m.dataset} holds {manifest.get('kind')}, "
-                                  "a masked diffusion language model needs text")
-    train_text = data.load_text(m.dataset, "train", root)
-    tok = _tokenizer(manifest, train_text)
-    T, B = m.gpt.block_size, m.train.batch_size
-    ids = torch.from_numpy(tok.encode(train_text))                             # (N,)
-    if len(ids) < T + 1:
-        raise MaskedLMFamilyError(f"datasets.{m.dataset}: the train split has {len(ids)} characters, fewer "
-                                  f"than models.{key}.gpt.block_size + 1 = {T + 1}; lower block_size or add text")
-    windows = ids.unfold(0, T, 1)                                              # (N - T + 1, T) view
-    vocab_size = tok.vocab_size + 1                                            # characters, unknown, [MASK]
-    config: dict[str, Any] = {"family": "diffusion", "backbone": "mdlm", "kind": "text", "model": key,
-                              "dataset": m.dataset, "gpt": dataclasses.asdict(m.gpt),
-                              "masked": dataclasses.asdict(m.masked), "sample": dataclasses.asdict(m.sample),
-                              "vocab": tok.vocab, "vocab_size": vocab_size, "mask_id": vocab_size - 1}
-
-    torch.manual_seed(m.train.seed)  # the initial weights are part of the run's seed
-    net = MaskedLM(m.gpt, vocab_size, conv_kernel=m.masked.conv_kernel)
-    process = MaskedDiffusion(config["mask_id"], m.masked.eps, m.masked.estimator)
-
-    def get_batch(step: int, gen: torch.Generator):
-        return windows[torch.randint(len(windows), (B,), generator=gen)]       # (B, T)
-
-    def loss_fn(model, batch, gen: torch.Generator):
-        return process.training_loss(model, batch, gen)
-
-    out_dir = root / "models" / key
-    fingerprint = json.dumps([manifest.get("files", {}), config], sort_keys=True)
-    model, result = training.train(net, get_batch, loss_fn, m.train, out_dir, items_per_batch=B * T,
-                                   name=key, fingerprint=fingerprint)
-
-    with atomic_file(out_dir / "model.pt") as tmp:
-        torch.save({"state_dict": model.state_dict(), "config": config}, tmp)
-    metrics = {"train/loss": result.final_loss,                  # NELBO in nats per token
-               "perf/train_seconds": result.seconds,
-               "perf/train_items_per_s": result.items_per_s,     # tokens per second
-               "perf/train_steps": float(result.steps),
-               "perf/params": float(net.num_params()),
-               "perf/flops_per_item": flops_per_token(net, T)}   # per token, forward + backward
-    write_json(out_dir / "train_metrics.json", metrics)
-    return metrics
+    process = _process(config)
+    T = config["gpt"]["block_size"]
+    seq = torch.randint(config["mask_id"], (batch_size, T), generator=gen)    # (B, T), no [MASK] ids
+    return (lambda: process.training_loss(net, seq, gen)), batch_size * T
 
 
 def load_model(key: str, root: Path):
-    """(MaskedLM in eval mode with the trained weights, its config dict) from models/<key>/model.pt."""
-    from components.training import read_model_file
-    from components.models.mdlm import MaskedLM
+    """(MaskedLM in eval mode with the trained weights, its model spec) from models/<key>/model.pt."""
+    return base.load_model(key, root, MaskedLMFamilyError, ("mdlm",))
 
-    ckpt = read_model_file(key, root, MaskedLMFamilyError, backbone="mdlm")
-    config = ckpt["config"]
-    net = MaskedLM(GPTConfig(**config["gpt"]), config["vocab_size"],
-                   conv_kernel=config["masked"].get("conv_kernel", 0))
-    try:
-        net.load_state_dict(ckpt["state_dict"])
-    except RuntimeError:
-        raise MaskedLMFamilyError(f"models/{key}/model.pt: its weights do not fit this version's network (written "
-                                  f"by an older genflow); retrain it: genflow stage train {key}") from None
-    return net.eval(), config
+
+train = base.train   # the one training entry (components/families/base.py)
 
 
 # ---------------------------------------------------------------------------
@@ -258,7 +266,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     texts = sample_text(net, config, s.prompt, s.length, s.steps, num_samples=max(1, m.eval.text_samples), **kw)
     body = "".join(f"=== sample {i + 1} (K={s.steps}, temperature {s.temperature}, top_k {s.top_k}, "
                    f"prompt {s.prompt!r}) ===\n{t}\n\n" for i, t in enumerate(texts))
-    write_text(Path(root) / "reports" / key / "samples.txt", body)
+    write_text(Layout(root).report_dir(key) / "samples.txt", body)
 
     # K sweep: speed of one sequence (as pydoc-gpt is timed) and an n-gram quality proxy of samples
     lm = KneserNey(train_ids, SAMPLE_NGRAM_ORDER, tok.vocab_size)
@@ -283,7 +291,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
             metrics["eval/sample_ngram_bpc"] = r["sample_ngram_bpc"]
     metrics["baseline/real_sample_ngram_bpc"] = real_bpc
 
-    out = Path(root) / "reports" / key
+    out = Layout(root).report_dir(key)
     write_json(out / "sampling.json", {"length": L, "num_samples": n, "ngram_order": SAMPLE_NGRAM_ORDER,
                                         "headline_steps": s.steps, "rows": rows, "real_sample_ngram_bpc": real_bpc})
     write_text(out / "sampling.md", f"# {key}: sampling speed and quality against K\n\n"

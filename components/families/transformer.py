@@ -26,7 +26,6 @@ model.pt = {"state_dict", "config"}; config holds "gpt" (the GPTConfig fields), 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -35,37 +34,17 @@ from typing import Any
 import numpy as np
 
 from components.config import GPTConfig, ModelConfig, Params
-from components.files import atomic_file, write_json, write_text
+from components.errors import ModelError
+from components.families import base
+from components.files import write_json, write_text
+from components.layout import Layout
 from components.resources import median_seconds
 
 TEXT_EVAL_STRIDE_DIVISOR = 4  # bits/char windows start every block_size // 4 characters
 
 
-class ModelNotTrainedError(ValueError):
+class ModelNotTrainedError(ModelError):
     """models/<key>/model.pt is missing or does not hold a transformer model."""
-
-
-# ---------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------
-
-def _model_dir(key: str, root: Path) -> Path:
-    return Path(root) / "models" / key
-
-
-def _report_dir(key: str, root: Path) -> Path:
-    return Path(root) / "reports" / key
-
-
-
-
-
-
-
-
-def _check_transformer(key: str, m: ModelConfig) -> None:
-    if m.backbone != "gpt":
-        raise ModelNotTrainedError(f"models.{key}.backbone: {m.backbone!r} is not a transformer backbone (gpt)")
 
 
 # ---------------------------------------------------------------------------
@@ -92,11 +71,97 @@ def class_prior(y: np.ndarray, num_classes: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------------
-# Training
+# The Family contract (components/families/base.py): spec, network, batches, loss, cost
 # ---------------------------------------------------------------------------
 
-def flops_per_token(model, T: int) -> float:
-    """Forward + backward FLOPs per token at context T, counted by torch.utils.flop_counter.
+def check(key: str, m: ModelConfig) -> None:
+    if m.backbone != "gpt":
+        raise ModelNotTrainedError(f"models.{key}.backbone: {m.backbone!r} is not a transformer backbone (gpt)")
+
+
+def model_config(key: str, m: ModelConfig, manifest: dict, root: Path) -> dict[str, Any]:
+    """The model spec: the GPT's shape plus the vocabulary (text) or the pixel/class layout (images)."""
+    from components import data
+
+    kind = manifest["kind"]
+    T = m.gpt.block_size
+    config: dict[str, Any] = {"backbone": "gpt", "kind": kind, "dataset": m.dataset, "model": key,
+                              "gpt": dataclasses.asdict(m.gpt)}
+    if kind == "text":
+        tok = text_tokenizer(manifest, data.load_text(m.dataset, "train", root))
+        config.update(vocab=tok.vocab, vocab_size=tok.vocab_size)
+    elif kind == "image":
+        x, y = data.load_images(m.dataset, "train", root)
+        levels, num_classes = int(manifest["levels"]), len(manifest["classes"])
+        need = x[0].size  # input tokens of one image: class + all pixels but the last
+        if T < need:
+            raise data.DataError(f"models.{key}.gpt.block_size: {T} is shorter than one image "
+                                 f"({need} input tokens: class + pixels); set it to at least {need}")
+        config.update(levels=levels, num_classes=num_classes, image_size=int(manifest["image_size"]),
+                      classes=list(manifest["classes"]), class_prior=class_prior(y, num_classes),
+                      vocab_size=levels + num_classes)
+    else:
+        raise data.DataError(f"datasets.{m.dataset}: kind {kind!r} is not supported by the transformer family")
+    return config
+
+
+def build_network(config: dict[str, Any]):
+    from components.models.gpt import GPT
+
+    return GPT(GPTConfig(**config["gpt"]), config["vocab_size"])
+
+
+def training_data(key: str, m: ModelConfig, config: dict[str, Any], root: Path):
+    """(get_batch(step, gen) -> (inputs (B, T), targets (B, T)), tokens per batch)."""
+    import torch
+
+    from components import data
+
+    T, B = m.gpt.block_size, m.train.batch_size
+    if config["kind"] == "text":
+        tok = text_tokenizer(config, "")
+        ids = torch.from_numpy(tok.encode(data.load_text(m.dataset, "train", root)))  # (N,)
+        if len(ids) < T + 2:
+            raise data.DataError(f"datasets.{m.dataset}: the train split has {len(ids)} characters, fewer than "
+                                 f"models.{key}.gpt.block_size + 2 = {T + 2}; lower block_size or add text")
+        windows = ids.unfold(0, T + 1, 1)  # (N - T, T + 1) view: every window of T + 1 characters
+
+        def get_batch(step: int, gen: torch.Generator):
+            w = windows[torch.randint(len(windows), (B,), generator=gen)]  # (B, T + 1)
+            return w[:, :-1], w[:, 1:]
+        return get_batch, B * T
+
+    x, y = data.load_images(m.dataset, "train", root)
+    seq = torch.from_numpy(image_sequences(x, y, config["levels"]))  # (N, 1 + H*W)
+
+    def get_image_batch(step: int, gen: torch.Generator):
+        s = seq[torch.randint(len(seq), (B,), generator=gen)]  # (B, 1 + H*W)
+        return s[:, :-1], s[:, 1:]
+    return get_image_batch, B * (seq.size(1) - 1)
+
+
+def loss_fn(config: dict[str, Any]):
+    """Next-token cross-entropy; for images over the grey levels only (a pixel is never a class token)."""
+    import torch.nn.functional as F
+
+    levels = config.get("levels") if config["kind"] == "image" else None
+
+    def loss(model, batch, gen):
+        xb, yb = batch
+        logits, _ = model(xb, use_cache=False)  # (B, T, V)
+        if levels is not None:
+            logits = logits[..., :levels]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1))
+    return loss
+
+
+def tokens_per_sequence(config: dict[str, Any]) -> int:
+    """Training context: block_size for text, class token + pixels but the last for images."""
+    return config["gpt"]["block_size"] if config["kind"] == "text" else config["image_size"] ** 2
+
+
+def flops_per_item(net, config: dict[str, Any]) -> float:
+    """Forward + backward FLOPs per token at the training context, counted by torch.utils.flop_counter.
 
     Attention runs through SDPA's math backend here so that its matmuls are counted (the CPU
     flash kernel has no FLOP formula); the full T x T products count, as in the usual 6N + 12LTC.
@@ -105,114 +170,36 @@ def flops_per_token(model, T: int) -> float:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    T = tokens_per_sequence(config)
     idx = torch.zeros(1, T, dtype=torch.long)
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
-        logits, _ = model(idx, use_cache=False)
+        logits, _ = net(idx, use_cache=False)
         logits.float().logsumexp(-1).sum().backward()
-    model.zero_grad(set_to_none=True)
+    net.zero_grad(set_to_none=True)
     return counter.get_total_flops() / T
 
 
-def train(key: str, params: Params, root: Path) -> dict:
-    """Train the GPT of model ``key``; write models/<key>/model.pt and train_metrics.json."""
+def probe_step(net, config: dict[str, Any], batch_size: int, gen):
+    """(loss() of a next-token step on random tokens of the training context, tokens per step)."""
     import torch
     import torch.nn.functional as F
 
-    from components import data, distributed, training
-    from components.models.gpt import GPT
-    from components.resources import peak_rss
+    T = tokens_per_sequence(config)
+    seq = torch.randint(config["vocab_size"], (batch_size, T + 1), generator=gen)    # (B, T + 1)
 
-    root = Path(root)
-    m = params.model(key)
-    _check_transformer(key, m)
-    if distributed.should_launch(m.train.processes):   # train.processes > 1: rerun under torchrun
-        return distributed.launch_params(key, params, root)
-    manifest = data.load_manifest(m.dataset, root)
-    kind = manifest["kind"]
-    T = m.gpt.block_size
-    B = m.train.batch_size
-    config: dict[str, Any] = {"backbone": "gpt", "kind": kind, "dataset": m.dataset, "model": key,
-                              "gpt": dataclasses.asdict(m.gpt)}
-
-    if kind == "text":
-        train_text = data.load_text(m.dataset, "train", root)
-        tok = text_tokenizer(manifest, train_text)
-        ids = torch.from_numpy(tok.encode(train_text))  # (N,)
-        if len(ids) < T + 2:
-            raise data.DataError(f"datasets.{m.dataset}: the train split has {len(ids)} characters, fewer than "
-                                 f"models.{key}.gpt.block_size + 2 = {T + 2}; lower block_size or add text")
-        windows = ids.unfold(0, T + 1, 1)  # (N - T, T + 1) view: every window of T + 1 characters
-        config.update(vocab=tok.vocab, vocab_size=tok.vocab_size)
-        levels = None
-
-        def get_batch(step: int, gen: torch.Generator):
-            w = windows[torch.randint(len(windows), (B,), generator=gen)]  # (B, T + 1)
-            return w[:, :-1], w[:, 1:]
-        tokens_per_batch = B * T
-    elif kind == "image":
-        x, y = data.load_images(m.dataset, "train", root)
-        levels, num_classes = int(manifest["levels"]), len(manifest["classes"])
-        seq = torch.from_numpy(image_sequences(x, y, levels))  # (N, 1 + H*W)
-        if T < seq.size(1) - 1:
-            need = seq.size(1) - 1  # class token + all pixels but the last
-            raise data.DataError(f"models.{key}.gpt.block_size: {T} is shorter than one image "
-                                 f"({need} input tokens: class + pixels); set it to at least {need}")
-        config.update(levels=levels, num_classes=num_classes, image_size=int(manifest["image_size"]),
-                      classes=list(manifest["classes"]), class_prior=class_prior(y, num_classes),
-                      vocab_size=levels + num_classes)
-
-        def get_batch(step: int, gen: torch.Generator):
-            s = seq[torch.randint(len(seq), (B,), generator=gen)]  # (B, 1 + H*W)
-            return s[:, :-1], s[:, 1:]
-        tokens_per_batch = B * (seq.size(1) - 1)
-    else:
-        raise data.DataError(f"datasets.{m.dataset}: kind {kind!r} is not supported by the transformer family")
-
-    def loss_fn(model, batch, gen):
-        xb, yb = batch
-        logits, _ = model(xb, use_cache=False)  # (B, T, V)
-        if levels is not None:
-            logits = logits[..., :levels]  # a pixel is a grey level, never a class token
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1))
-
-    torch.manual_seed(m.train.seed)
-    model = GPT(m.gpt, config["vocab_size"])
-    out_dir = _model_dir(key, root)
-    fingerprint = json.dumps([manifest.get("files", {}), config], sort_keys=True)
-    with peak_rss() as mem:  # resident memory while training (perf/peak_rss_train_mb)
-        model, result = training.train(model, get_batch, loss_fn, m.train, out_dir,
-                                       items_per_batch=tokens_per_batch, name=key, fingerprint=fingerprint)
-    if not distributed.is_main_process():   # several processes: rank 0 writes the model and metrics
-        return {}
-
-    flops = flops_per_token(model, T if kind == "text" else tokens_per_batch // B)
-    with atomic_file(out_dir / "model.pt") as tmp:
-        torch.save({"state_dict": model.state_dict(), "config": config}, tmp)
-    metrics = {
-        "train/loss": result.final_loss,
-        "perf/train_steps": float(result.steps),
-        "perf/train_seconds": result.seconds,
-        "perf/train_items_per_s": result.items_per_s,  # tokens per second
-        "perf/params": float(model.num_params()),
-        "perf/flops_per_item": flops,                  # per token, forward + backward
-        "perf/peak_rss_train_mb": mem.peak_mb,
-        "perf/peak_rss_train_delta_mb": mem.delta_mb,
-    }
-    write_json(out_dir / "train_metrics.json", metrics)
-    return metrics
+    def loss():
+        logits, _ = net(seq[:, :-1], use_cache=False)                        # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), seq[:, 1:].reshape(-1))
+    return loss, batch_size * T
 
 
 def load_model(key: str, root: Path):
-    """(GPT in eval mode with the trained weights, its config dict) from models/<key>/model.pt."""
-    from components.training import read_model_file
-    from components.models.gpt import GPT
+    """(GPT in eval mode with the trained weights, its model spec) from models/<key>/model.pt."""
+    return base.load_model(key, root, ModelNotTrainedError, ("gpt",))
 
-    ckpt = read_model_file(key, root, ModelNotTrainedError, backbone="gpt")
-    config = ckpt["config"]
-    model = GPT(GPTConfig(**config["gpt"]), config["vocab_size"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), config
+
+train = base.train   # the one training entry (components/families/base.py)
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +236,7 @@ def sample_images(model, config: dict, labels: np.ndarray, *, temperature: float
     levels, size = config["levels"], config["image_size"]
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= config["num_classes"]):
-        raise ValueError(f"labels: must be class indices 0..{config['num_classes'] - 1}")
+        raise ModelError(f"labels: must be class indices 0..{config['num_classes'] - 1}")
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(labels), batch_size):
@@ -351,7 +338,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict:
     """Score model ``key`` on its test split; write reports/<key>/metrics.json and samples."""
     root = Path(root)
     m = params.model(key)
-    _check_transformer(key, m)
+    check(key, m)
     from components.training import set_threads
 
     set_threads(m.train.threads)
@@ -360,7 +347,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict:
         metrics, details = _evaluate_text(key, m, model, config, root)
     else:
         metrics, details = _evaluate_images(key, m, model, config, root)
-    out = _report_dir(key, root)
+    out = Layout(root).report_dir(key)
     write_json(out / "metrics.json", metrics)
     write_json(out / "details.json", details)
     return metrics
@@ -397,7 +384,7 @@ def _evaluate_text(key: str, m: ModelConfig, model, config: dict, root: Path) ->
     metrics["perf/peak_rss_sample_delta_mb"] = mem.delta_mb
     body = "".join(f"=== sample {i + 1} (temperature {s.temperature}, top_k {s.top_k}, prompt {s.prompt!r}) ===\n"
                    f"{t}\n\n" for i, t in enumerate(texts))
-    write_text(_report_dir(key, root) / "samples.txt", body)
+    write_text(Layout(root).report_dir(key) / "samples.txt", body)
 
     # Sampling speed: one sequence of `length` new characters, with and without the KV cache.
     with torch.no_grad():
@@ -451,5 +438,5 @@ def _evaluate_images(key: str, m: ModelConfig, model, config: dict, root: Path) 
     # Grid: one row per class, the first 10 samples drawn for it.
     rows = [samples[labels == c][:10] for c in range(C)]
     per_row = min(len(r) for r in rows)
-    save_grid(np.concatenate([r[:per_row] for r in rows]), _report_dir(key, root) / "samples.png", nrow=per_row)
+    save_grid(np.concatenate([r[:per_row] for r in rows]), Layout(root).report_dir(key) / "samples.png", nrow=per_row)
     return metrics, {"num_samples": n, "dims": dims, "class_prior": config["class_prior"]}

@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from components.families.base import probe_train_step
+
 from components import resources
 
 
@@ -51,7 +53,7 @@ def test_train_step_runs_each_backbone_and_counts_items(backbone):
         cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=65 if kind == "image" else 16)
         config = {"backbone": "gpt", "kind": kind, "gpt": vars(cfg), "vocab_size": 27, "image_size": 8}
         net, items = GPT(cfg, 27), 4 * (64 if kind == "image" else 16)
-    step, per_step = resources.make_train_step(net, config, batch_size=4)
+    step, per_step = probe_train_step(net, config, batch_size=4)
     assert per_step == items
     before = [p.detach().clone() for p in net.parameters()]
     rates = resources.thread_scaling(step, per_step, threads=(1, 2), budget_s=0.05)
@@ -61,4 +63,4 @@ def test_train_step_runs_each_backbone_and_counts_items(backbone):
 
 def test_unknown_backbone_is_refused():
     with pytest.raises(ValueError, match="backbone 'rnn'"):
-        resources.make_train_step(__import__("torch").nn.Linear(2, 2), {"backbone": "rnn"}, 2)
+        probe_train_step(__import__("torch").nn.Linear(2, 2), {"backbone": "rnn"}, 2)
