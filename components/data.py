@@ -36,7 +36,9 @@ from typing import Optional
 import numpy as np
 
 from components.config import DatasetConfig, SplitConfig
+from components.errors import DataError
 from components.files import replaced_dir, write_json
+from components.layout import Layout
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -45,8 +47,7 @@ MAX_ASPECT = 1.1            # imagefolder: longer side / shorter side; beyond th
 SNAPSHOT = "snapshot.json"  # written by ingest into data/raw/<name>/: how the snapshot is laid out
 
 
-class DataError(ValueError):
-    """A data source, snapshot or prepared dataset is missing or unusable; the message names it."""
+# DataError (components.errors) is the error of this module: a dataset that cannot be read or prepared.
 
 
 # ---------------------------------------------------------------------------
@@ -54,11 +55,11 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------
 
 def raw_dir(name: str, root: str | Path = ".") -> Path:
-    return Path(root) / "data" / "raw" / name
+    return Layout(root).raw_dir(name)
 
 
 def prepared_dir(name: str, root: str | Path = ".") -> Path:
-    return Path(root) / "data" / "prepared" / name
+    return Layout(root).prepared_dir(name)
 
 
 def file_md5(path: Path) -> str:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from components.errors import ConfigError
+from components.layout import Layout
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]   # holds components/ and flows/: the child's import path
 # torchrun's agent reporting a failed rank, e.g. "E1127 01:12:15.383000 28120 .../elastic/multiprocessing/api.py:1002]"
@@ -239,7 +240,7 @@ def launch(key: str, params_path: str | Path, overrides: list[str], root: Path, 
     if processes < 1:
         raise DistributedError(f"models.{key}.train.processes: must be at least 1, got {processes}")
     root = Path(root).resolve()
-    metrics_path = root / "models" / key / "train_metrics.json"
+    metrics_path = Layout(root).model_dir(key) / "train_metrics.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_DIR), env.get("PYTHONPATH")]))
     # torchrun sets one OpenMP thread per process unless told; the loop sets torch's threads itself
@@ -276,7 +277,7 @@ def launch(key: str, params_path: str | Path, overrides: list[str], root: Path, 
         raise DistributedError(f"{metrics_path}: not written by the {processes}-process run; its family's train() "
                                "must write train_metrics.json on rank 0")
     metrics = json.loads(metrics_path.read_text())
-    _log_loss_curve(root / "models" / key)
+    _log_loss_curve(Layout(root).model_dir(key))
     return metrics
 
 

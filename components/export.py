@@ -42,6 +42,7 @@ from components.config import ExportConfig
 from components.errors import ModelError
 from components.families.base import ATTENTION_MIN_OPSET, BACKBONES, Backbone, backbone_of_class  # noqa: F401
 from components.files import replaced_dir
+from components.layout import Layout
 
 EXPORT_FORMAT = 1          # version of the exported folder's layout (config.json "format")
 TORCHSCRIPT_MAX_OPSET = 20
@@ -383,7 +384,7 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
         net = copy.deepcopy(model).cpu()
     was_training = net.training
     net.eval()
-    final = Path(root) / "exports" / key
+    final = Layout(root).export_dir(key)
     try:
         with replaced_dir(final) as tmp:   # a reader sees the old export or the new one, never a mix
             spec = graph_spec(entry, net, config)
@@ -413,7 +414,8 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
                 "graph": kind, "kind": spec.info.pop("kind", "image"),
                 "files": {"model": "model.onnx"}, "inputs": inputs, "outputs": outputs,
                 "opset": file_opset, "exporter": exporter,
-                "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+                "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                             "onnxruntime": onnxruntime.__version__},
                 **spec.info,
             }
             _write_json(tmp / "config.json", engine_config)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-
 CHECKPOINT_DIR = "ckpt"       # models/<key>/ckpt/last.pt: the resumable training checkpoint
 CHECKPOINT_NAME = "last.pt"
 

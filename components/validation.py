@@ -30,10 +30,20 @@ import numpy as np
 
 from components.config import DatasetConfig
 from components.data import (
-    MAX_ASPECT, DataError, RawImages, RawText, display_path, image_array, raw_dir, read_raw_images,
-    read_raw_text, split_indices, unit_documents,
+    MAX_ASPECT,
+    DataError,
+    RawImages,
+    RawText,
+    display_path,
+    image_array,
+    raw_dir,
+    read_raw_images,
+    read_raw_text,
+    split_indices,
+    unit_documents,
 )
 from components.files import write_json, write_text
+from components.layout import Layout
 
 SHOWN_PER_RULE = 3   # offending files named per failed rule in the one-line error
 KEPT_PER_RULE = 20   # offending files kept per rule in the JSON summary (GX's partial list)
@@ -49,11 +59,11 @@ def _count(n: int, word: str) -> str:
 
 
 def validation_path(name: str, root: str | Path = ".") -> Path:
-    return Path(root) / "data" / "validation" / f"{name}.json"
+    return Layout(root).validation_file(name)
 
 
 def docs_dir(name: str, root: str | Path = ".") -> Path:
-    return Path(root) / "data" / "validation" / f"{name}_docs"
+    return Layout(root).data / "validation" / f"{name}_docs"
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Callable
 
 from components.config import Params, ParamsError
 from components.families.base import family_of
+from components.layout import Layout
 
 DATASET_STAGES = ("ingest", "validate", "prepare")
 MODEL_STAGES = ("train", "evaluate", "export")
@@ -64,22 +65,21 @@ def evaluate_registered(params: Params, key: str, run_id: str, root: Path) -> di
 
     from components.tracking import check_tracking
 
-    root = Path(root).resolve()
-    (root / ".genflow").mkdir(exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"reeval-{key}-", dir=root / ".genflow"))
+    here = Layout(Path(root).resolve())
+    here.cache.mkdir(parents=True, exist_ok=True)
+    scratch = Layout(Path(tempfile.mkdtemp(prefix=f"reeval-{key}-", dir=here.state)))
     try:
-        (scratch / "data").symlink_to(root / "data", target_is_directory=True)
-        (scratch / ".genflow").mkdir()
-        (root / ".genflow" / "cache").mkdir(exist_ok=True)
-        (scratch / ".genflow" / "cache").symlink_to(root / ".genflow" / "cache", target_is_directory=True)
-        model_dir = scratch / "models" / key
+        scratch.data.symlink_to(here.data, target_is_directory=True)   # today's data and reference cache
+        scratch.state.mkdir()
+        scratch.cache.symlink_to(here.cache, target_is_directory=True)
+        model_dir = scratch.model_dir(key)
         model_dir.mkdir(parents=True)
-        client = mlflow.MlflowClient(check_tracking(root, params))
-        got = client.download_artifacts(run_id, "checkpoint/model.pt", str(scratch / "dl"))
+        client = mlflow.MlflowClient(check_tracking(here.root, params))
+        got = client.download_artifacts(run_id, "checkpoint/model.pt", str(scratch.root / "dl"))
         shutil.move(got, model_dir / "model.pt")
-        return family_of(params, key).evaluate(key, params, scratch)
+        return family_of(params, key).evaluate(key, params, scratch.root)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch.root, ignore_errors=True)
 
 
 RUNNERS: dict[str, Callable[[Params, str, Path], dict]] = {

@@ -33,7 +33,9 @@ from typing import Optional
 
 import numpy as np
 
+from components.errors import DataError
 from components.files import atomic_file
+from components.layout import Layout
 
 METRICS = ("fd", "kid", "precision", "recall", "class_acc", "nn_ratio")
 REFERENCE_HIDDEN = 128
@@ -43,7 +45,7 @@ PR_K = 3                    # neighbours for the precision/recall manifolds
 KDE_COMPONENTS = 15
 
 
-class ImageMetricsError(ValueError):
+class ImageMetricsError(DataError):
     """Samples or labels that cannot be scored against the dataset; the message says what to fix."""
 
 
@@ -189,7 +191,7 @@ def load_reference(dataset: str, root: Path) -> Reference:
     x_te, y_te = load_images(dataset, "test", root)
     train_x, test_x = _to_unit(x_tr, levels), _to_unit(x_te, levels)
 
-    cache = root / ".genflow" / "cache" / f"reference-{h}.npz"
+    cache = Layout(root).cache / f"reference-{h}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             net = ReferenceNet(z["w0"], z["b0"], z["w1"], z["b1"])

@@ -19,6 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
+from components.errors import ModelError
 
 # ---------------------------------------------------------------------------
 # n-gram baselines
@@ -73,13 +74,13 @@ class KneserNey:
 
     def __init__(self, train_ids: np.ndarray, order: int, vocab_size: int):
         if order < 1:
-            raise ValueError(f"order: must be >= 1, got {order}")
+            raise ModelError(f"order: must be >= 1, got {order}")
         if vocab_size ** order >= 2 ** 62:
-            raise ValueError(f"order: {order} with a vocabulary of {vocab_size} overflows int64 codes; "
+            raise ModelError(f"order: {order} with a vocabulary of {vocab_size} overflows int64 codes; "
                              "use a lower order")
         ids = np.asarray(train_ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"train_ids: values must be in 0..{vocab_size - 1}")
+            raise ModelError(f"train_ids: values must be in 0..{vocab_size - 1}")
         self.order, self.V = order, vocab_size
         self.tables: list[_Table] = []  # tables[k-1]: k-gram counts used at level k
         for k in range(1, order + 1):
@@ -165,9 +166,9 @@ def model_bits_per_char(model, ids: np.ndarray, block_size: int, *, stride: int 
     ids = np.asarray(ids, dtype=np.int64)
     stride = stride or max(1, block_size // 4)
     if not 1 <= stride <= block_size:
-        raise ValueError(f"stride: must be in 1..block_size={block_size}, got {stride}")
+        raise ModelError(f"stride: must be in 1..block_size={block_size}, got {stride}")
     if len(ids) < 2:
-        raise ValueError("ids: need at least 2 ids to score")
+        raise ModelError("ids: need at least 2 ids to score")
     # Window w covers inputs ids[s : s+T] and targets ids[s+1 : s+T+1].
     T = min(block_size, len(ids) - 1)
     starts = list(range(0, len(ids) - 1 - T + 1, stride))

@@ -275,6 +275,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
                                         "samplers": rows,
                                         "baselines": baselines})
     table = sampling_table(rows, baselines)
-    write_text(out / "sampling.md", f"# {key}: sampling speed and quality ({n} images, guidance {s.guidance})\n\n{table}")
+    title = f"# {key}: sampling speed and quality ({n} images, guidance {s.guidance})"
+    write_text(out / "sampling.md", f"{title}\n\n{table}")
     write_json(out / "metrics.json", metrics)
     return metrics
