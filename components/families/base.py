@@ -94,7 +94,7 @@ class Backbone:
     generation: str           # denoising (steps x all positions) | autoregressive (one token a call) |
     #                           masked (K calls write a whole sequence)
     network: str              # "components.models.unet:UNet"
-    reads: tuple[str, ...]    # params sections it reads (of NETWORK_SECTIONS)
+    reads: tuple[str, ...]    # params sections it reads (of NETWORK_SECTIONS); the first holds the network's shape
     graph: str                # ONNX graph kind: denoiser | causal_lm | masked_lm
     exporter: str             # torchscript | dynamo
     min_opset: int = 0        # the export's opset is max(export.opset, min_opset)
@@ -117,6 +117,24 @@ class Backbone:
     @property
     def network_class(self) -> str:
         return self.network.split(":")[1]
+
+    @property
+    def section(self) -> str:
+        """The params section holding the network's shape (models.<key>.<section>)."""
+        return self.reads[0]
+
+    def network_class_object(self) -> Any:
+        """The torch.nn.Module class (imports the model file, hence torch)."""
+        module, cls = self.network.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def config_class(self) -> type:
+        """The dataclass of its shape section: the type of ModelConfig.<section> in components/config.py."""
+        import typing
+
+        from components.config import ModelConfig
+
+        return typing.get_type_hints(ModelConfig)[self.section]
 
 
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (

@@ -5,14 +5,13 @@
     net, config = load_model("digits-unet", root)     # network with EMA weights + its config dict
 
 Images are the prepared dataset's grey levels scaled to [-1, 1], one channel. The network is
-picked by ``backbone`` from BACKBONES; every backbone is a module ``Net(cfg, image_size=,
-in_channels=, num_classes=)`` with the call ``(x, t, y) -> eps``, so the process in
+picked by ``backbone`` from the registry (components/families/base.py); every backbone is a
+module ``Net(cfg, image_size=, in_channels=, num_classes=)`` with the call ``(x, t, y) -> eps``, so the process in
 components.models.diffusion trains and samples any of them the same way.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 import time
 from pathlib import Path
@@ -20,18 +19,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from components import config as config_module
 from components.config import ModelConfig, Params
 from components.errors import ModelError
 from components.families import base
 from components.files import write_json, write_text
 from components.layout import Layout
 
-# backbone name -> (module, class, params section holding its shape, config dataclass)
-BACKBONES: dict[str, tuple[str, str, str, str]] = {
-    "unet": ("components.models.unet", "UNet", "unet", "UNetConfig"),
-    "dit": ("components.models.dit", "DiT", "dit", "DiTConfig"),
-}
+
+def image_backbones() -> dict[str, base.Backbone]:
+    """The registry's backbones this module trains (components.families.base.BACKBONES, module "diffusion")."""
+    return {name: b for name, b in base.BACKBONES.items() if b.module == "diffusion"}
 
 
 class DiffusionFamilyError(ModelError):
@@ -44,9 +41,10 @@ class DiffusionFamilyError(ModelError):
 
 def check(key: str, mc: ModelConfig) -> None:
     """Refuse a model this family cannot train, in one line, before any data is read."""
-    if mc.family != "diffusion" or mc.backbone not in BACKBONES:
+    known = image_backbones()
+    if mc.family != "diffusion" or mc.backbone not in known:
         raise DiffusionFamilyError(f"models.{key}.backbone: {mc.backbone!r} is not an image diffusion backbone; "
-                                   f"known: {', '.join(BACKBONES)}")
+                                   f"known: {', '.join(known)}")
 
 
 def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path] = None) -> dict[str, Any]:
@@ -55,7 +53,7 @@ def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path]
     if manifest.get("kind") != "image":
         raise DiffusionFamilyError(f"models.{key}.dataset: {mc.dataset} holds {manifest.get('kind')}, "
                                    "an image diffusion model needs images")
-    section = BACKBONES[mc.backbone][2]
+    section = base.BACKBONES[mc.backbone].section
     return {"family": "diffusion", "backbone": mc.backbone, "model": key, "dataset": mc.dataset,
             section: dataclasses.asdict(getattr(mc, section)),
             "diffusion": dataclasses.asdict(mc.diffusion),
@@ -66,12 +64,9 @@ def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path]
 
 def build_network(config: dict[str, Any]):
     """A freshly initialised network for a model spec (from model_config or a model.pt)."""
-    module, cls, section, cfg_cls = BACKBONES[config["backbone"]]
-    try:
-        net_cls = getattr(importlib.import_module(module), cls)
-    except ImportError as e:
-        raise DiffusionFamilyError(f"backbone {config['backbone']!r}: {module} is not available ({e})") from None
-    net_cfg = getattr(config_module, cfg_cls)(**config[section])
+    entry = base.backbone(config["backbone"], "config.backbone")
+    net_cls = entry.network_class_object()
+    net_cfg = entry.config_class()(**config[entry.section])
     return net_cls(net_cfg, image_size=config["image_size"], in_channels=config["channels"],
                    num_classes=config["num_classes"])
 
@@ -147,7 +142,7 @@ def probe_step(net, config: dict[str, Any], batch_size: int, gen):
 
 def load_model(key: str, root: Path):
     """(network with the trained EMA weights in eval mode, its model spec) from models/<key>/model.pt."""
-    return base.load_model(key, root, DiffusionFamilyError, tuple(BACKBONES))
+    return base.load_model(key, root, DiffusionFamilyError, tuple(image_backbones()))
 
 
 train = base.train   # the one training entry (components/families/base.py)
