@@ -138,3 +138,21 @@ TINY_OVERRIDES = [
     "models.pydoc-gpt.train.batch_size=8", "models.pydoc-gpt.sample.length=16",
     "models.pydoc-gpt.eval.ngram_orders=[1, 2, 3]", "models.pydoc-gpt.eval.text_samples=1",
 ]
+
+
+TINY_WORDS = ("return the value of the list and raise an error if the key is missing from the "
+              "mapping object this function builds a new string").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(session_tmp) -> Path:
+    """A small English-like text file (120 paragraphs of docstring words) shared by the text families' tests."""
+    import numpy as np
+
+    path = session_tmp / "tiny-corpus.txt"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        paragraphs = [" ".join(rng.choice(TINY_WORDS, size=12)).capitalize() + "." for _ in range(120)]
+        path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return path
+

@@ -12,8 +12,6 @@ from components.families import mdlm as fam
 from components.models.mdlm import MaskedDiffusionError, MaskedLM
 
 KEY = "pydoc-mdlm"
-WORDS = ("return the value of the list and raise an error if the key is missing from the "
-         "mapping object this function builds a new string").split()
 
 
 def overrides(**extra) -> list[str]:
@@ -28,13 +26,10 @@ def overrides(**extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, project_root):
+def setup(tmp_path_factory, project_root, tiny_corpus):
     root = tmp_path_factory.mktemp("mdlm")
-    rng = np.random.default_rng(0)
-    paragraphs = [" ".join(rng.choice(WORDS, size=12)).capitalize() + "." for _ in range(120)]
-    (root / "corpus.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
     params = load_params(project_root / "params.yaml", [
-        f"datasets.pydoc.source=textfile:{root / 'corpus.txt'}", "datasets.pydoc.split.test=0.1", *overrides()])
+        f"datasets.pydoc.source=textfile:{tiny_corpus}", "datasets.pydoc.split.test=0.1", *overrides()])
     data.ingest("pydoc", params.dataset("pydoc"), root)
     data.prepare("pydoc", params.dataset("pydoc"), root)
     return root, params
@@ -112,10 +107,10 @@ def test_sample_text_keeps_the_prompt_and_fills_every_position(setup, trained):
     ({"eval.sampler_sweep": "[k0]"}, r"^eval.sampler_sweep: k0"),
     ({"sample.length": 40}, r"^models.pydoc-mdlm.sample.length: .* exceed gpt.block_size=24"),
 ])
-def test_bad_settings_fail_before_training(setup, monkeypatch, extra, pattern, project_root):
+def test_bad_settings_fail_before_training(setup, monkeypatch, extra, pattern, project_root, tiny_corpus):
     root, _ = setup
     params = load_params(project_root / "params.yaml", [
-        f"datasets.pydoc.source=textfile:{root / 'corpus.txt'}", *overrides(**extra)])
+        f"datasets.pydoc.source=textfile:{tiny_corpus}", *overrides(**extra)])
     monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("trained despite a bad setting"))
     with pytest.raises(ValueError, match=pattern) as e:
         fam.train(KEY, params, root)

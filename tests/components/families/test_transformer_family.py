@@ -12,8 +12,6 @@ from components.families import transformer
 from components.models.gpt import ContextLengthError
 from components.tokenizer import UnknownCharactersError
 
-WORDS = ("return the value of the list and raise an error if the key is missing from the "
-         "mapping object this function builds a new string").split()
 
 
 def tiny_overrides(key: str) -> list[str]:
@@ -25,13 +23,10 @@ def tiny_overrides(key: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, project_root):
+def setup(tmp_path_factory, project_root, tiny_corpus):
     root = tmp_path_factory.mktemp("transformer")
-    rng = np.random.default_rng(0)
-    paragraphs = [" ".join(rng.choice(WORDS, size=12)).capitalize() + "." for _ in range(120)]
-    (root / "corpus.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
     params = load_params(project_root / "params.yaml", [
-        f"datasets.pydoc.source=textfile:{root / 'corpus.txt'}", "datasets.pydoc.split.test=0.2",
+        f"datasets.pydoc.source=textfile:{tiny_corpus}", "datasets.pydoc.split.test=0.2",
         *tiny_overrides("pydoc-gpt"), "models.pydoc-gpt.gpt.block_size=16",
         "models.pydoc-gpt.sample.length=20", "models.pydoc-gpt.sample.prompt=Return",
         "models.pydoc-gpt.eval.text_samples=2", "models.pydoc-gpt.eval.ngram_orders=[1, 2, 3]",
