@@ -367,7 +367,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _check_links(params: Params) -> None:
-    from components.families.base import BACKBONES  # torch-free registry
+    from components.families.registry import BACKBONES  # torch-free; imports no other genflow module
 
     for key, m in params.models.items():
         if m.dataset not in params.datasets:

@@ -40,7 +40,7 @@ import numpy as np
 
 from components.config import ExportConfig
 from components.errors import ModelError
-from components.families.base import ATTENTION_MIN_OPSET, BACKBONES, Backbone, backbone_of_class  # noqa: F401
+from components.families.registry import ATTENTION_MIN_OPSET, BACKBONES, Backbone, backbone_of_class  # noqa: F401
 from components.files import replaced_dir
 from components.layout import Layout
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from components.config import Params, ParamsError
-from components.families.base import family_of
+from components.families.registry import family_of
 from components.layout import Layout
 
 DATASET_STAGES = ("ingest", "validate", "prepare")

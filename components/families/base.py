@@ -1,41 +1,36 @@
-"""The Family contract: what every kind of model tells the platform, and the one registry of backbones.
+"""The Family contract: what every family module implements, and the one training entry they share.
 
-A *backbone* is the network a model key names in params.yaml (``backbone: unet``); a *family*
-is the module that knows how to turn a dataset into batches and a loss for it, evaluate it and
-describe it for export (components/families/<module>.py). Every place that must know something
-about a backbone asks this registry:
+A *backbone* is the network a model key names in params.yaml (``backbone: unet``), registered in
+components/families/registry.py (re-exported here); a *family* is the module that turns a dataset
+into batches and a loss for it, evaluates it and describes it for export
+(components/families/<module>.py):
 
-    entry = backbone("unet")          # a Backbone: family, data kind, export plan, code files ...
+    entry = backbone("unet")          # the registry entry: family, data kinds, export plan, code files
     fam = entry.family()              # the family module, imported on demand (torch inside)
     fam.build_network(config)         # a fresh network for a model spec
+    train("digits-unet", params, root)   # the one training entry, for every family
 
-Adding a backbone = one network file in components/models/ + one entry in BACKBONES below (+ a
-family module only when no existing one can train it). README "Adding a model" walks through it.
-
-This module imports nothing heavy: the CLI, the config checks and the torch-free sampler use it.
+Importing this module is cheap (torch and the data code are imported inside the functions).
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from components.errors import ConfigError
+from components.families.registry import (  # noqa: F401  (the registry, re-exported)
+    ATTENTION_MIN_OPSET,
+    BACKBONES,
+    NETWORK_SECTIONS,
+    SHARED_CODE,
+    Backbone,
+    backbone,
+    backbone_of_class,
+    family_of,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
 
     from components.config import ModelConfig, Params
-
-ATTENTION_MIN_OPSET = 23            # opset of ONNX's fused Attention op (attention models export at >= this)
-
-# Sections of a model's params.yaml entry that belong to one backbone or process; a model's run
-# logs only those its backbone reads (so runs compared in the MLflow UI show settings that mattered).
-NETWORK_SECTIONS = ("unet", "dit", "gpt", "diffusion", "masked")
-
-# Code every model's result depends on, whatever its backbone.
-SHARED_CODE = ("components/training.py", "components/families/base.py",
-               "components/evaluation/images.py", "components/evaluation/text.py", "components/export.py")
 
 
 # ---------------------------------------------------------------------------
@@ -78,97 +73,6 @@ class Family(Protocol):
 
     def evaluate(self, key: str, params: "Params", root: "Path") -> dict[str, float]:
         """Score the trained model; write reports/<key>/; return eval/ perf/ baseline/ metrics."""
-
-
-# ---------------------------------------------------------------------------
-# The registry
-# ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Backbone:
-    """One network genflow can train, and everything the platform must know about it."""
-    name: str                 # the params.yaml value: models.<key>.backbone
-    family_name: str          # models.<key>.family must say this: diffusion | transformer
-    module: str               # components.families.<module> trains and evaluates it
-    data_kinds: tuple[str, ...]  # dataset kinds it accepts: image, text
-    generation: str           # denoising (steps x all positions) | autoregressive (one token a call) |
-    #                           masked (K calls write a whole sequence)
-    network: str              # "components.models.unet:UNet"
-    reads: tuple[str, ...]    # params sections it reads (of NETWORK_SECTIONS); the first holds the network's shape
-    graph: str                # ONNX graph kind: denoiser | causal_lm | masked_lm
-    exporter: str             # torchscript | dynamo
-    min_opset: int = 0        # the export's opset is max(export.opset, min_opset)
-    code: tuple[str, ...] = field(default=())   # its own source files (the family's are added)
-
-    def family(self) -> Any:
-        """The family module (components.families.<module>): imports torch."""
-        return importlib.import_module(f"components.families.{self.module}")
-
-    @property
-    def unused_sections(self) -> tuple[str, ...]:
-        return tuple(s for s in NETWORK_SECTIONS if s not in self.reads)
-
-    @property
-    def code_paths(self) -> list[str]:
-        """Source files whose change means a model of this backbone must be retrained."""
-        own = [f"components/families/{self.module}.py", self.network.split(":")[0].replace(".", "/") + ".py"]
-        return sorted(set(own) | set(self.code) | set(SHARED_CODE))
-
-    @property
-    def network_class(self) -> str:
-        return self.network.split(":")[1]
-
-    @property
-    def section(self) -> str:
-        """The params section holding the network's shape (models.<key>.<section>)."""
-        return self.reads[0]
-
-    def network_class_object(self) -> Any:
-        """The torch.nn.Module class (imports the model file, hence torch)."""
-        module, cls = self.network.split(":")
-        return getattr(importlib.import_module(module), cls)
-
-    def config_class(self) -> type:
-        """The dataclass of its shape section: the type of ModelConfig.<section> in components/config.py."""
-        import typing
-
-        from components.config import ModelConfig
-
-        return typing.get_type_hints(ModelConfig)[self.section]
-
-
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    Backbone("unet", "diffusion", "diffusion", ("image",), "denoising", "components.models.unet:UNet",
-             reads=("unet", "diffusion"), graph="denoiser", exporter="torchscript",
-             code=("components/models/diffusion.py", "components/sampling/diffusion.py")),
-    Backbone("dit", "diffusion", "diffusion", ("image",), "denoising", "components.models.dit:DiT",
-             reads=("dit", "diffusion"), graph="denoiser", exporter="torchscript",
-             code=("components/models/diffusion.py", "components/sampling/diffusion.py")),
-    Backbone("gpt", "transformer", "transformer", ("image", "text"), "autoregressive",
-             "components.models.gpt:GPT", reads=("gpt",), graph="causal_lm", exporter="dynamo",
-             min_opset=ATTENTION_MIN_OPSET, code=("components/tokenizer.py",)),
-    Backbone("mdlm", "diffusion", "mdlm", ("text",), "masked", "components.models.mdlm:MaskedLM",
-             reads=("gpt", "masked"), graph="masked_lm", exporter="dynamo", min_opset=ATTENTION_MIN_OPSET,
-             code=("components/models/gpt.py", "components/tokenizer.py", "components/sampling/masked.py")),
-)}
-
-
-def backbone(name: str, where: Optional[str] = None) -> Backbone:
-    """The registry entry for a backbone name; ConfigError naming `where` (a params key) if unknown."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ConfigError(f"{where or 'backbone'}: unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
-
-
-def backbone_of_class(class_name: str) -> Optional[Backbone]:
-    """The entry whose network class is `class_name` (UNet, DiT, GPT, MaskedLM), else None."""
-    return next((b for b in BACKBONES.values() if b.network_class == class_name), None)
-
-
-def family_of(params: "Params", key: str) -> Any:
-    """The family module that trains and evaluates model `key` of params."""
-    return backbone(params.model(key).backbone, f"models.{key}.backbone").family()
 
 
 # ---------------------------------------------------------------------------
@@ -229,6 +133,15 @@ def train(key: str, params: "Params", root: "Path") -> dict[str, float]:
                "perf/peak_rss_train_delta_mb": mem.delta_mb}
     write_json(lay.model_dir(key) / "train_metrics.json", metrics)
     return metrics
+
+
+def shape_config_class(entry: Backbone) -> type:
+    """The dataclass of a backbone's shape section: the type of ModelConfig.<section> (components/config.py)."""
+    import typing
+
+    from components.config import ModelConfig
+
+    return typing.get_type_hints(ModelConfig)[entry.section]
 
 
 def read_model_file(key: str, root: "Path", error: type[Exception], backbones: tuple[str, ...] = ()) -> dict:

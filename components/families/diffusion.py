@@ -66,7 +66,7 @@ def build_network(config: dict[str, Any]):
     """A freshly initialised network for a model spec (from model_config or a model.pt)."""
     entry = base.backbone(config["backbone"], "config.backbone")
     net_cls = entry.network_class_object()
-    net_cfg = entry.config_class()(**config[entry.section])
+    net_cfg = base.shape_config_class(entry)(**config[entry.section])
     return net_cls(net_cfg, image_size=config["image_size"], in_channels=config["channels"],
                    num_classes=config["num_classes"])
 

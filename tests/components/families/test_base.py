@@ -5,8 +5,17 @@ import dataclasses
 import pytest
 import torch
 
-from components.config import (DatasetConfig, DiffusionConfig, EvalConfig, ModelConfig, Params, SampleConfig,
-                               TrainConfig, UNetConfig, load_params)
+from components.config import (
+    DatasetConfig,
+    DiffusionConfig,
+    EvalConfig,
+    ModelConfig,
+    Params,
+    SampleConfig,
+    TrainConfig,
+    UNetConfig,
+    load_params,
+)
 from components.errors import ConfigError
 from components.families import base
 
@@ -25,7 +34,7 @@ def test_every_family_implements_the_contract(name):
 def test_registry_entries_are_consistent(project_root):
     for b in base.BACKBONES.values():
         assert b.section in base.NETWORK_SECTIONS and set(b.reads) <= set(base.NETWORK_SECTIONS)
-        assert dataclasses.is_dataclass(b.config_class())
+        assert dataclasses.is_dataclass(base.shape_config_class(b))
         assert b.graph in ("denoiser", "causal_lm", "masked_lm") and b.exporter in ("torchscript", "dynamo")
         for rel in b.code_paths:   # a renamed file would silently drop out of the inputs hash
             assert (project_root / rel).exists() or rel.startswith("components/sampling/"), rel

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from components import data
-from components.config import (DatasetConfig, DiffusionConfig, EvalConfig, ModelConfig, Params, SampleConfig,
-                               TrainConfig, UNetConfig)
+from components.config import (
+    DatasetConfig,
+    DiffusionConfig,
+    EvalConfig,
+    ModelConfig,
+    Params,
+    SampleConfig,
+    TrainConfig,
+    UNetConfig,
+)
 from components.families import diffusion as fam
 from components.models.diffusion import DiffusionInputError
 

@@ -13,7 +13,6 @@ from components.models.gpt import ContextLengthError
 from components.tokenizer import UnknownCharactersError
 
 
-
 def tiny_overrides(key: str) -> list[str]:
     m = f"models.{key}"
     return [f"{m}.gpt.n_layer=1", f"{m}.gpt.n_head=2", f"{m}.gpt.n_embd=16",
