@@ -309,8 +309,9 @@ def test_retrain_seeds_trains_each_seed_the_same_steps_from_scratch(params, tmp_
     def evaluate(key, p, root):
         return {"eval/fd": 0.7 + 0.1 * p.model(key).train.seed}
 
-    monkeypatch.setattr(flows.compare, "_family", lambda backbone: types.SimpleNamespace(train=train,
-                                                                                         evaluate=evaluate))
+    family = types.SimpleNamespace(train=train, evaluate=evaluate)
+    monkeypatch.setattr(flows.compare, "backbone",
+                        lambda name, where=None: types.SimpleNamespace(family=lambda: family))
     m = result("digits-unet", {**UNET, "perf/train_steps": 900.0})  # 900 steps in 270 s: 3.33 steps/s
     flows.compare.retrain_seeds(params, tmp_path, [m], 3)
     q = params.pipeline.quick
@@ -381,7 +382,7 @@ def test_a_failed_render_keeps_the_previous_report(params, tmp_path, fast_machin
 
     def broken(report):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(compare, "render_html", broken)
+    monkeypatch.setattr(compare.render, "render_html", broken)  # write_report's own name
     with pytest.raises(RuntimeError):
         build(params, tmp_path)
     assert (tmp_path / "reports" / "compare" / "report.md").read_text() == before
