@@ -31,6 +31,7 @@ FIGURES = (("compute.png", "Compute"), ("stability.png", "Stability over seeds")
 
 
 def make_report(pipeline: Pipeline, machine: Machine, plots: bool = True) -> Report:
+    """The rows of every dataset and, unless plots=False, the figures; stamped with the time now."""
     return Report(pipeline, machine, make_rows(pipeline, machine),
                   make_plots(pipeline, machine) if plots else {},
                   created=time.strftime("%Y-%m-%d %H:%M:%S"))
