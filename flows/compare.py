@@ -12,7 +12,6 @@ seeds, build the rows and plots, write reports/compare/ atomically and log it as
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import platform
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from components.config import Params, apply_quick
+from components.families.base import backbone
 
 PROBE_BUDGET_S = 2.0        # seconds of timed training steps per model and thread count
 PROBE_THREADS = (1, 2)
@@ -58,15 +58,12 @@ def measure_machine():
                    torch=torch.__version__)
 
 
-def _family(backbone: str):
-    from flows.stages import _FAMILY_MODULE
-
-    return importlib.import_module(f"components.families.{_FAMILY_MODULE[backbone]}")
-
-
 def load_run_model(client, m, root: Path):
-    """(network, config) of a model run: its logged checkpoint, else models/<key>/model.pt if it is the same size."""
-    fam = _family(m.backbone)
+    """(network, config) of a model run: its logged checkpoint, else models/<key>/model.pt if it is the same size.
+
+    Raises ConfigError for a backbone this genflow no longer knows (an old run), FileNotFoundError without weights.
+    """
+    fam = backbone(m.backbone, f"run {m.run_id} ({m.key})").family()
     with tempfile.TemporaryDirectory(prefix="genflow-compare-") as tmp:
         dest = Path(tmp) / "models" / m.key
         dest.mkdir(parents=True)
@@ -132,7 +129,7 @@ def retrain_seeds(params: Params, root: Path, models, n: int) -> None:
             if m.key not in q.models:
                 _say(f"{m.key}: not in params.yaml; spread over seeds not measured")
                 continue
-            fam = _family(q.model(m.key).backbone)
+            fam = backbone(q.model(m.key).backbone, f"models.{m.key}.backbone").family()
             tc = q.model(m.key).train
             tc.max_steps = seed_steps(m, q.pipeline.quick)
             tc.max_seconds = q.pipeline.quick.max_seconds * SEED_TIME_CAP
@@ -161,7 +158,7 @@ def build_report(params: Params, root: Path, run_id: Optional[str] = None, seeds
     seeds: retrain every model with seeds 0..seeds-1 at params.pipeline.quick's budget and report
     mean ± std; without it, runs of the same model that differ only in train.seed are used.
     probe: time a few training steps at 1 and 2 threads (off in tests). Returns report.html's path.
-    Raises CompareError (a ValueError) with one line when the run cannot be compared.
+    Raises CompareError (a GenflowError and ValueError) with one line when the run cannot be compared.
     """
     import mlflow
 

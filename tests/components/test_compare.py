@@ -17,6 +17,7 @@ import pytest
 from components import compare, tracking
 from components.compare import (AGREES, DISAGREES, MIXED, NOT_MEASURED, CompareError, Machine, ModelResult)
 from components.config import DatasetConfig, ModelConfig, Params
+from components.errors import GenflowError
 
 MACHINE = Machine(cores=2, cpu="test CPU", peak_gflops=100.0, peak_gflops_1thread=55.0, torch="x")
 
@@ -199,6 +200,42 @@ def test_memorisation_flags_copies():
     assert compare.row_memorisation("digits", [result("digits-unet", UNET)]).verdict == AGREES
 
 
+def run_of(key: str, backbone: str, metrics: dict, **tags):
+    """A stand-in for an MLflow run as model_result reads it (tags, params, metrics, info)."""
+    data = types.SimpleNamespace(tags={"genflow.model_key": key, "genflow.backbone": backbone,
+                                       "genflow.dataset": key.split("-")[0], **tags},
+                                 params={"sample.steps": "50"}, metrics=dict(metrics))
+    info = types.SimpleNamespace(run_id=f"run-{key}", run_name=key, experiment_id="0")
+    return types.SimpleNamespace(data=data, info=info)
+
+
+def test_family_kind_and_sampling_come_from_the_backbone_registry_and_unknown_tags_fall_back():
+    gpt, mdlm = compare.model_result(run_of("a-gpt", "gpt", GPT_TEXT)), compare.model_result(run_of("b-m", "mdlm", {}))
+    assert (gpt.family, gpt.kind, gpt.generation) == ("transformer", "image", "autoregressive")
+    assert (mdlm.family, mdlm.kind, mdlm.generation) == ("diffusion", "text", "masked")
+    old = compare.model_result(run_of("digits-vae", "vae", UNET))  # a tag this genflow no longer knows
+    assert (old.family, old.kind, old.generation) == ("diffusion", "image", "denoising")
+    assert compare.sequential_calls(old) == 50.0
+    tagged = compare.model_result(run_of("digits-x", "", GPT_IMAGES, **{"genflow.family": "transformer"}))
+    assert tagged.generation == "autoregressive"  # no backbone tag: the family tag decides
+    rows = compare.make_rows(compare.Pipeline({"digits": "r"}, "f", "now", [old, tagged]), MACHINE)
+    assert {r.feature for r in rows} == set(compare.CLAIMS)
+
+
+def test_markdown_and_html_come_from_one_template_each_escaped_its_own_way():
+    models = [result("digits-unet", UNET), result("digits-gpt", GPT_IMAGES)]
+    pipe = compare.Pipeline({"digits": "r"}, "f", "now", models)
+    report = compare.make_report(pipe, MACHINE, plots=False)
+    report.rows[0].cells["digits-unet"] = "a | b <i>x</i>"
+    md, page = compare.render_markdown(report), compare.render_html(report)
+    assert "| a \\| b <i>x</i> |" in md
+    assert "<td>a | b &lt;i&gt;x&lt;/i&gt;</td>" in page
+    assert re.findall(r"^#+ (.+)$", md, re.M) == re.findall(r"<h\d>(.+?)</h\d>", page)  # the same sections
+    assert md.count("\n| ") == page.count("<tr>")                                       # and the same rows
+    assert '<td class="mixed"><b>mixed</b>: 1 of 2 diffusion samplers' in page  # sampling speed, digits
+    assert "| **mixed**: 1 of 2 diffusion samplers" in md
+
+
 # ---------------------------------------------------------------------------
 # The report from MLflow runs
 # ---------------------------------------------------------------------------
@@ -309,8 +346,9 @@ def test_retrain_seeds_trains_each_seed_the_same_steps_from_scratch(params, tmp_
     def evaluate(key, p, root):
         return {"eval/fd": 0.7 + 0.1 * p.model(key).train.seed}
 
-    monkeypatch.setattr(flows.compare, "_family", lambda backbone: types.SimpleNamespace(train=train,
-                                                                                         evaluate=evaluate))
+    family = types.SimpleNamespace(train=train, evaluate=evaluate)
+    monkeypatch.setattr(flows.compare, "backbone",
+                        lambda name, where=None: types.SimpleNamespace(family=lambda: family))
     m = result("digits-unet", {**UNET, "perf/train_steps": 900.0})  # 900 steps in 270 s: 3.33 steps/s
     flows.compare.retrain_seeds(params, tmp_path, [m], 3)
     q = params.pipeline.quick
@@ -370,8 +408,9 @@ def test_a_run_from_an_older_report_format_is_refused_without_a_partial_report(p
 
 
 def test_bad_seed_count_is_refused(params, tmp_path):
-    with pytest.raises(CompareError, match="--seeds 0"):
+    with pytest.raises(CompareError, match="--seeds 0") as err:
         build(params, tmp_path, seeds=0)
+    assert isinstance(err.value, GenflowError) and isinstance(err.value, ValueError)  # the CLI prints one line
 
 
 def test_a_failed_render_keeps_the_previous_report(params, tmp_path, fast_machine, monkeypatch):
@@ -381,7 +420,7 @@ def test_a_failed_render_keeps_the_previous_report(params, tmp_path, fast_machin
 
     def broken(report):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(compare, "render_html", broken)
+    monkeypatch.setattr(compare.render, "render_html", broken)  # write_report's own name
     with pytest.raises(RuntimeError):
         build(params, tmp_path)
     assert (tmp_path / "reports" / "compare" / "report.md").read_text() == before

@@ -1,0 +1,145 @@
+"""What a comparison is made of: model runs, the pipeline run, the machine, rows and the report.
+
+Also the essay's claims and the verdict words: every other module of the package reads them here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from components.errors import ConfigError, GenflowError
+from components.families.base import Backbone, backbone
+
+
+class CompareError(GenflowError, ValueError):
+    """The comparison cannot be built from what MLflow holds; the message says which run and why."""
+
+
+# Every finished model run must carry these (older genflow runs lack some: refuse, never half a report).
+REQUIRED_METRICS = ("perf/params", "perf/train_seconds", "perf/train_items_per_s", "perf/flops_per_item",
+                    "perf/sample_ms_per_item", "train/loss")
+MAIN_METRIC = {"image": "eval/fd", "text": "eval/bits_per_char"}
+
+AGREES, DISAGREES, MIXED, NOT_MEASURED = "agrees", "disagrees", "mixed", "not measured"
+BASELINE_NAMES = {"real": "real data", "kde": "KDE", "gaussian": "Gaussian"}
+
+# The essay's words, quoted (Table 1, or its strengths/weaknesses lists where Table 1 has no row).
+CLAIMS: dict[str, tuple[str, str]] = {
+    "Generation quality": ("high, very realistic", "high, coherent"),
+    "Sampling speed": ("slow, iterative process", "relatively fast, parallel processing"),
+    "Computational cost": ("high, long training times", "high for large models, but efficient for inference"),
+    "Parameters and memory": ("(no claim)", "large models: high computational demands and memory requirements"),
+    "Parallel processing": ("limited", "excellent, inherent to the architecture"),
+    "Training stability": ("generally stable, less prone to mode collapse",
+                           "generally stable, but mode collapse can occur"),
+    "Memorisation": ("robust generalization capabilities", "(no claim)"),
+}
+NOT_MEASURED_ROWS = ("Data Type Focus", "Long-Range Dependencies", "Interpretability", "Primary Applications")
+
+
+def known_backbone(name: str) -> Optional[Backbone]:
+    """The registry entry of a run's backbone tag; None for a tag this genflow no longer knows (old runs)."""
+    try:
+        return backbone(name)
+    except ConfigError:
+        return None
+
+
+@dataclass
+class ModelResult:
+    key: str
+    family: str                       # diffusion | transformer
+    backbone: str                     # unet | dit | gpt | mdlm (components.families.base.BACKBONES)
+    dataset: str
+    kind: str                         # image | text
+    run_id: str
+    metrics: dict[str, float]
+    params: dict[str, str] = field(default_factory=dict)
+    experiment_id: str = ""
+    note: str = ""                    # e.g. "skipped in this run; version 3 (run ...)"
+    seeds: list[dict[str, float]] = field(default_factory=list)   # one per seed: seed, train/loss, main metric
+    seeds_source: str = ""            # "mlflow" (runs found) or "retrained" (--seeds)
+    scaling: dict[int, float] = field(default_factory=dict)       # threads -> training items/s (live probe)
+
+    def param(self, name: str, default: Any = None, cast=float) -> Any:
+        try:
+            return cast(self.params[name])
+        except (KeyError, ValueError, TypeError):
+            return default
+
+    @property
+    def generation(self) -> str:
+        """How it samples: denoising | autoregressive | masked (an unknown backbone: by its family)."""
+        entry = known_backbone(self.backbone)
+        if entry:
+            return entry.generation
+        return "autoregressive" if self.family == "transformer" else "denoising"
+
+    @property
+    def main_metric(self) -> str:
+        return MAIN_METRIC[self.kind]
+
+    @property
+    def unit(self) -> str:
+        """What one generated item is: an image, or a character of text."""
+        return "image" if self.kind == "image" else "char"
+
+    @property
+    def tokens_per_item(self) -> int:
+        """Tokens per generated item for a GPT (pixels of an image; 1 for a character)."""
+        if self.kind == "image":
+            return int(self.param("dataset.image_size", 8)) ** 2
+        return 1
+
+    def get(self, name: str) -> Optional[float]:
+        v = self.metrics.get(name)
+        return v if v is not None and math.isfinite(v) else None
+
+
+@dataclass
+class Pipeline:
+    run_ids: dict[str, str]           # dataset -> parent run id
+    flow_run_id: str
+    started: str                      # parent run's start, local time
+    models: list[ModelResult]
+    notes: list[str] = field(default_factory=list)
+
+    def datasets(self) -> list[str]:
+        return sorted({m.dataset for m in self.models})
+
+    def models_of(self, dataset: str) -> list[ModelResult]:
+        """The models of one dataset, diffusion first (side by side in every table)."""
+        return sorted((m for m in self.models if m.dataset == dataset), key=lambda m: (m.family != "diffusion", m.key))
+
+
+@dataclass
+class Machine:
+    cores: int
+    cpu: str
+    peak_gflops: float                # fp32 matmul, all cores
+    peak_gflops_1thread: float = float("nan")
+    torch: str = ""
+
+    @property
+    def best_peak(self) -> float:
+        """The higher of the two: on a busy machine the all-core figure can come out below one core's."""
+        return max(v for v in (self.peak_gflops, self.peak_gflops_1thread, 0.0) if math.isfinite(v))
+
+
+@dataclass
+class Row:
+    dataset: str
+    feature: str
+    cells: dict[str, str]             # model key -> what was measured, in words and numbers
+    verdict: str
+    evidence: str                     # the numbers behind the verdict, one sentence
+
+
+@dataclass
+class Report:
+    pipeline: Pipeline
+    machine: Machine
+    rows: list[Row]
+    plots: dict[str, bytes] = field(default_factory=dict)   # file name -> PNG
+    created: str = ""
