@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from components.config import Params, apply_quick
-from components.families.base import backbone
+from components.families.registry import backbone
 
 PROBE_BUDGET_S = 2.0        # seconds of timed training steps per model and thread count
 PROBE_THREADS = (1, 2)
@@ -81,7 +81,8 @@ def load_run_model(client, m, root: Path):
 
 def probe_scaling(client, m, root: Path, budget_s: float = PROBE_BUDGET_S) -> dict[int, float]:
     """Training items/s of the run's network at 1 and 2 threads; {} when the weights cannot be found."""
-    from components.resources import make_train_step, thread_scaling
+    from components.families.base import probe_train_step
+    from components.resources import thread_scaling
 
     try:
         net, config = load_run_model(client, m, root)
@@ -89,7 +90,7 @@ def probe_scaling(client, m, root: Path, budget_s: float = PROBE_BUDGET_S) -> di
         _say(f"{m.key}: thread scaling not probed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return {}
     batch = int(m.param("train.batch_size", 32))
-    step, items = make_train_step(net, config, batch)
+    step, items = probe_train_step(net, config, batch)
     return thread_scaling(step, items, PROBE_THREADS, budget_s=budget_s)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from components.errors import ConfigError, GenflowError
-from components.families.base import Backbone, backbone
+from components.families.registry import Backbone, backbone
 
 
 class CompareError(GenflowError, ValueError):
