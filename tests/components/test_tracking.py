@@ -79,6 +79,11 @@ def test_model_params_hold_the_model_and_its_dataset_but_not_unused_networks():
     gpt = tracking.model_params(p, "pydoc-gpt")
     assert gpt["gpt.n_layer"] == "4" and gpt["dataset.kind"] == "text"
     assert not any(k.startswith(("unet.", "diffusion.")) for k in gpt)
+    # the backbone registry says which sections a model reads: mdlm reads gpt and masked only
+    p.models["pydoc-mdlm"] = ModelConfig(family="diffusion", backbone="mdlm", dataset="pydoc")
+    mdlm = tracking.model_params(p, "pydoc-mdlm")
+    assert any(k.startswith("gpt.") for k in mdlm) and any(k.startswith("masked.") for k in mdlm)
+    assert not any(k.startswith(("unet.", "dit.", "diffusion.")) for k in mdlm)
 
 
 def test_lineage_tags_outside_and_inside_a_git_repository(tmp_path):
