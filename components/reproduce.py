@@ -275,10 +275,10 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
     root = Path(root).resolve()
     params = params or load_params(root / "params.yaml")
     key, alias, number = parse_model_spec(spec)
-    client = registry._client(root, params)
-    mv = registry._get_version(client, key, number or alias)
+    client = registry.registry_client(root, params)
+    mv = registry.get_version(client, key, number or alias)
     version, tags = str(mv.version), dict(mv.tags)
-    aliases_before = registry._aliases(client, key)
+    aliases_before = registry.current_aliases(client, key)
     commit, dataset, data_hash = check_lineage(key, version, tags, root)
     warnings = library_warnings(tags)
     for w in warnings:
@@ -327,7 +327,7 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
 
             reg_folder = download_version(key, None, version, root, tmp / "registered")
             w_max, worst = weight_diff(reg_folder / "model.onnx", src / "exports" / key / "model.onnx")
-            rule = registry._rule(params, key)
+            rule = registry.promotion_rule(params, key)
             new_metrics = json.loads((src / "reports" / key / "metrics.json").read_text())
             new_parity = json.loads((src / "exports" / key / "parity.json").read_text())
             reg_metric = _float(tags.get(registry.METRIC_TAG + rule.metric))
@@ -347,7 +347,7 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
                      reproduced_parity=_float(new_parity.get("max_abs")), warnings=warnings,
                      seconds=time.perf_counter() - t0)
     record(client, result, root, experiment_name(params, dataset), dataset, tags, atol, rtol)
-    if registry._aliases(client, key) != aliases_before:  # reproduce never moves one; say so if someone did
+    if registry.current_aliases(client, key) != aliases_before:  # reproduce never moves one; say so if someone did
         print(f"[reproduce] note: the aliases of {key} changed while reproducing (not by reproduce)", flush=True)
     return result
 
