@@ -95,6 +95,7 @@ def set_alias(client: Any, key: str, alias: str, version: str, *, by: str, reaso
 
 
 def remove_alias(client: Any, key: str, alias: str, *, by: str, reason: str, current: dict[str, str]) -> None:
+    """Delete `alias`; write the removal to its old holder's history."""
     old = current.pop(alias, None)
     if old is None:
         return
@@ -104,6 +105,7 @@ def remove_alias(client: Any, key: str, alias: str, *, by: str, reason: str, cur
 
 
 def verify_aliases(client: Any, key: str, expected: dict[str, Optional[str]]) -> None:
+    """RegistryError when the aliases read back differ from `expected` (another client moved them)."""
     after = current_aliases(client, key)
     wrong = {a: (v, after.get(a)) for a, v in expected.items() if after.get(a) != v}
     if wrong:

@@ -69,6 +69,7 @@ def model_card(key: str, version: str, run_id: str, metrics: Mapping[str, Any], 
 
 
 def limits(kind: str) -> list[str]:
+    """The card's "Intended use and limits" lines for a dataset kind (image, text)."""
     lines = [
         "- A small model trained for minutes on a CPU: a baseline for comparing diffusion and "
         "transformer models on the same data, not a production generator.",

@@ -68,6 +68,7 @@ def pip_requirements() -> list[str]:
 
 
 def parity_tags(parity: Mapping[str, Any]) -> dict[str, str]:
+    """Version tags of an export's parity result: genflow.parity (JSON), .parity_max_abs, .parity_ok."""
     tags = {"genflow.parity": json.dumps(dict(parity), default=str)[:5000]}
     max_abs = parity.get("max_abs", parity.get("parity_max_abs"))
     if max_abs is not None:
@@ -179,6 +180,7 @@ def register_model(key: str, run_id: str, metrics: Mapping[str, Any], parity: Ma
 
 
 def artifact_paths(client: Any, run_id: str) -> list[str]:
+    """Artifact paths of a run, one folder deep (for the model card's links)."""
     out = []
     for top in client.list_artifacts(run_id):
         if top.is_dir:
