@@ -272,3 +272,18 @@ def test_model_run_without_dvc_hashes_uses_the_prepared_manifest(tmp_path, param
     with tracking.model_run("digits-unet", params, tmp_path) as run2:
         pass
     assert client.get_run(run2.info.run_id).data.tags["genflow.eval_data_hash"] != tags["genflow.eval_data_hash"]
+
+
+def test_errors_share_genflow_roots_and_dvc_hashes_read_from_the_lock(tmp_path):
+    from components import errors, registry, versioning
+    from components.reproduce import ReproduceError
+
+    assert registry.RegistryError is errors.RegistryError
+    for cls in (tracking.TrackingError, tracking.TrackingUnavailable, tracking.TrackingAuthError,
+                versioning.VersioningError):
+        assert issubclass(cls, errors.ServerError)
+    assert issubclass(ReproduceError, errors.ModelError) and issubclass(ReproduceError, ValueError)
+    (tmp_path / "dvc.lock").write_text("stages:\n  prepare@digits:\n    outs:\n"
+                                       "    - path: data/prepared/digits\n      md5: abc.dir\n")
+    assert versioning.dataset_hashes("digits", tmp_path) == {"prepared": "abc.dir"}
+    assert tracking.local_data_hashes("digits", tmp_path) == {"digits": {"prepared": "abc.dir"}}
