@@ -38,16 +38,19 @@ from typing import Any, Iterator, Mapping, Optional
 
 import yaml
 
+from components import registry
 from components.config import Params, ParamsError, load_params
+from components.errors import ModelError
+from components.layout import Layout
+from components.tracking import PARAMS_ARTIFACT, ensure_experiment, experiment_name
 
 IDENTICAL, WITHIN, DIFFERENT = "identical", "equal within tolerance", "different"
-PARAMS_ARTIFACT = "lineage/params.yaml"
 SCHEDULE_ARTIFACT = "checkpoint/schedule.json"
 LIBRARIES = ("torch", "numpy", "onnxruntime")
 TAG = "genflow.reproduce."
 
 
-class ReproduceError(ValueError):
+class ReproduceError(ModelError):
     """A version cannot be reproduced; the message names the missing piece and what to do."""
 
 
@@ -267,18 +270,16 @@ def _run_stage(src: Path, stage: str, key: str, env: dict) -> None:
 def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: float = 1e-6,
               rtol: float = 1e-4, keep: Optional[Path] = None) -> Verdict:
     """Rebuild MODEL[@alias|:version] from its lineage and compare it with the registered one."""
-    from components import registry
-    from components.inference import parse_model_spec
-    from components.tracking import experiment_name
+    from components.inference import parse_model_spec  # lazy: the ONNX engines
 
     t0 = time.perf_counter()
     root = Path(root).resolve()
     params = params or load_params(root / "params.yaml")
     key, alias, number = parse_model_spec(spec)
-    client = registry._client(root, params)
-    mv = registry._get_version(client, key, number or alias)
+    client = registry.registry_client(root, params)
+    mv = registry.get_version(client, key, number or alias)
     version, tags = str(mv.version), dict(mv.tags)
-    aliases_before = registry._aliases(client, key)
+    aliases_before = registry.current_aliases(client, key)
     commit, dataset, data_hash = check_lineage(key, version, tags, root)
     warnings = library_warnings(tags)
     for w in warnings:
@@ -313,7 +314,8 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
             (src / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
             print(f"[reproduce] restoring {dataset} ({data_hash}) from DVC remote {remote[0]!r}", flush=True)
-            restore_data(data_hash, src / "data" / "prepared" / dataset, remote, tmp / "dvc")
+            built = Layout(src)
+            restore_data(data_hash, built.prepared_dir(dataset), remote, tmp / "dvc")
 
             env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
             env.update({"PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE",
@@ -326,17 +328,17 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
             from components.inference import download_version
 
             reg_folder = download_version(key, None, version, root, tmp / "registered")
-            w_max, worst = weight_diff(reg_folder / "model.onnx", src / "exports" / key / "model.onnx")
-            rule = registry._rule(params, key)
-            new_metrics = json.loads((src / "reports" / key / "metrics.json").read_text())
-            new_parity = json.loads((src / "exports" / key / "parity.json").read_text())
+            w_max, worst = weight_diff(reg_folder / "model.onnx", built.export_dir(key) / "model.onnx")
+            rule = registry.promotion_rule(params, key)
+            new_metrics = json.loads((built.report_dir(key) / "metrics.json").read_text())
+            new_parity = json.loads((built.export_dir(key) / "parity.json").read_text())
             reg_metric = _float(tags.get(registry.METRIC_TAG + rule.metric))
             new_metric = _float(new_metrics.get(rule.metric))
             if keep is not None:  # what was rebuilt, for a closer look
                 keep.mkdir(parents=True, exist_ok=True)
-                for sub in ("models", "reports", "exports"):
-                    if (src / sub / key).is_dir():
-                        shutil.copytree(src / sub / key, keep / sub / key, dirs_exist_ok=True)
+                for made in (built.model_dir(key), built.report_dir(key), built.export_dir(key)):
+                    if made.is_dir():
+                        shutil.copytree(made, keep / made.relative_to(src), dirs_exist_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -347,7 +349,7 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
                      reproduced_parity=_float(new_parity.get("max_abs")), warnings=warnings,
                      seconds=time.perf_counter() - t0)
     record(client, result, root, experiment_name(params, dataset), dataset, tags, atol, rtol)
-    if registry._aliases(client, key) != aliases_before:  # reproduce never moves one; say so if someone did
+    if registry.current_aliases(client, key) != aliases_before:  # reproduce never moves one; say so if someone did
         print(f"[reproduce] note: the aliases of {key} changed while reproducing (not by reproduce)", flush=True)
     return result
 
@@ -355,8 +357,6 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
 def record(client: Any, v: Verdict, root: Path, experiment: str, dataset: str,
            tags: Mapping[str, str], atol: float, rtol: float) -> None:
     """The verdict as a run of its own (in the model's experiment) and as tags of the version."""
-    from components.tracking import ensure_experiment
-
     exp_id = ensure_experiment(client, experiment, client.tracking_uri, root)
     run_tags = {"mlflow.runName": f"reproduce {v.model}:{v.version}", "genflow.reproduce_of": f"{v.model}:{v.version}",
                 "genflow.model_key": v.model, "genflow.dataset": dataset, TAG + "verdict": v.verdict,

@@ -1,7 +1,8 @@
-"""DVC and code versioning: what a run's inputs were, as hashes.
+"""DVC and code versioning: record data in dvc.lock, push it to the remote, hash the code.
 
-DVC takes a repository lock, so every call here goes through one process-wide lock:
-never two DVC commands at once, even from parallel flow tasks.
+Reading the data hashes back (dvc.lock) is lineage: `components.tracking.lineage.dataset_hashes`,
+re-exported here. DVC takes a repository lock, so every call here goes through one
+process-wide lock: never two DVC commands at once, even from parallel flow tasks.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import threading
 from pathlib import Path
 from typing import Iterable
 
-import yaml
+from components.errors import ServerError
+from components.tracking.lineage import dataset_hashes, lock_hashes  # noqa: F401  (re-exported)
+from components.tracking.uri import redact
 
 _DVC_LOCK = threading.Lock()
 
@@ -28,7 +31,7 @@ CODE_PATHS = {
 }
 
 
-class VersioningError(RuntimeError):
+class VersioningError(ServerError):
     """A DVC operation failed; the message names the command and what to do."""
 
 
@@ -44,30 +47,6 @@ def code_version(root: Path, paths: Iterable[str]) -> str:
 
 def is_dvc_repo(root: Path) -> bool:
     return (Path(root) / ".dvc").is_dir()
-
-
-def lock_hashes(root: Path) -> dict[str, str]:
-    """{output path: md5} of every output recorded in dvc.lock."""
-    lock = Path(root) / "dvc.lock"
-    if not lock.exists():
-        return {}
-    doc = yaml.safe_load(lock.read_text()) or {}
-    hashes: dict[str, str] = {}
-    for stage in (doc.get("stages") or {}).values():
-        for out in stage.get("outs") or []:
-            if out.get("md5"):
-                hashes[out["path"]] = out["md5"]
-    return hashes
-
-
-def dataset_hashes(dataset: str, root: Path) -> dict[str, str]:
-    """DVC hashes of a dataset's raw snapshot and prepared splits (from dvc.lock)."""
-    hashes = lock_hashes(root)
-    out = {}
-    for kind, path in (("raw", f"data/raw/{dataset}"), ("prepared", f"data/prepared/{dataset}")):
-        if path in hashes:
-            out[kind] = hashes[path]
-    return out
 
 
 def _repo(root: Path):
@@ -119,8 +98,6 @@ def check_remote(root: Path, remote: str = "") -> None:
     name, url = remote_url(root, remote)
     if not url or ("://" in url and not url.startswith("file://")):
         return
-    from components.tracking import redact
-
     path = Path(url[len("file://"):] if url.startswith("file://") else url)
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -159,8 +136,6 @@ def push(root: Path, remote: str = "") -> int:
             finally:
                 repo.close()
         except Exception as e:
-            from components.tracking import redact  # a remote URL may carry a password
-
             where = redact(remote) if remote else "the default DVC remote (.dvc/config)"
             lines = str(e).strip().splitlines()  # DVC's messages may run to several lines
             reason = redact(lines[0] if lines else type(e).__name__)

@@ -70,7 +70,7 @@ class Model:
                                           None, self.root, params=self.params, extra_files=extra_files)
 
     def aliases(self) -> dict:
-        return registry._aliases(client(), self.key)
+        return registry.current_aliases(client(), self.key)
 
 
 def client():

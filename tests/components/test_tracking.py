@@ -79,6 +79,11 @@ def test_model_params_hold_the_model_and_its_dataset_but_not_unused_networks():
     gpt = tracking.model_params(p, "pydoc-gpt")
     assert gpt["gpt.n_layer"] == "4" and gpt["dataset.kind"] == "text"
     assert not any(k.startswith(("unet.", "diffusion.")) for k in gpt)
+    # the backbone registry says which sections a model reads: mdlm reads gpt and masked only
+    p.models["pydoc-mdlm"] = ModelConfig(family="diffusion", backbone="mdlm", dataset="pydoc")
+    mdlm = tracking.model_params(p, "pydoc-mdlm")
+    assert any(k.startswith("gpt.") for k in mdlm) and any(k.startswith("masked.") for k in mdlm)
+    assert not any(k.startswith(("unet.", "dit.", "diffusion.")) for k in mdlm)
 
 
 def test_lineage_tags_outside_and_inside_a_git_repository(tmp_path):
@@ -267,3 +272,18 @@ def test_model_run_without_dvc_hashes_uses_the_prepared_manifest(tmp_path, param
     with tracking.model_run("digits-unet", params, tmp_path) as run2:
         pass
     assert client.get_run(run2.info.run_id).data.tags["genflow.eval_data_hash"] != tags["genflow.eval_data_hash"]
+
+
+def test_errors_share_genflow_roots_and_dvc_hashes_read_from_the_lock(tmp_path):
+    from components import errors, registry, versioning
+    from components.reproduce import ReproduceError
+
+    assert registry.RegistryError is errors.RegistryError
+    for cls in (tracking.TrackingError, tracking.TrackingUnavailable, tracking.TrackingAuthError,
+                versioning.VersioningError):
+        assert issubclass(cls, errors.ServerError)
+    assert issubclass(ReproduceError, errors.ModelError) and issubclass(ReproduceError, ValueError)
+    (tmp_path / "dvc.lock").write_text("stages:\n  prepare@digits:\n    outs:\n"
+                                       "    - path: data/prepared/digits\n      md5: abc.dir\n")
+    assert versioning.dataset_hashes("digits", tmp_path) == {"prepared": "abc.dir"}
+    assert tracking.local_data_hashes("digits", tmp_path) == {"digits": {"prepared": "abc.dir"}}
