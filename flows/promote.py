@@ -1,7 +1,7 @@
 """Promotion and rollback as Prefect flows, so they can run from the Prefect UI.
 
 Deployments: prefect.yaml (`flows/promote.py:promote_flow`, `flows/promote.py:rollback_flow`).
-The flows are thin: the registry rules live in components/registry.py.
+The flows are thin: the registry rules live in components/registry/.
 """
 from __future__ import annotations
 

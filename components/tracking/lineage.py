@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Optional
 import yaml
 
 from components.config import Params, hash_json
-from components.families.base import backbone
+from components.families.registry import backbone
 from components.layout import Layout
 from components.tracking.uri import redact
 
