@@ -43,6 +43,7 @@ from components.errors import ModelError
 from components.families.registry import ATTENTION_MIN_OPSET, BACKBONES, Backbone, backbone_of_class  # noqa: F401
 from components.files import replaced_dir
 from components.layout import Layout
+from components.spec import ModelSpec
 
 EXPORT_FORMAT = 1          # version of the exported folder's layout (config.json "format")
 TORCHSCRIPT_MAX_OPSET = 20
@@ -53,19 +54,6 @@ SAMPLE_KEYS = ("sampler", "steps", "eta", "guidance", "temperature", "top_k", "l
 
 class ExportError(ModelError):
     """The model cannot be exported as asked; the message names the field or file."""
-
-
-# ---------------------------------------------------------------------------
-# Reading the checkpoint's config dict (families store it; keys may sit in a section)
-# ---------------------------------------------------------------------------
-
-def _find(config: dict, key: str, *sections: str, default: Any = None) -> Any:
-    """config[section][key] for the first section that has it, else config[key], else default."""
-    for s in sections:
-        node = config.get(s)
-        if isinstance(node, dict) and node.get(key) is not None:
-            return node[key]
-    return config[key] if config.get(key) is not None else default
 
 
 def backbone_of(model: Any, config: dict) -> Backbone:
@@ -124,14 +112,15 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
     import torch
 
     kind = (BACKBONES[entry] if isinstance(entry, str) else entry).graph
-    sample = {k: v for k, v in (config.get("sample") or {}).items() if k in SAMPLE_KEYS}
+    ms = ModelSpec.from_config(config)
+    sample = {k: v for k, v in ms.sample.items() if k in SAMPLE_KEYS}
     if kind == "denoiser":
-        size = int(getattr(net, "image_size", None) or _find(config, "image_size", "data", "dataset", default=0))
-        channels = int(getattr(net, "in_channels", None) or _find(config, "channels", "data", default=1))
-        num_classes = int(getattr(net, "num_classes", None) or _find(config, "num_classes", "data", default=0))
-        timesteps = _find(config, "timesteps", "diffusion")
-        schedule = _find(config, "schedule", "diffusion", default="cosine")
-        abar = _find(config, "alphas_cumprod", "diffusion")
+        size = int(getattr(net, "image_size", None) or ms.image_size)
+        channels = int(getattr(net, "in_channels", None) or ms.channels)
+        num_classes = int(getattr(net, "num_classes", None) or ms.num_classes)
+        timesteps = ms.process.get("timesteps")
+        schedule = ms.process.get("schedule") or "cosine"
+        abar = ms.process.get("alphas_cumprod")
         if abar is None:
             if timesteps is None:
                 raise ExportError("config.diffusion.timesteps: missing; the engine needs the noise schedule")
@@ -146,8 +135,7 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
                    torch.tensor([0, num_classes], dtype=torch.long))
         batch = {0: "batch"}
         info = dict(image_size=size, channels=channels, num_classes=num_classes, null_class=num_classes,
-                    levels=int(_find(config, "levels", "data", default=256)),
-                    classes=_find(config, "classes", "data"), timesteps=len(abar), schedule=schedule,
+                    levels=ms.levels or 256, classes=list(ms.classes) or None, timesteps=len(abar), schedule=schedule,
                     alphas_cumprod=abar, sample=sample)
         return GraphSpec(kind, _wrap(kind, net), example, ["x", "t", "y"], ["eps"],
                          {"x": batch, "t": batch, "y": batch, "eps": batch}, {"batch": (1, None)}, info)
@@ -156,13 +144,10 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
     vocab_size, block = int(net.vocab_size), int(c.block_size)
     head_dim = c.n_embd // c.n_head
     info = dict(vocab_size=vocab_size, block_size=block, n_layer=c.n_layer, n_head=c.n_head,
-                head_dim=head_dim, n_embd=c.n_embd, vocab=config.get("vocab"), sample=sample)
-    kind_of_data = config.get("kind") or ("text" if config.get("vocab") else "image")
-    info["kind"] = kind_of_data
-    if kind_of_data == "image":  # digit pixels: [class token] + image_size^2 pixel tokens
-        levels = int(_find(config, "levels", "data", default=0))
-        num_classes = int(_find(config, "num_classes", "data", default=0) or len(config.get("classes") or []))
-        size = int(_find(config, "image_size", "data", default=0))
+                head_dim=head_dim, n_embd=c.n_embd, vocab=ms.vocab, sample=sample)
+    info["kind"] = ms.kind
+    if ms.kind == "image":  # digit pixels: [class token] + image_size^2 pixel tokens
+        levels, num_classes, size = ms.levels, ms.num_classes, ms.image_size
         class_offset = int(config.get("class_token_offset", levels))
         pixel_offset = int(config.get("pixel_token_offset", 0))
         if not (levels and num_classes and size):
@@ -173,14 +158,14 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
         if 1 + size * size > block:
             raise ExportError(f"gpt.block_size: {block} is shorter than a class token + {size * size} pixels")
         info.update(levels=levels, num_classes=num_classes, image_size=size, channels=1,
-                    classes=_find(config, "classes", "data"), class_token_offset=class_offset,
+                    classes=list(ms.classes) or None, class_token_offset=class_offset,
                     pixel_token_offset=pixel_offset)
     # distinct example sizes: equal ones could be merged into one symbol by the exporter
     B, T, P = 2, min(3, max(block - 2, 1)), min(4, max(block - 3, 1))
     ids = torch.zeros(B, T, dtype=torch.long)
     if kind == "masked_lm":
         # logits cover ids 0..mask_id-1: the [MASK] id (the last one) is input only
-        info["mask_id"] = int(getattr(net, "mask_id", config.get("mask_id", vocab_size - 1)))
+        info["mask_id"] = int(getattr(net, "mask_id", ms.mask_id if ms.mask_id is not None else vocab_size - 1))
         return GraphSpec(kind, _wrap(kind, net), (ids,), ["input_ids"], ["logits"],
                          {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
                          {"batch": (1, None), "seq": (1, block)}, info)
@@ -417,6 +402,7 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                              "onnxruntime": onnxruntime.__version__},
                 **spec.info,
+                "spec": ModelSpec.from_config(config, key).to_json(),   # the checkpoint's model spec
             }
             _write_json(tmp / "config.json", engine_config)
             _write_json(tmp / "parity.json", parity)

@@ -24,6 +24,7 @@ from components.errors import ModelError
 from components.families import base
 from components.files import write_json, write_text
 from components.layout import Layout
+from components.spec import ModelSpec
 
 
 def image_backbones() -> dict[str, base.Backbone]:
@@ -54,12 +55,10 @@ def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path]
         raise DiffusionFamilyError(f"models.{key}.dataset: {mc.dataset} holds {manifest.get('kind')}, "
                                    "an image diffusion model needs images")
     section = base.BACKBONES[mc.backbone].section
-    return {"family": "diffusion", "backbone": mc.backbone, "model": key, "dataset": mc.dataset,
-            section: dataclasses.asdict(getattr(mc, section)),
-            "diffusion": dataclasses.asdict(mc.diffusion),
-            "sample": dataclasses.asdict(mc.sample),
-            "num_classes": len(manifest["classes"]), "classes": list(manifest["classes"]),
-            "image_size": int(manifest["image_size"]), "channels": 1, "levels": int(manifest["levels"])}
+    return ModelSpec(model=key, backbone=mc.backbone, dataset=mc.dataset, kind="image",
+                     network=dataclasses.asdict(getattr(mc, section)), process=dataclasses.asdict(mc.diffusion),
+                     sample=dataclasses.asdict(mc.sample), image_size=int(manifest["image_size"]), channels=1,
+                     levels=int(manifest["levels"]), classes=tuple(manifest["classes"])).to_config()
 
 
 def build_network(config: dict[str, Any]):

@@ -41,6 +41,7 @@ from components.families import base
 from components.files import write_json, write_text
 from components.layout import Layout
 from components.resources import median_seconds
+from components.spec import ModelSpec
 
 ELBO_DRAWS = 8                  # draws of the masked count per test window for the bound (fixed seed)
 ELBO_SEED = 0
@@ -117,10 +118,9 @@ def model_config(key: str, m: ModelConfig, manifest: dict, root: Path) -> dict[s
                                   "a masked diffusion language model needs text")
     tok = _tokenizer(manifest, data.load_text(m.dataset, "train", root))
     vocab_size = tok.vocab_size + 1                                            # characters, unknown, [MASK]
-    return {"family": "diffusion", "backbone": "mdlm", "kind": "text", "model": key,
-            "dataset": m.dataset, "gpt": dataclasses.asdict(m.gpt),
-            "masked": dataclasses.asdict(m.masked), "sample": dataclasses.asdict(m.sample),
-            "vocab": tok.vocab, "vocab_size": vocab_size, "mask_id": vocab_size - 1}
+    return ModelSpec(model=key, backbone="mdlm", dataset=m.dataset, kind="text", network=dataclasses.asdict(m.gpt),
+                     process=dataclasses.asdict(m.masked), sample=dataclasses.asdict(m.sample),
+                     vocab=tok.vocab, vocab_size=vocab_size, mask_id=vocab_size - 1).to_config()
 
 
 def build_network(config: dict[str, Any]):

@@ -39,6 +39,7 @@ from components.families import base
 from components.files import write_json, write_text
 from components.layout import Layout
 from components.resources import median_seconds
+from components.spec import ModelSpec
 
 TEXT_EVAL_STRIDE_DIVISOR = 4  # bits/char windows start every block_size // 4 characters
 
@@ -85,24 +86,21 @@ def model_config(key: str, m: ModelConfig, manifest: dict, root: Path) -> dict[s
 
     kind = manifest["kind"]
     T = m.gpt.block_size
-    config: dict[str, Any] = {"backbone": "gpt", "kind": kind, "dataset": m.dataset, "model": key,
-                              "gpt": dataclasses.asdict(m.gpt)}
+    spec = dict(model=key, backbone="gpt", dataset=m.dataset, kind=kind, network=dataclasses.asdict(m.gpt))
     if kind == "text":
         tok = text_tokenizer(manifest, data.load_text(m.dataset, "train", root))
-        config.update(vocab=tok.vocab, vocab_size=tok.vocab_size)
-    elif kind == "image":
+        return ModelSpec(**spec, vocab=tok.vocab, vocab_size=tok.vocab_size).to_config()
+    if kind == "image":
         x, y = data.load_images(m.dataset, "train", root)
         levels, num_classes = int(manifest["levels"]), len(manifest["classes"])
         need = x[0].size  # input tokens of one image: class + all pixels but the last
         if T < need:
             raise data.DataError(f"models.{key}.gpt.block_size: {T} is shorter than one image "
                                  f"({need} input tokens: class + pixels); set it to at least {need}")
-        config.update(levels=levels, num_classes=num_classes, image_size=int(manifest["image_size"]),
-                      classes=list(manifest["classes"]), class_prior=class_prior(y, num_classes),
-                      vocab_size=levels + num_classes)
-    else:
-        raise data.DataError(f"datasets.{m.dataset}: kind {kind!r} is not supported by the transformer family")
-    return config
+        return ModelSpec(**spec, levels=levels, image_size=int(manifest["image_size"]),
+                         classes=tuple(manifest["classes"]), class_prior=tuple(class_prior(y, num_classes)),
+                         vocab_size=levels + num_classes).to_config()
+    raise data.DataError(f"datasets.{m.dataset}: kind {kind!r} is not supported by the transformer family")
 
 
 def build_network(config: dict[str, Any]):
