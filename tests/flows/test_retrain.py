@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -71,7 +70,8 @@ def test_flow_end_to_end_then_unchanged_rerun_trains_nothing(harness, workspace,
     again = _run(root, overrides)
     assert again["status"] == "completed"
     assert {m["status"] for m in again["models"].values()} == {"skipped"}
-    assert again["models"]["digits-unet"]["metrics"]["eval/fd"] == summary["models"]["digits-unet"]["metrics"]["eval/fd"]
+    fd = summary["models"]["digits-unet"]["metrics"]["eval/fd"]
+    assert again["models"]["digits-unet"]["metrics"]["eval/fd"] == fd
     assert _versions("digits-unet") == [1]
 
     changed = _run(root, overrides + ["models.digits-gpt.train.max_steps=7"])
