@@ -28,8 +28,12 @@ _NOT_YET_GENFLOW_ERRORS = (
 
 
 def _not_yet_genflow_errors() -> tuple[type, ...]:
-    found = (getattr(sys.modules.get(name.split(":")[0]), name.split(":")[1], None) for name in _NOT_YET_GENFLOW_ERRORS)
-    return tuple(c for c in found if isinstance(c, type) and not issubclass(c, GenflowError))
+    """The classes of _NOT_YET_GENFLOW_ERRORS whose modules are imported."""
+    found = []
+    for name in _NOT_YET_GENFLOW_ERRORS:
+        module, _, cls = name.partition(":")
+        found.append(getattr(sys.modules.get(module), cls, None))
+    return tuple(c for c in found if isinstance(c, type))
 
 
 def configure_environment(root: Path) -> None:
