@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ORT_EXTRA ?= cpu
 STAMP := $(VENV)/.genflow-installed-$(ORT_EXTRA)
 
-.PHONY: install browser run quick test test-fast bench ui clean
+.PHONY: install browser run quick lint test test-fast bench ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,10 +34,15 @@ browser:
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
 	  || echo "browser: apt-get could not install chromium: the MLflow UI test will be skipped"; fi
 
-test: install browser   ## the whole test suite, real servers included
+lint: install           ## ruff (settings in pyproject.toml): a lint failure fails the tests
+	$(BIN)/ruff check .
+
+test: install browser   ## lint, then the whole test suite, real servers included
+	$(BIN)/ruff check .
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
-test-fast: install      ## unit tests only
+test-fast: install      ## lint, then unit tests only
+	$(BIN)/ruff check .
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not integration"
 
 bench: install

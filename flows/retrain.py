@@ -5,34 +5,31 @@ For each model: train -> evaluate -> export (parity gate) -> register -> promoti
 A model whose inputs (DVC hash of its data, its params section, the code version) match a
 registered version is skipped: a scheduled run on unchanged data trains nothing.
 Afterwards: dvc commit + push, reports/last_run.json, a Prefect markdown artifact, a table.
+
+Prefect reads PREFECT_HOME and its other settings when it is imported, and this module imports
+it: the CLI calls `flows.cli.configure_environment` before importing this module.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
-import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from components.config import Params, ParamsError, apply_quick, hash_json, load_params
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from components import registry, tracking
+from components.config import Params, apply_quick, hash_json, load_params
+from components.errors import ConfigError, ServerError
+from components.families.base import backbone
 from components.files import write_json
-
-
-def configure_environment(root: Path) -> None:
-    """Local defaults that need no server; set before Prefect or MLflow are imported."""
-    root = Path(root).resolve()
-    os.environ.setdefault("PREFECT_HOME", str(root / ".genflow" / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # The flow runs in this process; its logs must reach the terminal, not only the API.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+from flows import stages
 
 
 def quiet_libraries() -> None:
@@ -54,8 +51,8 @@ def check_prefect_api() -> None:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as r:
             r.read()
     except Exception as e:
-        raise RuntimeError(f"PREFECT_API_URL={url} does not answer ({e.__class__.__name__}: {e}); "
-                           "start the Prefect server or unset PREFECT_API_URL for local mode") from None
+        raise ServerError(f"PREFECT_API_URL={url} does not answer ({e.__class__.__name__}: {e}); "
+                          "start the Prefect server or unset PREFECT_API_URL for local mode") from None
 
 
 # ---------------------------------------------------------------------------
@@ -75,34 +72,31 @@ def check_sources(params: Params, datasets: list[str]) -> None:
     for name in datasets:
         kind, _, value = params.dataset(name).source.partition(":")
         if kind in ("imagefolder", "textfile") and not Path(value).expanduser().exists():
-            raise ParamsError(f"datasets.{name}.source: {kind}:{value} does not exist; "
+            raise ConfigError(f"datasets.{name}.source: {kind}:{value} does not exist; "
                               "point it at your data with --set datasets.{name}.source={kind}:PATH")
         if kind == "builtin" and value not in ("digits", "pydoc"):
-            raise ParamsError(f"datasets.{name}.source: unknown builtin {value!r}; use builtin:digits or builtin:pydoc")
+            raise ConfigError(f"datasets.{name}.source: unknown builtin {value!r}; use builtin:digits or builtin:pydoc")
         if kind not in ("builtin", "imagefolder", "textfile"):
-            raise ParamsError(f"datasets.{name}.source: unknown kind {kind!r}; "
+            raise ConfigError(f"datasets.{name}.source: unknown kind {kind!r}; "
                               "use builtin:, imagefolder: or textfile:")
 
 
 def inputs_hash(params: Params, key: str, root: Path) -> str:
     """Everything a model's result depends on: data (DVC hash), its params, the code."""
-    from components.versioning import CODE_PATHS, code_version, dataset_hashes
+    from components.versioning import code_version, dataset_hashes
 
     m = params.model(key)
-    family = "mdlm" if m.backbone == "mdlm" else m.family
     return hash_json({
         "data": dataset_hashes(m.dataset, root),
         "model": params.section_hash("models", key),
         "export": params.section_hash("export"),
-        "code": code_version(root, CODE_PATHS[family] + ["components/evaluation/images.py",
-                                                         "components/evaluation/text.py",
-                                                         "components/export.py"]),
+        "code": code_version(root, backbone(m.backbone, f"models.{key}.backbone").code_paths),
     })
 
 
 @dataclass
 class ModelOutcome:
-    status: str = "failed"           # trained | skipped | failed
+    status: str = "failed"           # exported (between tasks) | trained | skipped | failed
     reason: Optional[str] = None
     metrics: dict = field(default_factory=dict)
     version: Optional[str] = None
@@ -122,8 +116,6 @@ class ModelOutcome:
 
 
 def _reportable(metrics: dict) -> dict:
-    import math
-
     return {k: float(v) for k, v in metrics.items()
             if k.split("/")[0] in ("eval", "perf", "baseline", "train")
             and isinstance(v, (int, float)) and math.isfinite(float(v))}
@@ -135,173 +127,182 @@ def _one_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The flow (Prefect is imported lazily so `genflow --help` stays instant)
+# The steps: small Prefect tasks, each calling flows/stages.py
 # ---------------------------------------------------------------------------
 
-def build_flow():
-    from prefect import flow, get_run_logger, task
-    from prefect.cache_policies import NO_CACHE
-    from prefect.task_runners import ThreadPoolTaskRunner
+# Never cached (the registry decides what is unchanged) and nothing persisted: results stay in memory.
+_STEP = dict(cache_policy=NO_CACHE, log_prints=True, persist_result=False)
 
-    from flows import stages
 
-    def step(name: str, retries: int = 0):
-        return task(name=name, cache_policy=NO_CACHE, retries=retries,
-                    retry_delay_seconds=[2, 8, 30][:max(retries, 1)], log_prints=True,
-                    persist_result=False)
+@task(name="data", retries=0, retry_delay_seconds=[2], **_STEP)
+def prepare_data(params: Params, name: str, root: Path) -> dict:
+    """ingest -> validate -> prepare -> dvc commit; returns the dataset's DVC hashes. Raises on bad data."""
+    from components.versioning import commit_stages, dataset_hashes
 
-    @step("data")
-    def data_branch(params: Params, name: str, root: Path) -> dict:
-        """ingest -> validate -> prepare -> dvc commit; raises (stops the branch) on bad data."""
-        from components.versioning import commit_stages, dataset_hashes
-
-        log = get_run_logger()
-        for stage in ("ingest", "validate", "prepare"):
-            t0 = time.perf_counter()
-            stages.run_stage(params, stage, name, root)
-            log.info(f"{stage} {name}: {time.perf_counter() - t0:.1f}s")
-        commit_stages(root, [f"ingest@{name}", f"validate@{name}", f"prepare@{name}"])
-        return dataset_hashes(name, root)
-
-    @step("train-evaluate-export")
-    def model_branch(params: Params, key: str, root: Path, parent_run_id: Optional[str],
-                     flow_run_id: Optional[str], force: bool) -> ModelOutcome:
-        """Skip when inputs are unchanged; else train, evaluate and export inside a nested MLflow run."""
-        from components import registry, tracking
-
-        log = get_run_logger()
-        out = ModelOutcome()
+    log = get_run_logger()
+    for stage in stages.DATASET_STAGES:
         t0 = time.perf_counter()
-        out.inputs_hash = ih = inputs_hash(params, key, root)
-        kept = None if force else registry.find_version(key, {"genflow.inputs_hash": ih}, root)
-        if kept is not None:
-            out.status, out.version = "skipped", kept["version"]
-            out.metrics, out.aliases = _reportable(kept["metrics"]), kept["aliases"]
-            out.parity_max_abs = kept.get("parity_max_abs")
-            out.reason = f"inputs unchanged since version {kept['version']}"
-            log.info(f"{key}: skipped, {out.reason}")
-            out.seconds = time.perf_counter() - t0
-            return out
-        m = params.model(key)
-        with tracking.model_run(key, params, root, parent_run_id=parent_run_id,
-                                flow_run_id=flow_run_id, extra_tags={"genflow.inputs_hash": ih}) as run:
-            out.run_id = run.info.run_id
-            log.info(f"{key}: training ({m.family}/{m.backbone} on {m.dataset}, "
-                     f"budget {m.train.max_seconds:.0f}s / {m.train.max_steps} steps)")
-            metrics = dict(stages.run_stage(params, "train", key, root))
-            log.info(f"{key}: evaluating")
-            metrics.update(stages.run_stage(params, "evaluate", key, root))
-            out.metrics = _reportable(metrics)
-            tracking.log_metrics(out.metrics)
-            tracking.log_model_artifacts(key, root)
-            log.info(f"{key}: exporting to ONNX")
-            out.parity = parity = stages.run_stage(params, "export", key, root)
-            out.parity_max_abs = float(parity["max_abs"])
-            tracking.log_parity(key, parity, root)
-            import mlflow  # the whole exported folder, so `genflow sample` finds model + config in one place
+        stages.run_stage(params, stage, name, root)
+        log.info(f"{stage} {name}: {time.perf_counter() - t0:.1f}s")
+    commit_stages(root, [f"{stage}@{name}" for stage in stages.DATASET_STAGES])
+    return dataset_hashes(name, root)
 
-            mlflow.log_artifacts(str(root / "exports" / key), "onnx")
-        if not parity["passed"]:
-            out.reason = (f"ONNX parity max abs error {parity['max_abs']:.3g} above tolerance "
-                          f"{params.export.parity_atol:g}: not registered")
-            log.error(f"{key}: {out.reason}")
-        else:
-            out.status = "exported"
-        out.seconds = time.perf_counter() - t0
-        return out
 
-    @step("register-promote", retries=3)
-    def register_branch(params: Params, key: str, root: Path, out: ModelOutcome) -> ModelOutcome:
-        """Talks to the MLflow server: retried with backoff. Registering twice is avoided by
-        looking the run's version up first."""
-        from components import registry
+@task(name="train-evaluate-export", retries=0, retry_delay_seconds=[2], **_STEP)
+def train_evaluate_export(params: Params, key: str, root: Path, parent_run_id: Optional[str],
+                          flow_run_id: Optional[str], force: bool) -> ModelOutcome:
+    """Skip when a registered version has the same inputs; else train, evaluate and export in a
+    nested MLflow run. status "exported" means: passed the parity gate, ready to register."""
+    t0 = time.perf_counter()
+    ih = inputs_hash(params, key, root)
+    kept = None if force else registry.find_version(key, {"genflow.inputs_hash": ih}, root)
+    if kept is not None:
+        out = _unchanged(kept)
+        get_run_logger().info(f"{key}: skipped, {out.reason}")
+    else:
+        out = _train_in_mlflow_run(params, key, root, ih, parent_run_id, flow_run_id)
+    out.inputs_hash, out.seconds = ih, time.perf_counter() - t0
+    return out
 
-        log = get_run_logger()
-        t0 = time.perf_counter()
-        if out.version is None:
-            found = registry.find_version(key, {"genflow.inputs_hash": out.inputs_hash}, root)
-            out.version = found["version"] if found else registry.register_model(
-                key, out.run_id, out.metrics, out.parity, params, root, inputs_hash=out.inputs_hash)
-        theirs = None
-        champion_run = registry.stale_champion(key, out.version, root)
-        if champion_run:   # new data: measure the champion on it too, so the gate compares like with like
-            log.info(f"{key}: the evaluation data changed since the champion was measured; re-evaluating it")
+
+def _unchanged(kept: dict) -> ModelOutcome:
+    """The outcome of a model skipped because registered version `kept` has the same inputs."""
+    return ModelOutcome(status="skipped", version=kept["version"], metrics=_reportable(kept["metrics"]),
+                        aliases=kept["aliases"], parity_max_abs=kept.get("parity_max_abs"),
+                        reason=f"inputs unchanged since version {kept['version']}")
+
+
+def _train_in_mlflow_run(params: Params, key: str, root: Path, ih: str, parent_run_id: Optional[str],
+                         flow_run_id: Optional[str]) -> ModelOutcome:
+    import mlflow
+
+    log = get_run_logger()
+    m = params.model(key)
+    out = ModelOutcome()
+    with tracking.model_run(key, params, root, parent_run_id=parent_run_id,
+                            flow_run_id=flow_run_id, extra_tags={"genflow.inputs_hash": ih}) as run:
+        out.run_id = run.info.run_id
+        log.info(f"{key}: training ({m.family}/{m.backbone} on {m.dataset}, "
+                 f"budget {m.train.max_seconds:.0f}s / {m.train.max_steps} steps)")
+        metrics = dict(stages.run_stage(params, "train", key, root))
+        log.info(f"{key}: evaluating")
+        metrics.update(stages.run_stage(params, "evaluate", key, root))
+        out.metrics = _reportable(metrics)
+        tracking.log_metrics(out.metrics)
+        tracking.log_model_artifacts(key, root)
+        log.info(f"{key}: exporting to ONNX")
+        out.parity = parity = stages.run_stage(params, "export", key, root)
+        out.parity_max_abs = float(parity["max_abs"])
+        tracking.log_parity(key, parity, root)
+        # the whole exported folder, so `genflow sample` finds model + config in one place
+        mlflow.log_artifacts(str(root / "exports" / key), "onnx")
+    if not parity["passed"]:
+        out.reason = (f"ONNX parity max abs error {parity['max_abs']:.3g} above tolerance "
+                      f"{params.export.parity_atol:g}: not registered")
+        log.error(f"{key}: {out.reason}")
+    else:
+        out.status = "exported"
+    return out
+
+
+@task(name="register-promote", retries=3, retry_delay_seconds=[2, 8, 30], **_STEP)
+def register_promote(params: Params, key: str, root: Path, out: ModelOutcome) -> ModelOutcome:
+    """Talks to the MLflow server: retried with backoff. Registering twice is avoided by
+    looking the run's version up first."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    if out.version is None:
+        found = registry.find_version(key, {"genflow.inputs_hash": out.inputs_hash}, root)
+        out.version = found["version"] if found else registry.register_model(
+            key, out.run_id, out.metrics, out.parity, params, root, inputs_hash=out.inputs_hash)
+    theirs = None
+    champion_run = registry.stale_champion(key, out.version, root)
+    if champion_run:   # new data: measure the champion on it too, so the gate compares like with like
+        log.info(f"{key}: the evaluation data changed since the champion was measured; re-evaluating it")
+        try:
+            theirs = stages.evaluate_registered(params, key, champion_run, root)
+        except Exception as e:   # the gate then refuses to compare and says why
+            log.warning(f"{key}: could not re-evaluate the champion (run {champion_run}): {_one_line(e)}")
+    decision = registry.gate(key, out.version, params, root, champion_metrics_on_new_data=theirs)
+    out.decision = decision.reason
+    out.aliases = registry.aliases_of(key, out.version, root)
+    out.status = "trained"
+    out.seconds += time.perf_counter() - t0
+    log.info(f"{key}: version {out.version} "
+             f"{'promoted to champion' if decision.promoted else 'kept as challenger'} ({decision.reason})")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The flow: reads as the DAG
+# ---------------------------------------------------------------------------
+
+@flow(name="genflow-retrain", log_prints=True, validate_parameters=False,
+      task_runner=ThreadPoolTaskRunner(max_workers=4))
+def retrain(params_path: str = "params.yaml", overrides: Optional[list[str]] = None,
+            only: Optional[list[str]] = None, quick: bool = False, force: bool = False,
+            root: str = ".") -> dict:
+    """Validate data, train each model, evaluate, export with a parity gate, register, promote.
+
+    Returns the run summary (what reports/last_run.json holds); when a model failed, a Failed
+    state whose message names every failure and whose result is that summary."""
+    t0 = time.perf_counter()
+    root_p = Path(root).resolve()
+    params = load_params(root_p / params_path, overrides or [])   # an absolute params_path stays as is
+    if quick:
+        apply_quick(params)
+    keys = select_models(params, only)
+    flow_run_id = str(flow_run.get_id() or "")
+
+    data_hashes, outcomes = prepare_datasets(params, keys, root_p)
+    runnable = [k for k in keys if params.model(k).dataset in data_hashes]
+    with tracking.pipeline_run(params, root_p, flow_run_id=flow_run_id, models=runnable,
+                               data_hashes=data_hashes) as parent:
+        parent_id = parent.info.run_id if parent else None
+        outcomes.update(train_and_register(params, runnable, root_p, parent_id, flow_run_id, force))
+        summary = finish(params, root_p, keys, outcomes, time.perf_counter() - t0, data_hashes)
+        if parent is not None:   # None when no model got past its data: nothing was tracked
+            tracking.log_summary(summary, root_p)
+    if summary["status"] != "completed":   # the Prefect UI shows the run Failed, with the reasons
+        return Failed(message=failure_message(summary), data=summary)
+    return summary
+
+
+def prepare_datasets(params: Params, keys: list[str], root: Path) -> tuple[dict, dict]:
+    """The data step for each dataset the models use, one at a time (cheap, and DVC allows one
+    command per repository). Returns (DVC hashes of each dataset that passed, a failed outcome for
+    each model whose dataset did not): bad data stops only its own models."""
+    step = prepare_data.with_options(timeout_seconds=params.pipeline.step_timeout_seconds)
+    hashes: dict[str, dict] = {}
+    failed: dict[str, ModelOutcome] = {}
+    for name in sorted({params.model(k).dataset for k in keys}):
+        try:
+            hashes[name] = step(params, name, root)
+        except Exception as e:
+            failed.update({k: ModelOutcome(status="failed", reason=f"data {name}: {_one_line(e)}")
+                           for k in keys if params.model(k).dataset == name})
+    return hashes, failed
+
+
+def train_and_register(params: Params, keys: list[str], root: Path, parent_run_id: Optional[str],
+                       flow_run_id: str, force: bool) -> dict[str, ModelOutcome]:
+    """Train, evaluate and export `pipeline.max_parallel_models` models at a time; register and gate
+    each that passed its parity gate. A model that fails is a failed outcome, never a stopped run."""
+    timeout = params.pipeline.step_timeout_seconds
+    train = train_evaluate_export.with_options(timeout_seconds=timeout)
+    register = register_promote.with_options(timeout_seconds=timeout, retries=params.pipeline.server_retries)
+    width = max(1, params.pipeline.max_parallel_models)
+    outcomes: dict[str, ModelOutcome] = {}
+    for start in range(0, len(keys), width):   # at most `width` models at once; the rest wait their turn
+        futures = {k: train.submit(params, k, root, parent_run_id, flow_run_id, force)
+                   for k in keys[start:start + width]}
+        for k, fut in futures.items():
             try:
-                theirs = stages.evaluate_registered(params, key, champion_run, root)
-            except Exception as e:   # the gate then refuses to compare and says why
-                log.warning(f"{key}: could not re-evaluate the champion (run {champion_run}): {_one_line(e)}")
-        decision = registry.gate(key, out.version, params, root, champion_metrics_on_new_data=theirs)
-        out.decision = decision.reason
-        out.aliases = registry.aliases_of(key, out.version, root)
-        out.status = "trained"
-        out.seconds += time.perf_counter() - t0
-        log.info(f"{key}: version {out.version} "
-                 f"{'promoted to champion' if decision.promoted else 'kept as challenger'} ({decision.reason})")
-        return out
-
-    @flow(name="genflow-retrain", log_prints=True, validate_parameters=False,
-          task_runner=ThreadPoolTaskRunner(max_workers=4))
-    def retrain(params_path: str = "params.yaml", overrides: Optional[list[str]] = None,
-                only: Optional[list[str]] = None, quick: bool = False, force: bool = False,
-                root: str = ".") -> dict:
-        """Validate data, train each model, evaluate, export with a parity gate, register, promote."""
-        from prefect.runtime import flow_run
-
-        from components import tracking
-
-        root_p = Path(root).resolve()
-        t0 = time.perf_counter()
-        params = load_params(root_p / params_path if not Path(params_path).is_absolute() else params_path,
-                             overrides or [])
-        if quick:
-            apply_quick(params)
-        keys = select_models(params, only)
-        datasets = sorted({params.model(k).dataset for k in keys})
-        outcomes: dict[str, ModelOutcome] = {}
-        flow_run_id = str(flow_run.get_id() or "")
-
-        data_step = data_branch.with_options(timeout_seconds=params.pipeline.step_timeout_seconds)
-        data_ok: dict[str, Any] = {}
-        for name in datasets:  # one at a time: cheap, and DVC allows one command per repository
-            try:
-                data_ok[name] = data_step(params, name, root_p)
+                out = fut.result()
+                outcomes[k] = register(params, k, root, out) if out.status == "exported" else out
             except Exception as e:
-                for k in keys:
-                    if params.model(k).dataset == name:
-                        outcomes[k] = ModelOutcome(status="failed", reason=f"data {name}: {_one_line(e)}")
-
-        runnable = [k for k in keys if params.model(k).dataset in data_ok]
-        with tracking.pipeline_run(params, root_p, flow_run_id=flow_run_id, models=runnable,
-                                   data_hashes=data_ok) as parent:
-            parent_id = parent.info.run_id if parent else None
-            timeout = params.pipeline.step_timeout_seconds
-            train_step = model_branch.with_options(timeout_seconds=timeout)
-            register_step = register_branch.with_options(timeout_seconds=timeout,
-                                                         retries=params.pipeline.server_retries)
-            pending = list(runnable)
-            width = max(1, params.pipeline.max_parallel_models)
-            while pending:  # at most `width` models at once; the rest wait their turn
-                batch, pending = pending[:width], pending[width:]
-                futures = {k: train_step.submit(params, k, root_p, parent_id, flow_run_id, force)
-                           for k in batch}
-                for k, fut in futures.items():
-                    try:
-                        out = fut.result()
-                        if out.status == "exported":
-                            out = register_step(params, k, root_p, out)
-                        outcomes[k] = out
-                    except Exception as e:
-                        outcomes[k] = ModelOutcome(status="failed", reason=_one_line(e))
-            summary = finish(params, root_p, keys, outcomes, time.perf_counter() - t0, data_ok)
-            if parent is not None:   # None when no model got past its data: nothing was tracked
-                tracking.log_summary(summary, root_p)
-        if summary["status"] != "completed":   # the Prefect UI shows the run Failed, with the reasons
-            from prefect.states import Failed
-
-            return Failed(message=failure_message(summary), data=summary)
-        return summary
-
-    return retrain
+                outcomes[k] = ModelOutcome(status="failed", reason=_one_line(e))
+    return outcomes
 
 
 # ---------------------------------------------------------------------------
@@ -373,36 +374,28 @@ def write_json_atomic(path: Path, doc: dict) -> None:
 
 def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=False,
                  params_path="params.yaml", overrides=None) -> dict:
-    """`genflow run`: checks that refuse bad input before any work, then the flow."""
+    """`genflow run`: checks that refuse bad input before any work, then the flow; returns its summary.
+
+    A model that failed is in the summary (status "failed"); an error of the run itself (a tracking
+    server lost mid-run, a bug) is raised, for the caller to report."""
     root = Path(root).resolve()
     keys = select_models(params, only)
     check_sources(params, sorted({params.model(k).dataset for k in keys}))
     from components.versioning import check_remote
 
     check_remote(root, params.storage.dvc_remote)   # data must reach it after training: check first
-    configure_environment(root)
     check_prefect_api()
-    from components.tracking import check_tracking, strip_userinfo
-
-    check_tracking(root, params)  # params' tracking_uri too: an absent server stops the run before any work
-    retrain = build_flow()
+    tracking.check_tracking(root, params)  # params' tracking_uri too: an absent server stops the run before any work
     quiet_libraries()
     # Prefect stores the flow's parameters: no URL credentials in them (check_tracking moved
     # MLflow's to MLFLOW_TRACKING_USERNAME / _PASSWORD already)
-    overrides = [strip_userinfo(o) for o in overrides or []]
-    started = time.time()
+    overrides = [tracking.strip_userinfo(o) for o in overrides or []]
     state = retrain(params_path=str(params_path), overrides=overrides, only=keys,
                     quick=quick, force=force, root=str(root), return_state=True)
-    last = root / "reports" / "last_run.json"
-    if last.exists() and last.stat().st_mtime >= started - 1:   # written by this run (completed or failed)
-        return json.loads(last.read_text())
-    try:
-        state.result()
-    except Exception as e:
-        print(f"genflow run: {_one_line(e)}", file=sys.stderr)
-        if os.environ.get("GENFLOW_DEBUG"):
-            traceback.print_exc()
-    return {"status": "failed"}
+    summary = state.result(raise_on_failure=False)   # Completed or Failed: the summary; Crashed: the error
+    if isinstance(summary, BaseException):
+        raise summary
+    return summary
 
 
 def serve_schedule(params: Params, root: Path, cron: Optional[str] = None,
@@ -411,11 +404,9 @@ def serve_schedule(params: Params, root: Path, cron: Optional[str] = None,
     cron = cron or params.schedule.cron
     validate_cron(cron)
     if not os.environ.get("PREFECT_API_URL"):
-        raise RuntimeError("genflow schedule needs a Prefect server: start one with "
-                           "`prefect server start --host 127.0.0.1` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-    configure_environment(root)
+        raise ServerError("genflow schedule needs a Prefect server: start one with "
+                          "`prefect server start --host 127.0.0.1` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
     check_prefect_api()
-    retrain = build_flow()
     print(f"serving genflow-retrain on {os.environ['PREFECT_API_URL']} with cron {cron!r} "
           f"({params.schedule.timezone}); Ctrl-C stops", flush=True)
     retrain.serve(name="nightly-retrain", cron=cron,
@@ -423,11 +414,12 @@ def serve_schedule(params: Params, root: Path, cron: Optional[str] = None,
 
 
 def validate_cron(cron: str) -> None:
-    from cronsim import CronSim, CronSimError  # what Prefect itself uses to parse cron
     from datetime import datetime
+
+    from cronsim import CronSim, CronSimError  # what Prefect itself uses to parse cron
 
     try:
         CronSim(cron, datetime(2026, 1, 1))
     except CronSimError as e:
-        raise ParamsError(f"schedule.cron: {cron!r} is not a valid cron expression ({e}); "
+        raise ConfigError(f"schedule.cron: {cron!r} is not a valid cron expression ({e}); "
                           "e.g. '0 3 * * *' for 03:00 every day") from None

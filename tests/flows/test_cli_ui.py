@@ -15,7 +15,6 @@ from flows.cli import main
 from integration.conftest import free_port, group_members, stop_group
 
 
-
 @pytest.mark.integration
 def test_genflow_ui_serves_the_mlflow_ui_of_the_project_store(project_clone):
     port = free_port()

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -71,7 +70,8 @@ def test_flow_end_to_end_then_unchanged_rerun_trains_nothing(harness, workspace,
     again = _run(root, overrides)
     assert again["status"] == "completed"
     assert {m["status"] for m in again["models"].values()} == {"skipped"}
-    assert again["models"]["digits-unet"]["metrics"]["eval/fd"] == summary["models"]["digits-unet"]["metrics"]["eval/fd"]
+    fd = summary["models"]["digits-unet"]["metrics"]["eval/fd"]
+    assert again["models"]["digits-unet"]["metrics"]["eval/fd"] == fd
     assert _versions("digits-unet") == [1]
 
     changed = _run(root, overrides + ["models.digits-gpt.train.max_steps=7"])
@@ -176,3 +176,18 @@ def test_new_images_retrain_and_the_gate_compares_on_the_new_data(harness, works
     aliases = MlflowClient().get_registered_model("digits-unet").aliases
     assert str(aliases["champion"]) == ("2" if v2["genflow.gate.decision"] == "promoted" else "1")
     assert not list((root / ".genflow").glob("reeval-*"))   # the scratch folder is gone
+
+
+def test_an_error_of_the_run_itself_is_raised_not_summarised(harness, workspace, monkeypatch):
+    """Not a model's failure (those are in the summary) but the flow's own: run_pipeline raises it
+    from the flow's final state, for the CLI to print (a GenflowError) or show its traceback (a bug)."""
+    import flows.retrain
+
+    def broken(params, keys, root):
+        return 1 / 0
+
+    root, overrides = workspace
+    monkeypatch.setattr(flows.retrain, "prepare_datasets", broken)
+    with pytest.raises(ZeroDivisionError):
+        _run(root, overrides, only=["digits-gpt"])
+    assert not (root / "reports" / "last_run.json").exists()
