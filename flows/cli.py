@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exports", default=None, metavar="DIR", help="use a local exports/<model> folder instead of the registry")
+    p.add_argument("--exports", default=None, metavar="DIR",
+                   help="use a local exports/<model> folder instead of the registry")
 
     p = sub.add_parser("compare", help="build the diffusion-vs-transformer comparison report")
     _common(p)

@@ -20,18 +20,59 @@ The package, by job (each module imports the others' public names only):
 MLflow is only used through the client passed in.
 """
 from components.compare.collect import check_model, collect, find_pipeline, model_result, seed_history
-from components.compare.derive import (achieved_gflops, diffusion_samplers, fmt, gpt_sampling, headline_steps, mb,
-                                       sample_flops_per_item, sampler_label, sampler_steps, sequential_calls, si,
-                                       spread, train_flops_per_item)
-from components.compare.model import (AGREES, BASELINE_NAMES, CLAIMS, DISAGREES, MAIN_METRIC, MIXED, NOT_MEASURED,
-                                      NOT_MEASURED_ROWS, REQUIRED_METRICS, CompareError, Machine, ModelResult,
-                                      Pipeline, Report, Row, known_backbone)
-from components.compare.plots import (FAMILY_COLOURS, make_plots, plot_compute, plot_sampling, plot_stability)
-from components.compare.render import (make_report, render_html, render_markdown, report_json, summary,
-                                       write_report)
-from components.compare.rows import (COPIES_NN_RATIO, GENERALISES_NN_RATIO, SCALING_TIE, STABLE_LOSS_CV,
-                                     STABLE_METRIC_CV, combine, make_rows, overall, row_cost, row_memorisation,
-                                     row_memory, row_parallel, row_quality, row_sampling_speed, row_stability, vote)
+from components.compare.derive import (
+                                       achieved_gflops,
+                                       diffusion_samplers,
+                                       fmt,
+                                       gpt_sampling,
+                                       headline_steps,
+                                       mb,
+                                       sample_flops_per_item,
+                                       sampler_label,
+                                       sampler_steps,
+                                       sequential_calls,
+                                       si,
+                                       spread,
+                                       train_flops_per_item,
+)
+from components.compare.model import (
+                                       AGREES,
+                                       BASELINE_NAMES,
+                                       CLAIMS,
+                                       DISAGREES,
+                                       MAIN_METRIC,
+                                       MIXED,
+                                       NOT_MEASURED,
+                                       NOT_MEASURED_ROWS,
+                                       REQUIRED_METRICS,
+                                       CompareError,
+                                       Machine,
+                                       ModelResult,
+                                       Pipeline,
+                                       Report,
+                                       Row,
+                                       known_backbone,
+)
+from components.compare.plots import FAMILY_COLOURS, make_plots, plot_compute, plot_sampling, plot_stability
+from components.compare.render import make_report, render_html, render_markdown, report_json, summary, write_report
+from components.compare.rows import (
+                                       COPIES_NN_RATIO,
+                                       GENERALISES_NN_RATIO,
+                                       SCALING_TIE,
+                                       STABLE_LOSS_CV,
+                                       STABLE_METRIC_CV,
+                                       combine,
+                                       make_rows,
+                                       overall,
+                                       row_cost,
+                                       row_memorisation,
+                                       row_memory,
+                                       row_parallel,
+                                       row_quality,
+                                       row_sampling_speed,
+                                       row_stability,
+                                       vote,
+)
 
 __all__ = [
     "AGREES", "BASELINE_NAMES", "CLAIMS", "COPIES_NN_RATIO", "DISAGREES", "FAMILY_COLOURS", "GENERALISES_NN_RATIO",

@@ -11,10 +11,30 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional
 
-from components.compare.derive import (achieved_gflops, diffusion_samplers, fmt, gpt_sampling, headline_steps, mb,
-                                       sample_flops_per_item, sequential_calls, si, spread, train_flops_per_item)
-from components.compare.model import (AGREES, BASELINE_NAMES, DISAGREES, MIXED, NOT_MEASURED, Machine, ModelResult,
-                                      Pipeline, Row)
+from components.compare.derive import (
+    achieved_gflops,
+    diffusion_samplers,
+    fmt,
+    gpt_sampling,
+    headline_steps,
+    mb,
+    sample_flops_per_item,
+    sequential_calls,
+    si,
+    spread,
+    train_flops_per_item,
+)
+from components.compare.model import (
+    AGREES,
+    BASELINE_NAMES,
+    DISAGREES,
+    MIXED,
+    NOT_MEASURED,
+    Machine,
+    ModelResult,
+    Pipeline,
+    Row,
+)
 
 # Verdict thresholds (stated in the report).
 STABLE_LOSS_CV = 0.10        # final loss across seeds: coefficient of variation at most this is "stable"

@@ -11,17 +11,58 @@ Registered model name = model key; aliases challenger, champion, previous-champi
 Everything public is importable from here: ``from components.registry import gate``.
 """
 from components.errors import RegistryError
-from components.registry.aliases import (LOCK_TIMEOUT_S, alias_history, alias_lock, append_history, make_champion,
-                                         remove_alias, rollback, set_alias, verify_aliases)
+from components.registry.aliases import (
+                                         LOCK_TIMEOUT_S,
+                                         alias_history,
+                                         alias_lock,
+                                         append_history,
+                                         make_champion,
+                                         remove_alias,
+                                         rollback,
+                                         set_alias,
+                                         verify_aliases,
+)
 from components.registry.card import format_table, limits, model_card, models_table
-from components.registry.lookup import (CHALLENGER, CHAMPION, EVAL_HASH_TAG, HISTORY_TAG, METRIC_TAG, PREVIOUS,
-                                        SAMPLE_TIME, aliases_of, current_aliases, fetch_version, find_version,
-                                        fmt_value, get_version, metrics_of, parse_version_ref, promotion_rule,
-                                        registry_client, require_model, tag_float)
-from components.registry.promotion import (Decision, gate, judge, parity_problem, promote, record_decision,
-                                           stale_champion)
-from components.registry.register import (MAX_DESCRIPTION, artifact_paths, example_inputs, onnx_signature,
-                                          parity_tags, pip_requirements, register_model, register_onnx)
+from components.registry.lookup import (
+                                         CHALLENGER,
+                                         CHAMPION,
+                                         EVAL_HASH_TAG,
+                                         HISTORY_TAG,
+                                         METRIC_TAG,
+                                         PREVIOUS,
+                                         SAMPLE_TIME,
+                                         aliases_of,
+                                         current_aliases,
+                                         fetch_version,
+                                         find_version,
+                                         fmt_value,
+                                         get_version,
+                                         metrics_of,
+                                         parse_version_ref,
+                                         promotion_rule,
+                                         registry_client,
+                                         require_model,
+                                         tag_float,
+)
+from components.registry.promotion import (
+                                         Decision,
+                                         gate,
+                                         judge,
+                                         parity_problem,
+                                         promote,
+                                         record_decision,
+                                         stale_champion,
+)
+from components.registry.register import (
+                                         MAX_DESCRIPTION,
+                                         artifact_paths,
+                                         example_inputs,
+                                         onnx_signature,
+                                         parity_tags,
+                                         pip_requirements,
+                                         register_model,
+                                         register_onnx,
+)
 
 __all__ = [
     "RegistryError",

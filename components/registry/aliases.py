@@ -31,8 +31,17 @@ from typing import Any, Iterator, Mapping, Optional, Union
 from components.config import Params
 from components.errors import RegistryError
 from components.layout import Layout
-from components.registry.lookup import (CHALLENGER, CHAMPION, HISTORY_TAG, PREVIOUS, current_aliases, now,
-                                        registry_client, require_model, stamp)
+from components.registry.lookup import (
+    CHALLENGER,
+    CHAMPION,
+    HISTORY_TAG,
+    PREVIOUS,
+    current_aliases,
+    now,
+    registry_client,
+    require_model,
+    stamp,
+)
 
 LOCK_TIMEOUT_S = 120.0
 

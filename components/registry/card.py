@@ -7,8 +7,15 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from components.config import Params
-from components.registry.lookup import (CHAMPION, EVAL_HASH_TAG, fmt_value, metrics_of, promotion_rule,
-                                        registry_client, tag_float)
+from components.registry.lookup import (
+    CHAMPION,
+    EVAL_HASH_TAG,
+    fmt_value,
+    metrics_of,
+    promotion_rule,
+    registry_client,
+    tag_float,
+)
 
 
 def model_card(key: str, version: str, run_id: str, metrics: Mapping[str, Any], tags: Mapping[str, str],

@@ -15,9 +15,20 @@ from typing import Any, Mapping, Optional, Union
 from components.config import Params
 from components.errors import RegistryError
 from components.registry.aliases import alias_lock, make_champion
-from components.registry.lookup import (CHAMPION, EVAL_HASH_TAG, SAMPLE_TIME, current_aliases, fmt_value,
-                                        get_version, metrics_of, now, promotion_rule, registry_client, stamp,
-                                        tag_float)
+from components.registry.lookup import (
+    CHAMPION,
+    EVAL_HASH_TAG,
+    SAMPLE_TIME,
+    current_aliases,
+    fmt_value,
+    get_version,
+    metrics_of,
+    now,
+    promotion_rule,
+    registry_client,
+    stamp,
+    tag_float,
+)
 
 
 @dataclass

@@ -14,8 +14,15 @@ from components.errors import RegistryError
 from components.layout import Layout
 from components.registry.aliases import alias_lock, set_alias, verify_aliases
 from components.registry.card import model_card
-from components.registry.lookup import (CHALLENGER, EVAL_HASH_TAG, HISTORY_TAG, METRIC_TAG, current_aliases, now,
-                                        registry_client)
+from components.registry.lookup import (
+    CHALLENGER,
+    EVAL_HASH_TAG,
+    HISTORY_TAG,
+    METRIC_TAG,
+    current_aliases,
+    now,
+    registry_client,
+)
 from components.tracking.lineage import dist_version
 
 MAX_DESCRIPTION = 5000                  # MLflow's column size for a version description
@@ -24,9 +31,9 @@ MAX_DESCRIPTION = 5000                  # MLflow's column size for a version des
 def onnx_signature(model: Any) -> Any:
     """Signature from the ONNX graph itself: named dynamic dims become -1."""
     import numpy as np
-    from onnx import helper
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+    from onnx import helper
 
     init = {t.name for t in model.graph.initializer}
 

@@ -26,8 +26,7 @@ import yaml
 
 from components.config import Params
 from components.layout import Layout
-from components.tracking.lineage import (data_hash_tags, lineage_tags, local_data_hashes, model_params,
-                                         pipeline_params)
+from components.tracking.lineage import data_hash_tags, lineage_tags, local_data_hashes, model_params, pipeline_params
 from components.tracking.uri import TrackingError, check_tracking, ensure_experiment, experiment_name
 
 MAX_TAG_CHARS = 8000         # MLflow refuses longer run tag values

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from components import compare, tracking
-from components.compare import (AGREES, DISAGREES, MIXED, NOT_MEASURED, CompareError, Machine, ModelResult)
+from components.compare import AGREES, DISAGREES, MIXED, NOT_MEASURED, CompareError, Machine, ModelResult
 from components.config import DatasetConfig, ModelConfig, Params
 from components.errors import GenflowError
 

@@ -8,10 +8,9 @@ import pytest
 from PIL import Image
 
 from components import data
-from conftest import make_imagefolder
 from components.config import DatasetConfig, ImageValidationConfig, SplitConfig, TextValidationConfig
 from components.data import DataError
-
+from conftest import make_imagefolder
 
 # ---------------------------------------------------------------------------
 # helpers

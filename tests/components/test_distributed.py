@@ -223,7 +223,8 @@ def test_torchrun_command_reruns_the_train_stage(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nproc_per_node") + 1] == "4" and "--standalone" in cmd
     tail = cmd[cmd.index("-m", 3):]
-    assert tail == ["-m", "flows.cli", "stage", "train", "digits-unet", "--params", str((tmp_path / "p.yaml").resolve()),
+    params_file = str((tmp_path / "p.yaml").resolve())
+    assert tail == ["-m", "flows.cli", "stage", "train", "digits-unet", "--params", params_file,
                     "--set", "models.digits-unet.train.lr=1e-3"]
 
 
@@ -262,10 +263,10 @@ def test_a_run_that_writes_no_metrics_is_an_error(tmp_path, monkeypatch):
 @pytest.mark.integration
 def test_family_train_with_two_processes_launches_torchrun(digits_root, capsys, monkeypatch):
     import mlflow
-    from conftest import logged_steps
 
     from components.config import DatasetConfig, DiffusionConfig, ModelConfig, UNetConfig
     from components.families import diffusion as fam
+    from conftest import logged_steps
 
     root = digits_root   # the same prepared digits as the diffusion family's tests
     dataset = DatasetConfig(source="builtin:digits", kind="image", image_size=8, levels=17)

@@ -6,7 +6,6 @@ from components import data
 from components.evaluation import images as im
 
 
-
 def unit(x):
     return x.astype(np.float32) / 16
 

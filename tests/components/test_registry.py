@@ -19,7 +19,6 @@ from components import registry, tracking
 from components.config import DatasetConfig, ModelConfig, Params, PromotionRule
 from components.registry import RegistryError
 
-
 # ---------------------------------------------------------------------------
 # Tiny inputs
 # ---------------------------------------------------------------------------

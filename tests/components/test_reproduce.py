@@ -7,8 +7,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from components.reproduce import (DIFFERENT, IDENTICAL, WITHIN, ReproduceError, check_lineage, judge,
-                                  library_warnings, weight_diff)
+from components.reproduce import (
+    DIFFERENT,
+    IDENTICAL,
+    WITHIN,
+    ReproduceError,
+    check_lineage,
+    judge,
+    library_warnings,
+    weight_diff,
+)
 
 
 @pytest.fixture

@@ -2,9 +2,8 @@
 import numpy as np
 import pytest
 
-from components.families.base import probe_train_step
-
 from components import resources
+from components.families.base import probe_train_step
 
 
 def test_peak_rss_sees_memory_allocated_inside_the_block():

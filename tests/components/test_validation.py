@@ -7,11 +7,10 @@ import pytest
 from PIL import Image
 
 from components import data
-from conftest import make_imagefolder
 from components.config import DatasetConfig, ImageValidationConfig, SplitConfig, TextValidationConfig
 from components.data import DataError
 from components.validation import DataValidationError, validate
-
+from conftest import make_imagefolder
 
 # ---------------------------------------------------------------------------
 # helpers

@@ -108,7 +108,8 @@ def test_unreachable_server_is_retried_then_one_line(project_root, tmp_path, mon
     monkeypatch.setenv("GENFLOW_TRACKING_RETRIES", "2")
     code, err = genflow_run(project_root, work, monkeypatch, capsys)
     assert code == 1
-    assert err == f"genflow run: cannot reach MLflow at {uri} after 2 tries; start the server or set MLFLOW_TRACKING_URI"
+    assert err == (f"genflow run: cannot reach MLflow at {uri} after 2 tries; "
+                   "start the server or set MLFLOW_TRACKING_URI")
     assert list(work.iterdir()) == []
 
 

@@ -335,7 +335,8 @@ def test_published_ports_are_unique(services):
     for name, svc in resolve(services, env_example()).items():
         for spec in svc.get("ports", []):
             parts = str(spec).split("/")[0].split(":")
-            assert len(parts) == 3, f"{name}: publish as IP:HOST:CONTAINER (bind address from BIND_ADDRESS), got {spec!r}"
+            assert len(parts) == 3, \
+                f"{name}: publish as IP:HOST:CONTAINER (bind address from BIND_ADDRESS), got {spec!r}"
             host = (parts[0], int(parts[1]))
             assert host not in seen, f"{name} and {seen[host]} both publish {host}"
             seen[host] = name
@@ -460,7 +461,8 @@ def test_k8s_secret_and_configmap_references_exist():
                 if ref:
                     refs += 1
                     assert ref["name"] == template["metadata"]["name"], f"{path.name}: unknown Secret {ref['name']}"
-                    assert ref["key"] in keys, f"{path.name}: {var['name']} reads key {ref['key']!r}, not in the secret template"
+                    assert ref["key"] in keys, \
+                        f"{path.name}: {var['name']} reads key {ref['key']!r}, not in the secret template"
     assert refs >= 20
 
 
@@ -485,7 +487,8 @@ def test_no_secret_is_written_in_clear_in_manifests():
                 if value is not None:
                     m = URL_WITH_PASSWORD.match(value)
                     if m:
-                        assert re.fullmatch(r"\$\([A-Z_]+\)", m.group(2)), f"{path.name}: {name} has a password in clear"
+                        assert re.fullmatch(r"\$\([A-Z_]+\)", m.group(2)), \
+                            f"{path.name}: {name} has a password in clear"
                     for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value):
                         assert ref in defined, f"{path.name}: {name} uses $({ref}) before it is defined"
                 defined.append(name)
