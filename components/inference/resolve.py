@@ -31,6 +31,7 @@ def parse_model_spec(spec: str) -> tuple[str, Optional[str], Optional[str]]:
 
 
 def tracking_uri_for(root: Path) -> str:
+    """The MLflow tracking URI of the project at `root` (MLFLOW_TRACKING_URI, else its SQLite store)."""
     try:
         from components.tracking import tracking_uri
     except ImportError:
