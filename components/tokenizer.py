@@ -16,19 +16,21 @@ from collections import Counter
 
 import numpy as np
 
+from components.errors import DataError, ModelError
+
 UNK_CHAR = "\ufffd"  # what an unknown id decodes to (the Unicode replacement character)
 
 
-class UnknownCharactersError(ValueError):
+class UnknownCharactersError(ModelError):
     """Text holds characters the model never saw in training (strict encoding)."""
 
 
 class CharTokenizer:
     def __init__(self, vocab: str):
         if not vocab:
-            raise ValueError("vocab: empty; build it from a non-empty train split")
+            raise DataError("vocab: empty; build it from a non-empty train split")
         if len(set(vocab)) != len(vocab):
-            raise ValueError("vocab: characters must be distinct")
+            raise DataError("vocab: characters must be distinct")
         self.vocab = vocab
         self.stoi = {ch: i for i, ch in enumerate(vocab)}
         self.unk_id = len(vocab)
@@ -72,5 +74,5 @@ class CharTokenizer:
         """Text for a sequence of ids (list, numpy array or 1-D tensor); unk_id becomes U+FFFD."""
         ids = np.asarray(ids.tolist() if hasattr(ids, "tolist") else ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() > self.unk_id):
-            raise ValueError(f"ids: values must be in 0..{self.unk_id}, got {ids.min()}..{ids.max()}")
+            raise ModelError(f"ids: values must be in 0..{self.unk_id}, got {ids.min()}..{ids.max()}")
         return "".join(self._itos[ids])

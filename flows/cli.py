@@ -191,9 +191,9 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from components import inference
+    from flows.sample import sample_cli
 
-    out = inference.sample_cli(args, Path.cwd())
+    out = sample_cli(args, Path.cwd())
     print(f"wrote {out}")
     return 0
 

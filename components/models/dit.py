@@ -25,9 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.config import DiTConfig  # noqa: F401  (re-exported: the network's shape)
+from components.errors import ConfigError
 
 
-class DiTConfigError(ValueError):
+class DiTConfigError(ConfigError):
     """The DiT cannot be built with these settings; the message names the field."""
 
 

@@ -41,15 +41,17 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from components.config import GPTConfig
+from components.errors import ConfigError, ModelError
+from components.sampling.requests import SamplingRequestError
 
 __all__ = ["GPT", "GPTConfig", "Decoder", "SamplingError", "ContextLengthError"]
 
 
-class SamplingError(ValueError):
+class SamplingError(SamplingRequestError):
     """A generation parameter (temperature, top_k, max_new_tokens) is out of range."""
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(ModelError):
     """A prompt or an input is longer than the model's context (block_size)."""
 
 
@@ -65,7 +67,7 @@ def _tracing() -> bool:
 def inverse_frequencies(head_dim: int) -> torch.Tensor:
     """The rotary frequencies 10000^(-2i / head_dim) of the channel pairs, (head_dim / 2,)."""
     if head_dim % 2:
-        raise ValueError(f"n_embd / n_head: the head size {head_dim} must be even for rotary positions")
+        raise ConfigError(f"n_embd / n_head: the head size {head_dim} must be even for rotary positions")
     return 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
@@ -173,7 +175,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, vocab_size: int):
         super().__init__()
         if vocab_size < 2:
-            raise ValueError(f"vocab_size: expected at least 2 tokens, got {vocab_size}")
+            raise ModelError(f"vocab_size: expected at least 2 tokens, got {vocab_size}")
         self.config = config
         self.vocab_size = vocab_size
         self.transformer = nn.ModuleDict(dict(

@@ -23,9 +23,10 @@ Sampling in K steps: the masked share goes from 1 to 0 on the grid t_k = k/K; fr
 s = t - 1/K, the expected share (t - s)/t of the still-masked positions is unmasked, at
 positions drawn uniformly among them, each with a token drawn from the model's distribution.
 Positions unmasked in the same step are drawn independently (the source of the quality/speed
-trade-off against K). components/inference.py mirrors `sample` in numpy for onnxruntime; both
-draw their randomness from ``rand(shape) -> float64 in [0, 1)`` in the same order, so they give
-the same tokens from the same draws.
+trade-off against K). The schedule, the token draws and the request checks live, torch-free,
+in components/sampling/masked.py, shared with the onnxruntime engine; both draw their
+randomness from ``rand(shape) -> float64 in [0, 1)`` in the same order, so they give the same
+tokens from the same draws.
 """
 from __future__ import annotations
 
@@ -39,12 +40,10 @@ from torch.nn import functional as F
 
 from components.config import GPTConfig  # noqa: F401  (re-exported: the network's shape)
 from components.models.gpt import Block, init_gpt2_weights, inverse_frequencies, rotary
+from components.sampling.masked import (MaskedDiffusionError, check_request,  # noqa: F401  (re-exported)
+                                        check_steps, draw_tokens, unmask_counts)
 
 Rand = Callable[[tuple], torch.Tensor]  # shape -> float64 uniform draws in [0, 1)
-
-
-class MaskedDiffusionError(ValueError):
-    """A masked-diffusion setting (masked.eps, sample.steps, a length) is out of range; one line."""
 
 
 def _tracing() -> bool:
@@ -147,34 +146,6 @@ def check_conv_kernel(k: int) -> int:
         raise MaskedDiffusionError(f"masked.conv_kernel: must be 0 (no convolution) or an odd width such as 5, "
                                    f"got {k!r}")
     return int(k)
-
-
-def check_steps(steps: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise MaskedDiffusionError(f"sample.steps: K, the number of denoising steps, must be an integer >= 1, "
-                                   f"got {steps!r}")
-    return int(steps)
-
-
-def unmask_counts(length: int, steps: int) -> list[int]:
-    """How many positions each of the K steps unmasks (sums to `length`; the last step empties the mask).
-
-    With n_k = floor(length * k / K) positions still masked at t_k = k/K, step k (from t_k to
-    t_{k-1}) unmasks n_k - n_{k-1}: the expected share (t - s)/t of the masked ones, made whole.
-    """
-    check_steps(steps)
-    return [length * k // steps - length * (k - 1) // steps for k in range(steps, 0, -1)]
-
-
-def draw_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """Inverse-CDF draws: logits (..., V), u (...) uniform in [0, 1) -> ids (...) (float64 maths)."""
-    z = logits.double() / temperature
-    if top_k:
-        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    cdf = torch.cumsum(torch.exp(z - z.amax(-1, keepdim=True)), dim=-1)       # (..., V) unnormalised
-    ids = (cdf < u[..., None] * cdf[..., -1:]).sum(-1)
-    return ids.clamp_max(z.size(-1) - 1)
 
 
 class MaskedDiffusion:
@@ -303,13 +274,9 @@ class MaskedDiffusion:
         comes from rand(shape) (default: torch.rand with `generator`), per step first the
         position scores (B, P + length), then the token uniforms (B, n).
         """
-        steps = check_steps(steps)
-        if length < 1:
-            raise MaskedDiffusionError(f"sample.length: must be at least 1, got {length}")
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise MaskedDiffusionError(f"sample.temperature: must be > 0, got {temperature}")
-        rand = rand or (lambda shape: torch.rand(shape, generator=generator, dtype=torch.float64))
         prompt = torch.zeros(0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt, dtype=torch.long)
+        check_request(len(prompt), length, steps, temperature, top_k, self.mask_id)
+        rand = rand or (lambda shape: torch.rand(shape, generator=generator, dtype=torch.float64))
         x = torch.cat([prompt.view(1, -1).expand(batch, -1),
                        torch.full((batch, length), self.mask_id, dtype=torch.long)], dim=1)  # (B, P + L)
         for n in unmask_counts(length, steps):

@@ -17,9 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.config import UNetConfig  # noqa: F401  (re-exported: the network's shape)
+from components.errors import ConfigError
 
 
-class UNetConfigError(ValueError):
+class UNetConfigError(ConfigError):
     """The U-Net cannot be built with these settings; the message names the field."""
 
 

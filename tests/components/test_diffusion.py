@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from components.models.diffusion import (DiffusionInputError, GaussianDiffusion, ddim_step, ddpm_step,
-                                         guided_eps, make_alphas_cumprod, sampling_timesteps)
+from components.errors import ConfigError
+from components.models.diffusion import GaussianDiffusion, make_alphas_cumprod
+from components.sampling.diffusion import ddim_step, ddpm_step, guided_eps, sampling_timesteps
+from components.sampling.requests import SamplingRequestError
 
 
 class Spy:
@@ -38,7 +40,7 @@ def test_schedules_go_from_data_to_noise(schedule):
 
 
 def test_unknown_schedule_is_refused():
-    with pytest.raises(DiffusionInputError, match="schedule"):
+    with pytest.raises(ConfigError, match="^diffusion.schedule: expected 'linear' or 'cosine'"):
         GaussianDiffusion(timesteps=10, schedule="quadratic")
 
 
@@ -145,15 +147,15 @@ def test_guidance_batches_conditional_and_null_labels():
 @pytest.mark.parametrize("kwargs,match", [
     ({"steps": 31}, "steps"),
     ({"guidance": -0.5}, "guidance"),
-    ({"labels": [0, 4]}, "class label 4"),
-    ({"labels": [-1]}, "class label -1"),
+    ({"labels": [0, 4]}, r"^class label: this model knows classes 0\.\.3, got 4$"),
+    ({"labels": [-1]}, r"^class label: this model knows classes 0\.\.3, got -1$"),
     ({"sampler": "euler"}, "sampler"),
 ])
 def test_bad_requests_fail_before_sampling(kwargs, match):
     d = GaussianDiffusion(timesteps=30, num_classes=4)
     spy = Spy()
     labels = torch.tensor(kwargs.pop("labels", [0, 1]))
-    with pytest.raises(DiffusionInputError, match=match):
+    with pytest.raises(SamplingRequestError, match=match):
         d.sample(spy, labels, (1, 4, 4), **kwargs)
     assert spy.calls == []
 

@@ -12,10 +12,13 @@ import torch
 
 from components.config import ExportConfig, GPTConfig, UNetConfig
 from components.export import export_model
-from components.inference import InferenceError, load_engine, make_session, sample_cli, session_options
+from components.errors import GenflowError, RegistryError
+from components.inference import InferenceError, load_engine, make_session, session_options
 from components.models.diffusion import GaussianDiffusion
 from components.models.gpt import GPT
 from components.models.unet import UNet
+from components.sampling.requests import SamplingRequestError
+from flows.sample import sample_cli
 
 VOCAB = "\n abcdefgh"
 UNET_CONFIG = {"backbone": "unet", "family": "diffusion", "image_size": 8, "levels": 17, "num_classes": 3,
@@ -146,12 +149,17 @@ def run_without_torch(code: str, root: Path, env: dict | None = None) -> str:
     return out.stdout
 
 
+def test_the_sampling_modules_import_no_torch(tmp_path):
+    run_without_torch("import components.inference, components.sampling.diffusion, components.sampling.masked", tmp_path)
+    run_without_torch("import flows.sample", tmp_path)  # the module `genflow sample` runs
+
+
 def test_sampling_from_local_exports_never_imports_torch(exported):
     root, _ = exported
     code = f"""
 from argparse import Namespace
 from pathlib import Path
-from components.inference import sample_cli
+from flows.sample import sample_cli
 root = Path({str(root)!r})
 base = dict(count=None, out=None, label=None, steps=None, guidance=None, prompt=None, length=None,
             temperature=None, top_k=None, seed=0, exports=str(root / "exports"))
@@ -206,7 +214,7 @@ def test_sampling_registered_versions_downloads_them_and_never_imports_torch(exp
     code = f"""
 from argparse import Namespace
 from pathlib import Path
-from components.inference import sample_cli
+from flows.sample import sample_cli
 base = dict(count=1, out=None, label=2, steps=3, guidance=None, prompt=None, length=None,
             temperature=None, top_k=None, seed=0, exports=None)
 for spec in ("reg-unet-onnx", "reg-unet-onnx:{version}", "reg-unet-extras@champion"):
@@ -228,7 +236,7 @@ def test_unknown_alias_version_or_model_in_the_registry_is_one_line(exported, tm
              ("no-such-model", r"^model 'no-such-model': not in the MLflow registry at sqlite:///.*; registered: "),
              ("bad@@spec", r"^model 'bad@@spec': expected MODEL, MODEL@alias or MODEL:version")]
     for spec, pattern in cases:
-        with pytest.raises(InferenceError, match=pattern):
+        with pytest.raises(RegistryError if spec != "bad@@spec" else GenflowError, match=pattern):
             sample_cli(args(model=spec), tmp_path)
     assert not (tmp_path / "reports").exists()
 
@@ -260,7 +268,7 @@ def test_bad_requests_raise_one_line_and_write_nothing(exported, tmp_path, kw, p
     root, _ = exported
     out = tmp_path / "out"
     kw.setdefault("out", str(out / ("x.png" if "unet" in kw["model"] or "digits" in kw["model"] else "x.txt")))
-    with pytest.raises(InferenceError, match=pattern) as e:
+    with pytest.raises(GenflowError, match=pattern) as e:
         sample_cli(args(exports=str(root / "exports"), **kw), tmp_path)
     assert "\n" not in str(e.value)
     assert not out.exists() or list(out.iterdir()) == []
@@ -362,7 +370,7 @@ def test_masked_sampling_from_local_exports_never_imports_torch(exported_mdlm):
     code = f"""
 from argparse import Namespace
 from pathlib import Path
-from components.inference import sample_cli
+from flows.sample import sample_cli
 root = Path({str(root)!r})
 base = dict(count=2, out=None, label=None, steps=3, guidance=None, prompt="ha", length=8,
             temperature=None, top_k=None, seed=0, exports=str(root / "exports"), model="pydoc-mdlm")
@@ -386,7 +394,7 @@ print(sample_cli(Namespace(**base), root))
 def test_bad_masked_sampling_requests_raise_one_line_and_write_nothing(exported_mdlm, tmp_path, kw, pattern):
     root, _ = exported_mdlm
     out = tmp_path / "out" / "x.txt"
-    with pytest.raises(InferenceError, match=pattern) as e:
+    with pytest.raises(GenflowError, match=pattern) as e:
         sample_cli(args(model="pydoc-mdlm", exports=str(root / "exports"), out=str(out), **kw), tmp_path)
     assert "\n" not in str(e.value) and not out.exists()
 
@@ -396,5 +404,5 @@ def test_masked_engine_refuses_k_below_one_before_any_network_call(exported_mdlm
     engine = load_engine(root / "exports" / "pydoc-mdlm", threads=1)
     engine.session = None  # any network call would fail with an AttributeError
     for steps in (0, -2):
-        with pytest.raises(InferenceError, match=r"^--steps: K, the number of denoising steps, must be an integer >= 1"):
+        with pytest.raises(SamplingRequestError, match=r"^--steps: K, the number of denoising steps, must be an integer >= 1"):
             engine.generate(np.array([1]), 1, 4, steps)

@@ -1,0 +1,30 @@
+"""Sampling on onnxruntime alone: no PyTorch, directly or through components.models.
+
+An exported model is a folder (``exports/<key>/``, or the run artifact ``onnx/`` of a registered
+version) holding ``model.onnx`` and ``config.json`` (everything an engine needs: shapes, the
+noise schedule, the vocabulary; see components/export.py):
+
+    engine = load_engine(Path("exports/digits-unet"))
+    x = engine.sample(labels=np.arange(10), steps=50, guidance=2.0)   # (10, 1, 8, 8) in [-1, 1]
+    engine = load_engine(Path("exports/pydoc-gpt"))
+    texts = engine.sample_text("Return the ", length=200, count=2, temperature=0.8)
+
+    sessions.py   onnxruntime sessions (cpu_cores, session_options, make_session)
+    engines.py    one engine per graph kind, read_config, load_engine
+    resolve.py    a registered version: parse_model_spec, registry_version, download_version
+
+The sampling maths come from components/sampling/, shared with the PyTorch processes.
+`genflow sample` itself is flows/sample.py. Heavy imports (onnxruntime, mlflow) happen inside
+functions.
+"""
+from components.inference.engines import (CONFIG_FILE, ENGINES, PARITY_FILE, CausalLMEngine, DiffusionEngine,
+                                          Engine, MaskedLMEngine, TextEngine, load_engine, numpy_randn,
+                                          read_config)
+from components.inference.resolve import DEFAULT_ALIAS, download_version, parse_model_spec, registry_version, \
+    tracking_uri_for
+from components.inference.sessions import InferenceError, cpu_cores, make_session, session_options
+
+__all__ = ["CONFIG_FILE", "DEFAULT_ALIAS", "ENGINES", "PARITY_FILE", "CausalLMEngine", "DiffusionEngine", "Engine",
+           "InferenceError", "MaskedLMEngine", "TextEngine", "cpu_cores", "download_version", "load_engine",
+           "make_session", "numpy_randn", "parse_model_spec", "read_config", "registry_version", "session_options",
+           "tracking_uri_for"]

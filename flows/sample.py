@@ -1,0 +1,144 @@
+"""`genflow sample MODEL[@alias|:version]`: an exported model on onnxruntime, no torch.
+
+The model comes from the MLflow registry (components/inference/resolve.py) or a local folder;
+the output is a PNG grid of images or a text file of samples, written atomically (a reader
+never sees half a file, a failure leaves none).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from components.errors import ConfigError
+from components.files import atomic_file, write_text
+from components.inference import CONFIG_FILE, CausalLMEngine, DiffusionEngine, Engine, InferenceError, \
+    MaskedLMEngine, download_version, load_engine, numpy_randn, parse_model_spec
+
+CHUNK = 256  # images generated per batch by `genflow sample`
+
+
+def image_grid(levels: np.ndarray, n_levels: int, rows: int, scale: int = 4, pad: int = 2) -> np.ndarray:
+    """(N, C, H, W) grey levels -> one uint8 picture, `rows` rows, each pixel scale x scale, grey gaps
+    (the layout of the evaluation's samples.png: 0 is black, the top level white)."""
+    N, C, H, W = levels.shape
+    cols = -(-N // rows)
+    grey = (levels[:, 0].astype(np.float64) * (255.0 / max(n_levels - 1, 1))).round().astype(np.uint8)  # (N, H, W)
+    grey = grey.repeat(scale, axis=1).repeat(scale, axis=2)                        # (N, sH, sW)
+    h, w = H * scale, W * scale
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 128, dtype=np.uint8)
+    for i in range(N):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = grey[i]
+    return canvas
+
+
+def write_png(path: Path, picture: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_file(path) as tmp:
+        Image.fromarray(picture, mode="L").save(tmp, format="PNG")
+
+
+# ---------------------------------------------------------------------------
+# genflow sample
+# ---------------------------------------------------------------------------
+
+def _arg(args: Any, name: str) -> Any:
+    return getattr(args, name, None)
+
+
+def _refuse_options(args: Any, engine: Engine, names: dict[str, str]) -> None:
+    for attr, flag in names.items():
+        if _arg(args, attr) is not None:
+            raise ConfigError(f"{flag}: {engine.name} is a {engine.config.get('family', engine.graph)} "
+                              f"{engine.kind} model and has no such setting; drop it")
+
+
+def _sample_images(args: Any, engine: Engine, count: Optional[int]) -> tuple[np.ndarray, int, int]:
+    """Returns (levels (N,1,H,W), number of grey levels, grid rows)."""
+    label = _arg(args, "label")
+    classes = engine.config["num_classes"]
+    if label is not None:
+        n = count or 16
+        labels, rows = np.full(n, label, dtype=np.int64), -(-n // 8)
+    else:
+        n = count or 8  # per class: one row per class
+        labels, rows = np.repeat(np.arange(classes, dtype=np.int64), n), classes
+    seed = int(_arg(args, "seed") or 0)
+    chunks = [labels[i:i + CHUNK] for i in range(0, len(labels), CHUNK)]  # bounded memory for large -n
+    if isinstance(engine, DiffusionEngine):
+        _refuse_options(args, engine, {"prompt": "--prompt", "length": "--length",
+                                       "temperature": "--temperature", "top_k": "--top-k"})
+        randn = numpy_randn(seed)
+        x = np.concatenate([engine.sample(c, steps=_arg(args, "steps"), guidance=_arg(args, "guidance"),
+                                          randn=randn) for c in chunks])
+        return engine.to_levels(x), int(engine.config.get("levels", 256)), rows
+    _refuse_options(args, engine, {"prompt": "--prompt", "length": "--length", "steps": "--steps",
+                                   "guidance": "--guidance"})
+    levels = np.concatenate([engine.sample_digits(c, temperature=_arg(args, "temperature"),
+                                                  top_k=_arg(args, "top_k"), seed=seed + i)
+                             for i, c in enumerate(chunks)])
+    return levels, int(engine.config["levels"]), rows
+
+
+def _sample_texts(args: Any, engine: CausalLMEngine | MaskedLMEngine, count: Optional[int], title: str) -> str:
+    masked = isinstance(engine, MaskedLMEngine)  # --steps is K, its number of denoising steps
+    _refuse_options(args, engine, {"label": "--label", "guidance": "--guidance",
+                                   **({} if masked else {"steps": "--steps"})})
+    n = count or 4
+    kw = {"steps": _arg(args, "steps")} if masked else {}
+    texts = engine.sample_text(_arg(args, "prompt"), length=_arg(args, "length"), count=n,
+                               temperature=_arg(args, "temperature"), top_k=_arg(args, "top_k"),
+                               seed=int(_arg(args, "seed") or 0), **kw)
+    parts = [f"# {title}: {n} samples on onnxruntime ({engine.provider})"]
+    parts += [f"=== sample {i + 1} ===\n{t}" for i, t in enumerate(texts)]
+    return "\n\n".join(parts) + "\n"
+
+
+def sample_cli(args: Any, root: Path) -> Path:
+    """`genflow sample MODEL[@alias|:version]`: generate with an exported model; returns the file written.
+
+    The model comes from the MLflow registry (alias default 'champion'), or from DIR/<model>/ with
+    --exports DIR. Images: a PNG grid, one row per class with -n images each (or -n images of
+    --label). Text: -n samples of --length characters after --prompt. Default output:
+    reports/samples/<model>-<alias|version|local>.png|.txt. Bad input raises a GenflowError (one
+    line: ConfigError for an option, SamplingRequestError for a setting out of range,
+    RegistryError or InferenceError for the model) before anything is written.
+    """
+    root = Path(root)
+    name, alias, version = parse_model_spec(str(_arg(args, "model") or ""))
+    count = _arg(args, "count")
+    if count is not None and count < 1:
+        raise ConfigError(f"--count: must be at least 1, got {count}")
+    for attr, flag in (("steps", "--steps"), ("length", "--length")):
+        if _arg(args, attr) is not None and _arg(args, attr) < 1:
+            raise ConfigError(f"{flag}: must be at least 1, got {_arg(args, attr)}")
+    exports = _arg(args, "exports")
+    tag = "local" if exports else (alias or version)
+    with tempfile.TemporaryDirectory(prefix="genflow-sample-") as tmp:
+        if exports:
+            folder = Path(exports) / name
+            if not folder.is_dir():
+                have = sorted(p.parent.name for p in Path(exports).glob(f"*/{CONFIG_FILE}"))
+                raise InferenceError(f"{folder}: no exported model {name!r}; found: {', '.join(have) or 'none'}")
+        else:
+            folder = download_version(name, alias, version, root, Path(tmp))
+        engine = load_engine(folder)
+        print(f"{name}: onnxruntime on {engine.provider}", flush=True)
+        image = engine.kind == "image"
+        out = Path(_arg(args, "out") or root / "reports" / "samples" / f"{name}-{tag}.{'png' if image else 'txt'}")
+        if not out.is_absolute():
+            out = root / out
+        want = ".png" if image else ".txt"
+        if out.suffix.lower() != want:
+            raise ConfigError(f"--out {out}: {name} makes {'images' if image else 'text'}; "
+                              f"give a {want} path")
+        if image:
+            levels, n_levels, rows = _sample_images(args, engine, count)
+            write_png(out, image_grid(levels, n_levels, rows))
+        else:
+            write_text(out, _sample_texts(args, engine, count, f"{name}@{tag}"))
+    return out
