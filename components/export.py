@@ -2,7 +2,7 @@
 
     result = export_model("digits-unet", net, config, params.export, root)
     # exports/digits-unet/model.onnx    the graph (weights inside: one file)
-    # exports/digits-unet/config.json   all that components/inference.py needs, torch-free
+    # exports/digits-unet/config.json   all that components/inference/ needs, torch-free
     # exports/digits-unet/parity.json   onnxruntime vs PyTorch on fixed random inputs
     result["passed"]  # False above export.parity_atol / parity_rtol: the flow does not register it
 
@@ -124,7 +124,7 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
         if abar is None:
             if timesteps is None:
                 raise ExportError("config.diffusion.timesteps: missing; the engine needs the noise schedule")
-            from components.models.diffusion import make_alphas_cumprod
+            from components.sampling.diffusion import make_alphas_cumprod
 
             abar = make_alphas_cumprod(int(timesteps), str(schedule))
         abar = [float(a) for a in np.asarray(abar, dtype=np.float64)]

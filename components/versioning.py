@@ -18,17 +18,8 @@ from components.tracking.uri import redact
 
 _DVC_LOCK = threading.Lock()
 
-# Source files whose change means a model must be retrained (by family).
-CODE_PATHS = {
-    "data": ["components/data.py", "components/validation.py"],
-    "diffusion": ["components/models/diffusion.py", "components/models/unet.py",
-                  "components/models/dit.py", "components/training.py",
-                  "components/families/diffusion.py"],
-    "transformer": ["components/models/gpt.py", "components/tokenizer.py",
-                    "components/training.py", "components/families/transformer.py"],
-    "mdlm": ["components/models/mdlm.py", "components/models/gpt.py", "components/tokenizer.py",
-             "components/training.py", "components/families/mdlm.py"],
-}
+# The source files whose change means a model must be retrained: components.families.registry
+# (Backbone.code_paths), asked by flows/retrain.inputs_hash.
 
 
 class VersioningError(ServerError):

@@ -9,33 +9,11 @@ from pathlib import Path
 from components.config import Params, load_params
 from components.errors import GenflowError
 
+
 # Error classes of components/ that do not derive from GenflowError yet (other branches convert
 # them): printed as one line like a GenflowError. DELETE this tuple, and its use in main(), at the
 # merge. Named, not imported: a class whose module was never imported cannot have been raised,
 # and importing them would load torch for `genflow --help`.
-_NOT_YET_GENFLOW_ERRORS = (
-    "components.config:ParamsError", "components.data:DataError", "components.versioning:VersioningError",
-    "components.tracking:TrackingError", "components.registry:RegistryError", "components.export:ExportError",
-    "components.inference:InferenceError", "components.compare:CompareError",
-    "components.reproduce:ReproduceError", "components.distributed:DistributedError",
-    "components.tokenizer:UnknownCharactersError", "components.evaluation.images:ImageMetricsError",
-    "components.models.diffusion:DiffusionInputError", "components.models.dit:DiTConfigError",
-    "components.models.unet:UNetConfigError", "components.models.gpt:SamplingError",
-    "components.models.gpt:ContextLengthError", "components.models.mdlm:MaskedDiffusionError",
-    "components.families.diffusion:DiffusionFamilyError", "components.families.transformer:ModelNotTrainedError",
-    "components.families.mdlm:MaskedLMFamilyError",
-)
-
-
-def _not_yet_genflow_errors() -> tuple[type, ...]:
-    """The classes of _NOT_YET_GENFLOW_ERRORS whose modules are imported."""
-    found = []
-    for name in _NOT_YET_GENFLOW_ERRORS:
-        module, _, cls = name.partition(":")
-        found.append(getattr(sys.modules.get(module), cls, None))
-    return tuple(c for c in found if isinstance(c, type))
-
-
 def configure_environment(root: Path) -> None:
     """Local defaults that need no server. Prefect, MLflow, DVC and Great Expectations read them
     when imported: call this before importing flows.retrain."""
@@ -269,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if interrupt.stop_requested():   # Ctrl-C also stopped the local Prefect server: not a new error
             print("genflow: interrupted", file=sys.stderr)
             return 130
-        if not isinstance(e, (GenflowError, *_not_yet_genflow_errors())) or os.environ.get("GENFLOW_DEBUG"):
+        if not isinstance(e, GenflowError) or os.environ.get("GENFLOW_DEBUG"):
             raise   # anything else is a bug: its traceback is what finds it
         # A GenflowError is written for people: one line, naming what and where.
         text = str(e).strip()

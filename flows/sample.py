@@ -14,8 +14,18 @@ import numpy as np
 
 from components.errors import ConfigError
 from components.files import atomic_file, write_text
-from components.inference import CONFIG_FILE, CausalLMEngine, DiffusionEngine, Engine, InferenceError, \
-    MaskedLMEngine, download_version, load_engine, numpy_randn, parse_model_spec
+from components.inference import (
+    CONFIG_FILE,
+    CausalLMEngine,
+    DiffusionEngine,
+    Engine,
+    InferenceError,
+    MaskedLMEngine,
+    download_version,
+    load_engine,
+    numpy_randn,
+    parse_model_spec,
+)
 
 CHUNK = 256  # images generated per batch by `genflow sample`
 

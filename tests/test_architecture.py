@@ -64,11 +64,25 @@ def imported_modules(module: str, node: ast.Import | ast.ImportFrom) -> set[str]
     return {t for t in targets if t in MODULES and t != module}
 
 
-def import_graph() -> dict[str, set[str]]:
+def all_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import a module can run, those inside functions included (not under `if TYPE_CHECKING:`)."""
+    found, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, ast.If) and _is_type_checking(node):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
+    return found
+
+
+def import_graph(reader=top_level_imports) -> dict[str, set[str]]:
     graph = {}
     for module, path in MODULES.items():
         tree = ast.parse(path.read_text(), str(path))
-        graph[module] = set().union(*(imported_modules(module, n) for n in top_level_imports(tree)))
+        graph[module] = set().union(*(imported_modules(module, n) for n in reader(tree)))
     return graph
 
 
@@ -126,6 +140,16 @@ def test_no_import_cycle_among_components():
     assert found == [], "import cycles among components/ (module-level imports):\n  " + "\n  ".join(found)
 
 
+def test_no_import_cycle_among_components_even_through_imports_inside_functions():
+    """A lazy import only hides a cycle until the function runs: two modules that need each other
+    belong together, or the shared piece belongs in a third."""
+    graph = import_graph(all_imports)
+    components = {m: {t for t in targets if t.startswith("components")}
+                  for m, targets in graph.items() if m.startswith("components")}
+    found = [" -> ".join(c) for c in cycles(components)]
+    assert found == [], "import cycles among components/ (imports inside functions included):\n  " + "\n  ".join(found)
+
+
 def test_no_module_imports_another_modules_private_names():
     """`from components.x import _y` couples to what x may change freely; make it public or move it."""
     found = []
@@ -155,4 +179,6 @@ def test_the_graph_reader_sees_module_level_imports_only():
                      "def f():\n    from components import data\n")
     edges = set().union(*(imported_modules("components.files", n) for n in top_level_imports(tree)))
     assert edges == {"components.config", "components.tracking"}
+    every = set().union(*(imported_modules("components.files", n) for n in all_imports(tree)))
+    assert every == {"components.config", "components.tracking", "components.data"}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]

@@ -27,7 +27,9 @@ NETWORK_SECTIONS = ("unet", "dit", "gpt", "diffusion", "masked")
 
 # Code every model's result depends on, whatever its backbone.
 SHARED_CODE = ("components/training.py", "components/families/base.py", "components/families/registry.py",
-               "components/evaluation/images.py", "components/evaluation/text.py", "components/export.py")
+               "components/spec.py", "components/evaluation/images.py", "components/evaluation/text.py",
+               "components/export.py", "components/sampling/__init__.py", "components/sampling/requests.py")
+DENOISING_CODE = ("components/models/diffusion.py", "components/sampling/diffusion.py")
 
 
 # ---------------------------------------------------------------------------
@@ -82,11 +84,9 @@ class Backbone:
 
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("unet", "diffusion", "diffusion", ("image",), "denoising", "components.models.unet:UNet",
-             reads=("unet", "diffusion"), graph="denoiser", exporter="torchscript",
-             code=("components/models/diffusion.py", "components/sampling/diffusion.py")),
+             reads=("unet", "diffusion"), graph="denoiser", exporter="torchscript", code=DENOISING_CODE),
     Backbone("dit", "diffusion", "diffusion", ("image",), "denoising", "components.models.dit:DiT",
-             reads=("dit", "diffusion"), graph="denoiser", exporter="torchscript",
-             code=("components/models/diffusion.py", "components/sampling/diffusion.py")),
+             reads=("dit", "diffusion"), graph="denoiser", exporter="torchscript", code=DENOISING_CODE),
     Backbone("gpt", "transformer", "transformer", ("image", "text"), "autoregressive",
              "components.models.gpt:GPT", reads=("gpt",), graph="causal_lm", exporter="dynamo",
              min_opset=ATTENTION_MIN_OPSET, code=("components/tokenizer.py",)),

@@ -17,11 +17,26 @@ The sampling maths come from components/sampling/, shared with the PyTorch proce
 `genflow sample` itself is flows/sample.py. Heavy imports (onnxruntime, mlflow) happen inside
 functions.
 """
-from components.inference.engines import (CONFIG_FILE, ENGINES, PARITY_FILE, CausalLMEngine, DiffusionEngine,
-                                          Engine, MaskedLMEngine, TextEngine, load_engine, numpy_randn,
-                                          read_config)
-from components.inference.resolve import DEFAULT_ALIAS, download_version, parse_model_spec, registry_version, \
-    tracking_uri_for
+from components.inference.engines import (
+                                          CONFIG_FILE,
+                                          ENGINES,
+                                          PARITY_FILE,
+                                          CausalLMEngine,
+                                          DiffusionEngine,
+                                          Engine,
+                                          MaskedLMEngine,
+                                          TextEngine,
+                                          load_engine,
+                                          numpy_randn,
+                                          read_config,
+)
+from components.inference.resolve import (
+                                          DEFAULT_ALIAS,
+                                          download_version,
+                                          parse_model_spec,
+                                          registry_version,
+                                          tracking_uri_for,
+)
 from components.inference.sessions import InferenceError, cpu_cores, make_session, session_options
 
 __all__ = ["CONFIG_FILE", "DEFAULT_ALIAS", "ENGINES", "PARITY_FILE", "CausalLMEngine", "DiffusionEngine", "Engine",

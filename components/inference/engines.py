@@ -19,8 +19,14 @@ import numpy as np
 
 from components.inference.sessions import InferenceError, make_session
 from components.sampling import diffusion, masked
-from components.sampling.requests import FLAGS, SamplingRequestError, check_labels, check_length, \
-    check_temperature, check_top_k
+from components.sampling.requests import (
+    FLAGS,
+    SamplingRequestError,
+    check_labels,
+    check_length,
+    check_temperature,
+    check_top_k,
+)
 
 CONFIG_FILE = "config.json"
 PARITY_FILE = "parity.json"

@@ -21,8 +21,13 @@ import torch.nn.functional as F
 
 from components.config import DiffusionConfig  # noqa: F401  (re-exported: the process's settings)
 from components.errors import ConfigError
-from components.sampling.diffusion import (DiffusionInputError,  # noqa: F401  (re-exported)
-                                           check_request, guided_noise, make_alphas_cumprod, sample_loop)
+from components.sampling.diffusion import (  # noqa: F401  (re-exported)
+    DiffusionInputError,
+    check_request,
+    guided_noise,
+    make_alphas_cumprod,
+    sample_loop,
+)
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, y) -> eps
 

@@ -40,8 +40,7 @@ from torch.nn import functional as F
 
 from components.config import GPTConfig  # noqa: F401  (re-exported: the network's shape)
 from components.models.gpt import Block, init_gpt2_weights, inverse_frequencies, rotary
-from components.sampling.masked import (MaskedDiffusionError, check_request,  # noqa: F401  (re-exported)
-                                        check_steps, draw_tokens, unmask_counts)
+from components.sampling.masked import MaskedDiffusionError, check_request, check_steps, draw_tokens, unmask_counts  # noqa: F401  (re-exported)
 
 Rand = Callable[[tuple], torch.Tensor]  # shape -> float64 uniform draws in [0, 1)
 

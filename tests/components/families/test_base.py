@@ -37,7 +37,7 @@ def test_registry_entries_are_consistent(project_root):
         assert dataclasses.is_dataclass(base.shape_config_class(b))
         assert b.graph in ("denoiser", "causal_lm", "masked_lm") and b.exporter in ("torchscript", "dynamo")
         for rel in b.code_paths:   # a renamed file would silently drop out of the inputs hash
-            assert (project_root / rel).exists() or rel.startswith("components/sampling/"), rel
+            assert (project_root / rel).exists(), rel
     params = load_params(project_root / "params.yaml")
     for key, m in params.models.items():   # every default model names a registered backbone of its family
         assert base.backbone(m.backbone).family_name == m.family, key

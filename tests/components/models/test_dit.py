@@ -6,12 +6,20 @@ import pytest
 import torch
 
 from components import data
-from components.config import (DatasetConfig, DiffusionConfig, DiTConfig, EvalConfig, ModelConfig, Params,
-                               SampleConfig, TrainConfig)
+from components.config import (
+    DatasetConfig,
+    DiffusionConfig,
+    DiTConfig,
+    EvalConfig,
+    ModelConfig,
+    Params,
+    SampleConfig,
+    TrainConfig,
+)
 from components.models.diffusion import GaussianDiffusion
-from components.models.dit import DiT, DiTBlock, DiTConfigError, DiT_configs, count_params, modulate
+from components.models.dit import DiT, DiT_configs, DiTBlock, DiTConfigError, count_params, modulate
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = DiTConfig(patch_size=2, width=16, depth=2, heads=2, mlp_ratio=2.0)
 
 

@@ -1,4 +1,5 @@
 """Masked diffusion LM: the masking schedule, the ELBO, K-step sampling, bad settings."""
+import itertools
 import math
 
 import numpy as np
@@ -6,10 +7,14 @@ import pytest
 import torch
 
 from components.config import GPTConfig
-import itertools
-
-from components.models.mdlm import (MaskedDiffusion, MaskedDiffusionError, MaskedLM, check_steps, draw_tokens,
-                                    unmask_counts)
+from components.models.mdlm import (
+    MaskedDiffusion,
+    MaskedDiffusionError,
+    MaskedLM,
+    check_steps,
+    draw_tokens,
+    unmask_counts,
+)
 
 V = 6                     # 5 real tokens + [MASK]
 MASK = V - 1

@@ -43,7 +43,8 @@ def test_the_sampling_loop_is_the_same_on_numpy_and_torch():
     for name, xp in (("numpy", np), ("torch", torch)):
         rng = np.random.default_rng(1)
         y = xp.asarray(np.array([0, 2]))
-        randn = (lambda shape: xp.asarray(rng.standard_normal(shape)))  # noqa: B023  (one rng per run)
+        def randn(shape, xp=xp, rng=rng):   # one rng per run
+            return xp.asarray(rng.standard_normal(shape))
         x = sd.sample_loop(randn((2, 1, 3, 3)), lambda x, t: sd.guided_noise(denoise, x, t, y, 3, 2.0), randn,
                            timesteps, abar, "ddpm")
         out[name] = np.asarray(x)

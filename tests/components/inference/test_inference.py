@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from components.config import ExportConfig, GPTConfig, UNetConfig
-from components.export import export_model
 from components.errors import GenflowError, RegistryError
+from components.export import export_model
 from components.inference import InferenceError, load_engine, make_session, session_options
 from components.models.diffusion import GaussianDiffusion
 from components.models.gpt import GPT
@@ -142,7 +142,7 @@ def test_cuda_listed_but_unusable_falls_back_to_cpu(exported, monkeypatch):
 def run_without_torch(code: str, root: Path, env: dict | None = None) -> str:
     """Run `code` in a fresh interpreter and fail if it imported torch."""
     prog = ("import sys\n" + code + "\nassert 'torch' not in sys.modules, 'torch was imported'\nprint('NO TORCH')\n")
-    out = subprocess.run([sys.executable, "-c", prog], cwd=Path(__file__).resolve().parents[2],
+    out = subprocess.run([sys.executable, "-c", prog], cwd=Path(__file__).resolve().parents[3],
                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "NO TORCH" in out.stdout
@@ -150,7 +150,8 @@ def run_without_torch(code: str, root: Path, env: dict | None = None) -> str:
 
 
 def test_the_sampling_modules_import_no_torch(tmp_path):
-    run_without_torch("import components.inference, components.sampling.diffusion, components.sampling.masked", tmp_path)
+    run_without_torch("import components.inference, components.sampling.diffusion, components.sampling.masked",
+                      tmp_path)
     run_without_torch("import flows.sample", tmp_path)  # the module `genflow sample` runs
 
 
@@ -404,5 +405,6 @@ def test_masked_engine_refuses_k_below_one_before_any_network_call(exported_mdlm
     engine = load_engine(root / "exports" / "pydoc-mdlm", threads=1)
     engine.session = None  # any network call would fail with an AttributeError
     for steps in (0, -2):
-        with pytest.raises(SamplingRequestError, match=r"^--steps: K, the number of denoising steps, must be an integer >= 1"):
+        with pytest.raises(SamplingRequestError,
+                           match=r"^--steps: K, the number of denoising steps, must be an integer >= 1"):
             engine.generate(np.array([1]), 1, 4, steps)
