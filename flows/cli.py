@@ -118,13 +118,16 @@ def _load(args) -> Params:
 
 
 def cmd_run(args) -> int:
+    from flows.preflight import preflight
+
     params = _load(args)
-    configure_environment(Path.cwd())
+    only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
+    configure_environment(Path.cwd())   # environment only: Prefect is imported after the checks
+    keys = preflight(params, Path.cwd(), only)   # bad input refused in one line before any work
     from flows.retrain import run_pipeline
 
-    only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
-    summary = run_pipeline(params, Path.cwd(), only=only, quick=args.quick, force=args.force,
-                           params_path=args.params, overrides=args.overrides)
+    summary = run_pipeline(params, Path.cwd(), only=keys, quick=args.quick, force=args.force,
+                           params_path=args.params, overrides=args.overrides, checked=True)
     return 0 if summary["status"] == "completed" else 1
 
 

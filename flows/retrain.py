@@ -30,6 +30,7 @@ from components.errors import ConfigError, ServerError
 from components.families.base import backbone
 from components.files import write_json
 from flows import stages
+from flows.preflight import check_prefect_api, preflight, select_models  # noqa: F401  (re-exported)
 
 
 def quiet_libraries() -> None:
@@ -38,47 +39,6 @@ def quiet_libraries() -> None:
 
     for name in ("dvc", "great_expectations", "torch.onnx", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def check_prefect_api() -> None:
-    """PREFECT_API_URL pointing nowhere: one clear line before any work starts."""
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        return
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as r:
-            r.read()
-    except Exception as e:
-        raise ServerError(f"PREFECT_API_URL={url} does not answer ({e.__class__.__name__}: {e}); "
-                          "start the Prefect server or unset PREFECT_API_URL for local mode") from None
-
-
-# ---------------------------------------------------------------------------
-# What a run is about
-# ---------------------------------------------------------------------------
-
-def select_models(params: Params, only: Optional[list[str]]) -> list[str]:
-    if only:
-        for key in only:
-            params.model(key)  # raises with the known keys
-        return list(only)
-    return [k for k, m in params.models.items() if m.enabled]
-
-
-def check_sources(params: Params, datasets: list[str]) -> None:
-    """A source path that is missing: refuse before any work starts."""
-    for name in datasets:
-        kind, _, value = params.dataset(name).source.partition(":")
-        if kind in ("imagefolder", "textfile") and not Path(value).expanduser().exists():
-            raise ConfigError(f"datasets.{name}.source: {kind}:{value} does not exist; "
-                              "point it at your data with --set datasets.{name}.source={kind}:PATH")
-        if kind == "builtin" and value not in ("digits", "pydoc"):
-            raise ConfigError(f"datasets.{name}.source: unknown builtin {value!r}; use builtin:digits or builtin:pydoc")
-        if kind not in ("builtin", "imagefolder", "textfile"):
-            raise ConfigError(f"datasets.{name}.source: unknown kind {kind!r}; "
-                              "use builtin:, imagefolder: or textfile:")
 
 
 def inputs_hash(params: Params, key: str, root: Path) -> str:
@@ -373,19 +333,15 @@ def write_json_atomic(path: Path, doc: dict) -> None:
 
 
 def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=False,
-                 params_path="params.yaml", overrides=None) -> dict:
-    """`genflow run`: checks that refuse bad input before any work, then the flow; returns its summary.
+                 params_path="params.yaml", overrides=None, checked: bool = False) -> dict:
+    """`genflow run`: checks that refuse bad input before any work (flows/preflight.py; skipped with
+    checked=True when the caller ran them and passes their model keys as `only`), then the flow;
+    returns its summary.
 
     A model that failed is in the summary (status "failed"); an error of the run itself (a tracking
     server lost mid-run, a bug) is raised, for the caller to report."""
     root = Path(root).resolve()
-    keys = select_models(params, only)
-    check_sources(params, sorted({params.model(k).dataset for k in keys}))
-    from components.versioning import check_remote
-
-    check_remote(root, params.storage.dvc_remote)   # data must reach it after training: check first
-    check_prefect_api()
-    tracking.check_tracking(root, params)  # params' tracking_uri too: an absent server stops the run before any work
+    keys = only if checked else preflight(params, root, only)
     quiet_libraries()
     # Prefect stores the flow's parameters: no URL credentials in them (check_tracking moved
     # MLflow's to MLFLOW_TRACKING_USERNAME / _PASSWORD already)
