@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+EXPORT_CONFIG_FILE = "config.json"   # exports/<key>/config.json: what an onnxruntime engine needs
 CHECKPOINT_DIR = "ckpt"       # models/<key>/ckpt/last.pt: the resumable training checkpoint
 CHECKPOINT_NAME = "last.pt"
 

@@ -270,7 +270,7 @@ def _run_stage(src: Path, stage: str, key: str, env: dict) -> None:
 def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: float = 1e-6,
               rtol: float = 1e-4, keep: Optional[Path] = None) -> Verdict:
     """Rebuild MODEL[@alias|:version] from its lineage and compare it with the registered one."""
-    from components.inference import parse_model_spec  # lazy: the ONNX engines
+    from components.registry.resolve import parse_model_spec
 
     t0 = time.perf_counter()
     root = Path(root).resolve()
@@ -325,7 +325,7 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
             for stage in ("train", "evaluate", "export"):
                 _run_stage(src, stage, key, env)
 
-            from components.inference import download_version
+            from components.registry.resolve import download_version
 
             reg_folder = download_version(key, None, version, root, tmp / "registered")
             w_max, worst = weight_diff(reg_folder / "model.onnx", built.export_dir(key) / "model.onnx")

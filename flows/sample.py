@@ -1,6 +1,6 @@
 """`genflow sample MODEL[@alias|:version]`: an exported model on onnxruntime, no torch.
 
-The model comes from the MLflow registry (components/inference/resolve.py) or a local folder;
+The model comes from the MLflow registry (components/registry/resolve.py) or a local folder;
 the output is a PNG grid of images or a text file of samples, written atomically (a reader
 never sees half a file, a failure leaves none).
 """
@@ -21,11 +21,10 @@ from components.inference import (
     Engine,
     InferenceError,
     MaskedLMEngine,
-    download_version,
     load_engine,
     numpy_randn,
-    parse_model_spec,
 )
+from components.registry.resolve import download_version, parse_model_spec
 
 CHUNK = 256  # images generated per batch by `genflow sample`
 

@@ -11,35 +11,27 @@ noise schedule, the vocabulary; see components/export.py):
 
     sessions.py   onnxruntime sessions (cpu_cores, session_options, make_session)
     engines.py    one engine per graph kind, read_config, load_engine
-    resolve.py    a registered version: parse_model_spec, registry_version, download_version
 
 The sampling maths come from components/sampling/, shared with the PyTorch processes.
+Where a registered version comes from is the registry's job (components/registry/resolve.py);
 `genflow sample` itself is flows/sample.py. Heavy imports (onnxruntime, mlflow) happen inside
 functions.
 """
 from components.inference.engines import (
-                                          CONFIG_FILE,
-                                          ENGINES,
-                                          PARITY_FILE,
-                                          CausalLMEngine,
-                                          DiffusionEngine,
-                                          Engine,
-                                          MaskedLMEngine,
-                                          TextEngine,
-                                          load_engine,
-                                          numpy_randn,
-                                          read_config,
-)
-from components.inference.resolve import (
-                                          DEFAULT_ALIAS,
-                                          download_version,
-                                          parse_model_spec,
-                                          registry_version,
-                                          tracking_uri_for,
+    CONFIG_FILE,
+    ENGINES,
+    PARITY_FILE,
+    CausalLMEngine,
+    DiffusionEngine,
+    Engine,
+    MaskedLMEngine,
+    TextEngine,
+    load_engine,
+    numpy_randn,
+    read_config,
 )
 from components.inference.sessions import InferenceError, cpu_cores, make_session, session_options
 
-__all__ = ["CONFIG_FILE", "DEFAULT_ALIAS", "ENGINES", "PARITY_FILE", "CausalLMEngine", "DiffusionEngine", "Engine",
-           "InferenceError", "MaskedLMEngine", "TextEngine", "cpu_cores", "download_version", "load_engine",
-           "make_session", "numpy_randn", "parse_model_spec", "read_config", "registry_version", "session_options",
-           "tracking_uri_for"]
+__all__ = ["CONFIG_FILE", "ENGINES", "PARITY_FILE", "CausalLMEngine", "DiffusionEngine", "Engine", "InferenceError",
+           "MaskedLMEngine", "TextEngine", "cpu_cores", "load_engine", "make_session", "numpy_randn", "read_config",
+           "session_options"]

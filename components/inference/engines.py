@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from components.inference.sessions import InferenceError, make_session
+from components.layout import EXPORT_CONFIG_FILE
 from components.sampling import diffusion, masked
 from components.sampling.requests import (
     FLAGS,
@@ -28,7 +29,7 @@ from components.sampling.requests import (
     check_top_k,
 )
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = EXPORT_CONFIG_FILE
 PARITY_FILE = "parity.json"
 
 Randn = Callable[[tuple], np.ndarray]  # shape -> float32 standard normal draws

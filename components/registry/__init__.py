@@ -7,6 +7,7 @@ Registered model name = model key; aliases challenger, champion, previous-champi
     register.py    register an ONNX model: signature, example inputs, requirements, parity tags
     promotion.py   the promotion gate (Decision, judge, gate), stale champions, manual promotion
     card.py        the model card of a version; the `genflow models` table
+    resolve.py     MODEL@alias / MODEL:version -> the registered version, its export downloaded (sample, serve)
 
 Everything public is importable from here: ``from components.registry import gate``.
 """
@@ -63,9 +64,18 @@ from components.registry.register import (
                                          register_model,
                                          register_onnx,
 )
+from components.registry.resolve import (
+                                         DEFAULT_ALIAS,
+                                         download_version,
+                                         parse_model_spec,
+                                         registry_version,
+                                         tracking_uri_for,
+)
 
 __all__ = [
     "RegistryError",
+    # resolve (where a sampled or served model comes from)
+    "DEFAULT_ALIAS", "download_version", "parse_model_spec", "registry_version", "tracking_uri_for",
     # lookup
     "CHALLENGER", "CHAMPION", "EVAL_HASH_TAG", "HISTORY_TAG", "METRIC_TAG", "PREVIOUS", "SAMPLE_TIME",
     "aliases_of", "current_aliases", "fetch_version", "find_version", "fmt_value", "get_version", "metrics_of",

@@ -5,15 +5,13 @@
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 from components.errors import ConfigError, RegistryError
-from components.inference.engines import CONFIG_FILE
-from components.inference.sessions import InferenceError
+from components.layout import EXPORT_CONFIG_FILE as CONFIG_FILE
 
 DEFAULT_ALIAS = "champion"
 
@@ -32,11 +30,8 @@ def parse_model_spec(spec: str) -> tuple[str, Optional[str], Optional[str]]:
 
 def tracking_uri_for(root: Path) -> str:
     """The MLflow tracking URI of the project at `root` (MLFLOW_TRACKING_URI, else its SQLite store)."""
-    try:
-        from components.tracking import tracking_uri
-    except ImportError:
-        env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-        return env or f"sqlite:///{Path(root).resolve() / '.genflow' / 'mlflow.db'}"
+    from components.tracking import tracking_uri
+
     return tracking_uri(Path(root))
 
 
@@ -98,7 +93,7 @@ def download_version(name: str, alias: Optional[str], version: Optional[str], ro
         extras = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="extras",
                                                           dst_path=str(Path(dst) / "run"), tracking_uri=uri))
     except (MlflowException, OSError) as e:
-        raise InferenceError(f"{where}: could not download its ONNX files from run {mv.run_id} "
+        raise RegistryError(f"{where}: could not download its ONNX files from run {mv.run_id} "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     onnx_files = sorted(model_dir.rglob("*.onnx"))
     if not onnx_files or not (extras / CONFIG_FILE).is_file():
