@@ -99,6 +99,10 @@ class Server:
             return served
         if name in self.follower.states:
             state = self.follower.states[name]
+            if state.missing:
+                raise VersionNotFound(state.problem or f"{name}: not in the MLflow registry")
+            if state.failed_version is not None:
+                raise Unavailable(state.problem or f"{name}: version {state.failed_version} refused")
             raise Unavailable(state.problem or f"{name}: not loaded yet; retry shortly")
         raise VersionNotFound(f"model {name!r} is not served here; served: {', '.join(self.table.names()) or 'none'}")
 

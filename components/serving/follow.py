@@ -33,6 +33,7 @@ class ModelState:
     problem: Optional[str] = None            # why it is not served (yet), for /readyz
     last_swap_error: Optional[str] = None
     failed_version: Optional[str] = None     # refused by the smoke check; not retried until the alias moves
+    missing: bool = False                    # not registered, or no version holds the alias
     last_logged: Optional[str] = None        # the last problem logged, so a repeat is not logged each poll
 
 
@@ -124,6 +125,7 @@ class Follower:
             if not is_not_found(e):
                 raise
             problem = f"{name}: not in the MLflow registry yet"
+        state.missing = True
         if self.table.get(name) is None:
             state.problem = problem
         self._log_once(state, problem, logging.WARNING)
@@ -131,7 +133,7 @@ class Follower:
 
     def _follow(self, state: ModelState, mv: Any) -> None:
         version = str(mv.version)
-        state.wanted_version = version
+        state.wanted_version, state.missing = version, False
         served = self.table.get(state.name)
         if served is not None and served.version == version:
             state.problem = None
@@ -221,6 +223,8 @@ class Follower:
                 return f"registry unreachable ({self.registry.last_error}); no model to serve yet"
             return f"no registered model holds the alias {self.settings.alias!r} yet"
         missing = [n for n in names if self.table.get(n) is None]
+        if not self.settings.models:  # discovered, not asked for: a champion that cannot be served does not block
+            missing = [n for n in missing if self.states[n].failed_version is None]
         if not missing:
             return None
         reasons = []

@@ -19,7 +19,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from components.errors import ServerError
-from components.inference import CausalLMEngine, DiffusionEngine, Engine, download_version, load_engine
+from components.inference import (
+    CausalLMEngine,
+    DiffusionEngine,
+    Engine,
+    InferenceError,
+    download_version,
+    load_engine,
+)
 
 log = logging.getLogger("genflow.serve")
 
@@ -83,7 +90,12 @@ def load_version(mv: Any, alias: Optional[str], root: Path, threads: Optional[in
     """
     name, version = mv.name, str(mv.version)
     with tempfile.TemporaryDirectory(prefix=f"genflow-serve-{name}-{version}-") as tmp:
-        folder = download_version(name, None, version, root, Path(tmp))  # InferenceError: not downloadable
+        try:
+            folder = download_version(name, None, version, root, Path(tmp))
+        except InferenceError as e:
+            if "holds no exported model" in str(e):  # for good, unlike a download that failed midway
+                raise SmokeCheckFailed(f"{name}:{version}: {e}") from None
+            raise
         try:
             engine = load_engine(folder, threads=threads)
         except Exception as e:

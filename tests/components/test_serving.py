@@ -111,7 +111,7 @@ def test_readyz_is_503_with_the_reason_until_the_models_are_loaded(registered, t
         assert r.status_code == 503
         assert r.json()["reason"] == "srv-never-registered: not in the MLflow registry yet"
         r = client.post("/v1/models/srv-never-registered/generate", json={})
-        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert r.status_code == 404 and r.json()["detail"][0]["problem"].endswith("not in the MLflow registry yet")
 
 
 def test_images_are_what_genflow_sample_draws_with_the_same_settings(app_client, tmp_path):
@@ -270,10 +270,30 @@ def test_default_serves_every_registered_model_holding_the_alias(registered, tmp
     names, _ = registered
     app = create_app(ServeSettings(root=tmp_path, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], poll_seconds=60,
                                    threads=1))
-    with TestClient(app) as client:
-        wait_for(lambda: client.get("/readyz").status_code == 200, "/readyz 200", timeout=120)
-        served = {m["name"] for m in client.get("/v1/models").json()}
-        assert {n for n, _ in names.values()} <= served
+    ours = {n for n, _ in names.values()}
+    with TestClient(app) as client:  # other modules' champions may be in the store too: look at ours
+        rows = wait_for(lambda: [m for m in client.get("/v1/models").json() if m["name"] in ours and m["version"]],
+                        "our four models served", timeout=120)
+        wait_for(lambda: len([m for m in client.get("/v1/models").json() if m["name"] in ours and m["version"]])
+                 == len(ours), "our four models served", timeout=120)
+        assert rows and all(m["alias"] == "champion" for m in rows)
+
+
+def test_the_cli_refuses_bad_flags_and_a_taken_port_in_one_line(capsys, tmp_path, monkeypatch):
+    import socket
+
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: serve needs none
+    assert main(["serve", "--max-n", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "genflow serve: --max-n: 0 is out of range (at least 1)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"genflow serve: --host 127.0.0.1 --port {port}: cannot listen there (") and "\n" not in err
 
 
 # ---------------------------------------------------------------------------
