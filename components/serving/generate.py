@@ -9,8 +9,9 @@ instead of steps and guidance); text: ``{"prompt", "length", "temperature", "top
 as in `genflow sample`; the same seed and version give what `genflow sample` gives (label given:
 ``genflow sample --label L -n N --seed S``). Without a label, image i gets class i mod classes.
 
-Diffusion jobs with the same steps and guidance run as one batch (each request keeps its own
-noise stream, so a batched image equals the one drawn alone up to float rounding).
+Diffusion jobs with the same steps and guidance run as one batch, and so do causal text jobs
+whose prompts have the same length and whose length, temperature and top_k agree (each request
+keeps its own random stream, so a batched output equals the one drawn alone up to float rounding).
 """
 from __future__ import annotations
 
@@ -200,7 +201,17 @@ def _plan_text(engine: Engine, req: TextRequest, limits: Limits, allowed: dict) 
                 "seed": req.seed, "count": req.n}
     if masked:
         settings["steps"] = steps
-    return Job("texts", settings, n=req.n)
+        return Job("texts", settings, n=req.n)
+    # What CausalLMEngine.sample_text decodes from, resolved here so that requests whose prompts
+    # have the same length (and the same sampling settings) can share one decoding batch.
+    start, length, temperature, top_k = engine.text_request(req.prompt, length, req.temperature, req.top_k,
+                                                            req.n, 256)
+    lead = 0
+    if len(start) == 0:  # no prompt: start from a document break, as sample_text does
+        tok = engine.tokenizer
+        start, lead = tok.encode("\n" if "\n" in tok.stoi else tok.vocab[0]), 1
+    return Job("texts", settings, batch_key=("causal", len(start), length, temperature, top_k), n=req.n,
+               extra={"start": np.asarray(start, dtype=np.int64), "lead": lead})
 
 
 # ---------------------------------------------------------------------------
@@ -213,6 +224,30 @@ def batched_randn(parts: list[tuple[int, int]]) -> Randn:
     rngs = [(np.random.default_rng(seed), n) for seed, n in parts]
     return lambda shape: np.concatenate([rng.standard_normal((n, *shape[1:]), dtype=np.float32)
                                          for rng, n in rngs])
+
+
+class RowStreams:
+    """Stands in for the np.random.Generator of CausalLMEngine.generate in a batch of requests
+    [(seed, n), ...]: each request's rows are drawn from its own stream, as they are alone."""
+
+    def __init__(self, parts: list[tuple[int, int]]):
+        self.parts = [(np.random.default_rng(seed), n) for seed, n in parts]
+
+    def random(self, shape: tuple) -> np.ndarray:
+        return np.concatenate([rng.random((n, *shape[1:])) for rng, n in self.parts])
+
+
+def run_causal_batch(engine: CausalLMEngine, jobs: list[Job]) -> list[list[str]]:
+    """Text requests with the same prompt length and settings in one decoding batch."""
+    _, _, length, temperature, top_k = jobs[0].batch_key
+    ids = np.concatenate([np.tile(j.extra["start"], (j.n, 1)) for j in jobs])           # (B, T)
+    out = engine.generate(ids, length, temperature, top_k,
+                          rng=RowStreams([(j.settings["seed"], j.n) for j in jobs]))   # (B, T + length)
+    texts, at = [], 0
+    for j in jobs:
+        texts.append([engine.tokenizer.decode(row[j.extra["lead"]:]) for row in out[at:at + j.n]])
+        at += j.n
+    return texts
 
 
 def png_base64(levels: np.ndarray, n_levels: int) -> str:
@@ -243,8 +278,10 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
                 out.append(images[at:at + j.n])
                 at += j.n
             return out
+        if len(jobs) > 1 and isinstance(engine, CausalLMEngine) and jobs[0].kind == "texts":
+            return run_causal_batch(engine, jobs)
         if len(jobs) != 1:
-            raise ValueError("only diffusion requests are batched")
+            raise ValueError("only diffusion and causal text requests are batched")
         job = jobs[0]
         s = dict(job.settings)
         if job.kind == "images":

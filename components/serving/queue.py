@@ -5,7 +5,8 @@
 
 One worker per model runs the engine on a thread (onnxruntime releases the GIL), one batch at a
 time. A batch is the first waiting request plus the waiting requests with the same version and
-batch key (diffusion: same steps and guidance), up to max_batch; when nothing else waits the
+batch key (diffusion: same steps and guidance; causal text: same prompt length, length,
+temperature and top_k), up to max_batch; when nothing else waits the
 worker first waits batch_wait_s for company. A request that timed out before its batch started
 is dropped, so an abandoned request costs no engine time.
 """

@@ -394,6 +394,33 @@ def test_concurrent_diffusion_requests_run_as_one_batch_with_their_own_noise(reg
         assert 'genflow_serve_batch_size_bucket{le="4.0",model="' in client.get("/metrics").text
 
 
+def test_concurrent_text_requests_with_prompts_of_one_length_share_a_decoding_batch(registered, tmp_path,
+                                                                                      held_engine):
+    release, started, sizes = held_engine
+    name = registered[0]["gpt"][0]
+    app = create_app(settings(tmp_path, [name], max_batch=8))
+    url = f"/v1/models/{name}/generate"
+    bodies = [{"prompt": p, "length": 20, "seed": i, "n": 1 + i % 2} for i, p in enumerate(["ab", "ha", "b ", "gg"])]
+    with TestClient(app) as client:
+        ready(client)
+        first: list = []
+        threads = [post_in_thread(client, url, {"prompt": "abc", "length": 20}, first)]
+        assert started.wait(30)
+        batched: dict = {}
+        for b in bodies + [{"prompt": "abcd", "length": 20}]:  # the last one: another prompt length, runs alone
+            batched[b.get("seed")] = []
+            threads.append(post_in_thread(client, url, b, batched[b.get("seed")]))
+        wait_for(lambda: app.state.server.queues[name].depth == 6, "six requests admitted")
+        release.set()
+        for t in threads:
+            t.join(60)
+        assert sizes == [1, 4, 1]
+        for b in bodies:
+            together = batched[b["seed"]][0].json()["texts"]
+            assert together == client.post(url, json=b).json()["texts"] and len(together) == b["n"]
+            assert all(t.startswith(b["prompt"]) and len(t) == 22 for t in together)
+
+
 # ---------------------------------------------------------------------------
 # An unreachable registry
 # ---------------------------------------------------------------------------
