@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take before 504")
     p.add_argument("--pinned-cache", type=int, default=4, help="pinned versions kept loaded")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: cores)")
+    p.add_argument("--shadow", type=float, nargs="?", const=0.1, default=0.0, metavar="FRACTION",
+                   help="also run the challenger on this fraction of requests (0.1 when no value is given)")
 
     p = sub.add_parser("compare", help="build the diffusion-vs-transformer comparison report")
     _common(p)
@@ -224,10 +226,12 @@ def cmd_serve(args) -> int:
     for flag, value, low in (("--port", args.port, 0), ("--max-n", args.max_n, 1), ("--max-length", args.max_length, 1),
                              ("--max-queue", args.max_queue, 1), ("--max-batch", args.max_batch, 1),
                              ("--pinned-cache", args.pinned_cache, 1), ("--poll-seconds", args.poll_seconds, 0.1),
-                             ("--timeout", args.timeout, 0.1), ("--batch-wait-ms", args.batch_wait_ms, 0)):
-        if value < low or (flag == "--port" and value > 65535):
+                             ("--timeout", args.timeout, 0.1), ("--batch-wait-ms", args.batch_wait_ms, 0),
+                             ("--shadow", args.shadow, 0)):
+        high = {"--port": 65535, "--shadow": 1}.get(flag)
+        if value < low or (high is not None and value > high):
             raise ConfigError(f"{flag}: {value} is out of range (at least {low:g}"
-                              f"{', at most 65535' if flag == '--port' else ''})")
+                              f"{f', at most {high}' if high is not None else ''})")
     from components.serving.app import ServeSettings, serve
     from components.tracking import tracking_uri
 
@@ -236,7 +240,7 @@ def cmd_serve(args) -> int:
                              alias=args.alias, poll_seconds=args.poll_seconds, max_n=args.max_n,
                              max_length=args.max_length, max_queue=args.max_queue, max_batch=args.max_batch,
                              batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
-                             pinned_cache=args.pinned_cache, threads=args.threads)
+                             pinned_cache=args.pinned_cache, threads=args.threads, shadow=args.shadow)
     serve(settings, args.host, args.port)
     return 0
 

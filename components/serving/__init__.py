@@ -5,6 +5,7 @@
     follow.py    the registry poller: alias moves -> download, smoke check, atomic swap; outages
     queue.py     a bounded queue per model and its worker (micro-batches diffusion requests)
     generate.py  request schemas, their checks against a model, running them (PNG / text out)
+    shadow.py    --shadow: the challenger on a sample of requests (latency, cross-likelihoods)
     metrics.py   Prometheus metrics
 
 No PyTorch anywhere here: the engines of components/inference.py run the graphs. Import the

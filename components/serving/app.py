@@ -29,6 +29,7 @@ from components.serving.generate import ImageRequest, Limits, RequestProblem, Te
 from components.serving.metrics import CONTENT_TYPE, ServeMetrics
 from components.serving.models import ModelTable, Served, SmokeCheckFailed, VersionNotFound, load_version
 from components.serving.queue import ModelQueue, QueueFull
+from components.serving.shadow import CHALLENGER, Shadow
 
 log = logging.getLogger("genflow.serve")
 
@@ -50,6 +51,7 @@ class ServeSettings:
     timeout_s: float = 60.0
     pinned_cache: int = 4
     threads: Optional[int] = None
+    shadow: float = 0.0              # fraction of alias requests also run on the challenger (0: off)
 
 
 def iso(t: Optional[float]) -> Optional[str]:
@@ -84,6 +86,12 @@ class Server:
             self.table, self.metrics)
         self.follower.table, self.follower.metrics = self.table, self.metrics
         self.queues: dict[str, ModelQueue] = {}
+        self.shadow: Optional[Shadow] = None
+        if settings.shadow > 0:
+            challengers = Follower(FollowSettings(settings.root, settings.tracking_uri, CHALLENGER, settings.models,
+                                                  settings.threads), ModelTable(1), self.metrics,
+                                   report_registry=False)
+            self.shadow = Shadow(challengers, self.metrics, self.limits, settings.shadow)
 
     def queue(self, name: str) -> ModelQueue:
         if name not in self.queues:
@@ -148,6 +156,8 @@ class Server:
                                    "last_successful_poll": iso(reg.last_ok),
                                    "registry_reachable": reg.reachable,
                                    "pinned_versions": [v for n, v in self.table.pinned_versions() if n == name]}
+            if self.shadow is not None:
+                row["shadow"] = self.shadow.describe(name)
             out.append(row)
         return out
 
@@ -158,11 +168,17 @@ def create_app(settings: ServeSettings, follower: Optional[Follower] = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        poller = asyncio.get_running_loop().create_task(Poller(server.follower, settings.poll_seconds).run())
+        loop = asyncio.get_running_loop()
+        pollers = [loop.create_task(Poller(server.follower, settings.poll_seconds).run())]
+        if server.shadow is not None:
+            pollers.append(loop.create_task(Poller(server.shadow.follower, settings.poll_seconds).run()))
         try:
             yield
         finally:
-            poller.cancel()
+            for poller in pollers:
+                poller.cancel()
+            if server.shadow is not None:
+                await server.shadow.stop()
             for q in list(server.queues.values()):
                 await q.stop()
 
@@ -229,6 +245,8 @@ def create_app(settings: ServeSettings, follower: Optional[Follower] = None) -> 
         took = time.perf_counter() - started
         m.requests.labels(name, served.version, "200").inc()
         m.latency.labels(name, served.version).observe(took)
+        if server.shadow is not None and version is None:
+            server.shadow.maybe(served, body, job.kind, outputs)
         key = "images" if job.kind == "images" else "texts"
         return JSONResponse({"model": name, "version": served.version,
                              "alias": served.alias, key: outputs, "ms": round(took * 1000, 2)})

@@ -71,8 +71,10 @@ class Follower:
     """Keeps the table's versions equal to the registry's aliases."""
 
     def __init__(self, settings: FollowSettings, table: ModelTable, metrics: ServeMetrics,
-                 loader: Optional[Callable[[Any, Optional[str]], Served]] = None):
+                 loader: Optional[Callable[[Any, Optional[str]], Served]] = None, report_registry: bool = True):
+        """report_registry=False: a second follower (the shadow's) leaves outages to the first."""
         self.settings, self.table, self.metrics = settings, table, metrics
+        self.report_registry = report_registry
         self.states: dict[str, ModelState] = {n: ModelState(n) for n in settings.models}
         self.registry = RegistryState()
         self._loader = loader or (lambda mv, alias: load_version(mv, alias, settings.root, settings.threads))
@@ -144,7 +146,7 @@ class Follower:
         try:
             new = self._loader(mv, self.settings.alias)
         except SmokeCheckFailed as e:
-            self.metrics.smoke_failures.labels(state.name).inc()
+            self.metrics.smoke_failures.labels(state.name, self.settings.alias).inc()
             state.failed_version = version
             state.last_swap_error = f"version {version} refused: {one_line(e)}"
             if served is None:
@@ -161,8 +163,9 @@ class Follower:
             return
         old = self.table.swap(new)
         state.problem, state.last_swap_error, state.failed_version, state.last_logged = None, None, None, None
-        self.metrics.swaps.labels(state.name).inc()
-        self.metrics.served_version.labels(state.name).set(float(version) if version.isdigit() else -1)
+        self.metrics.swaps.labels(state.name, self.settings.alias).inc()
+        number = float(version) if version.isdigit() else -1.0
+        self.metrics.served_version.labels(state.name, self.settings.alias).set(number)
         took = time.perf_counter() - started
         if old is None:
             log.info("%s: serving version %s (%s@%s, run %s) on onnxruntime %s; loaded and checked in %.1fs",
@@ -186,6 +189,9 @@ class Follower:
         r = self.registry
         r.polls += 1
         r.last_error = one_line(e)
+        if not self.report_registry:
+            r.reachable = False
+            return
         self.metrics.registry_up.set(0)
         self.metrics.polls.labels("unreachable").inc()
         if r.reachable is not False:
@@ -199,6 +205,9 @@ class Follower:
     def _reachable(self) -> None:
         r = self.registry
         r.polls += 1
+        if not self.report_registry:
+            r.reachable, r.last_ok = True, time.time()
+            return
         if r.reachable is False and r.outage_since is not None:
             log.info("registry reachable again after %.0fs", time.time() - r.outage_since)
         r.reachable, r.last_ok, r.outage_since, r.last_error = True, time.time(), None, None

@@ -23,12 +23,12 @@ class ServeMetrics:
         self.batch_size = Histogram("genflow_serve_batch_size", "Requests run in one engine call",
                                     ["model"], buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.swaps = Counter("genflow_serve_model_swaps", "Versions swapped in after an alias move",
-                             ["model"], registry=r)
+                             ["model", "alias"], registry=r)
         self.smoke_failures = Counter("genflow_serve_smoke_check_failures",
                                       "New versions refused by the smoke check (the old one kept serving)",
-                                      ["model"], registry=r)
+                                      ["model", "alias"], registry=r)
         self.served_version = Gauge("genflow_serve_served_version", "Version served under the alias",
-                                    ["model"], registry=r)
+                                    ["model", "alias"], registry=r)
         self.registry_up = Gauge("genflow_serve_registry_up", "1 when the last registry poll succeeded",
                                  registry=r)
         self.polls = Counter("genflow_serve_registry_polls", "Registry polls, by outcome", ["outcome"],

@@ -251,9 +251,8 @@ def test_an_alias_move_is_followed_and_a_broken_version_is_refused(registered, t
         v2 = register(folder, name, artifacts)
         wait_for(lambda: served_version(client, name) == v2, f"version {v2} served")
         v3 = register(broken_copy(folder, tmp_path), name, artifacts)
-        wait_for(lambda: "genflow_serve_smoke_check_failures_total" in client.get("/metrics").text and
-                 f'genflow_serve_smoke_check_failures_total{{model="{name}"}} 1.0' in client.get("/metrics").text,
-                 "the smoke check failure counted")
+        refused = f'genflow_serve_smoke_check_failures_total{{alias="champion",model="{name}"}} 1.0'
+        wait_for(lambda: refused in client.get("/metrics").text, "the smoke check failure counted")
         row = next(m for m in client.get("/v1/models").json() if m["name"] == name)
         assert row["version"] == v2 and row["alias_version"] == v3
         error = row["last_swap_error"]
@@ -263,7 +262,7 @@ def test_an_alias_move_is_followed_and_a_broken_version_is_refused(registered, t
         mlflow.MlflowClient().set_registered_model_alias(name, "champion", "1")  # a rollback of sorts
         wait_for(lambda: served_version(client, name) == "1", "version 1 served again")
         assert next(m for m in client.get("/v1/models").json() if m["name"] == name)["last_swap_error"] is None
-        assert f'genflow_serve_model_swaps_total{{model="{name}"}} 3.0' in client.get("/metrics").text
+        assert f'genflow_serve_model_swaps_total{{alias="champion",model="{name}"}} 3.0' in client.get("/metrics").text
 
 
 def test_default_serves_every_registered_model_holding_the_alias(registered, tmp_path):
@@ -419,6 +418,48 @@ def test_concurrent_text_requests_with_prompts_of_one_length_share_a_decoding_ba
             together = batched[b["seed"]][0].json()["texts"]
             assert together == client.post(url, json=b).json()["texts"] and len(together) == b["n"]
             assert all(t.startswith(b["prompt"]) and len(t) == 22 for t in together)
+
+
+def test_shadow_runs_the_challenger_beside_the_champion_and_scores_both_texts(registered, tmp_path):
+    (_, folder), artifacts = registered[0]["gpt"], registered[1]
+    name = unique("shadow")
+    register(folder, name, artifacts)
+    v2 = register(folder, name, artifacts, alias="challenger")
+    app = create_app(settings(tmp_path, [name], shadow=1.0))
+    with TestClient(app) as client:
+        ready(client)
+        wait_for(lambda: client.get("/v1/models").json()[0]["shadow"]["version"] == v2, "the challenger loaded")
+        for seed in range(3):
+            r = client.post(f"/v1/models/{name}/generate", json={"prompt": "ab", "length": 12, "seed": seed})
+            assert r.status_code == 200 and r.json()["version"] == "1"  # the answer is always the champion's
+            wait_for(lambda: client.get("/v1/models").json()[0]["shadow"]["requests"] == seed + 1,
+                     "the request shadowed")
+        shadow = client.get("/v1/models").json()[0]["shadow"]
+        assert shadow["last_error"] is None and shadow["last_ms"] > 0
+        assert set(shadow["nll_per_char"]) == {"champion_on_challenger", "challenger_on_champion"}
+        assert all(0 < v < 10 for v in shadow["nll_per_char"].values())
+        metrics = client.get("/metrics").text
+        assert f'genflow_serve_shadow_seconds_count{{model="{name}",version="{v2}"}} 3.0' in metrics
+        assert (f'genflow_serve_shadow_nll_per_char_count{{author="challenger",model="{name}",scorer="champion"}} 3.0'
+                in metrics)
+        assert f'genflow_serve_model_swaps_total{{alias="challenger",model="{name}"}} 1.0' in metrics
+
+
+def test_text_nll_is_the_models_own_cross_entropy_on_the_generated_characters(registered):
+    from components.inference import load_engine
+    from components.serving.shadow import text_nll
+
+    engine = load_engine(registered[0]["gpt"][1], threads=1)
+    text = engine.sample_text("ab", length=12, count=1, seed=0, temperature=1.0)[0]  # within the context (16)
+    ids = engine.tokenizer.encode(text)
+    logits, _ = engine.forward(ids[None, :-1], engine.empty_past(1))
+    z = logits[0].astype(np.float64)
+    logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+    want = -logp[np.arange(len(ids) - 1), ids[1:]][1:].mean()  # targets after the 2-character prompt
+    assert abs(text_nll(engine, "ab", text) - want) < 1e-9
+    assert text_nll(engine, "ab", "ab") is None
+    long = engine.sample_text("ab", length=60, count=1, seed=1)[0]  # past the context: the last 16 are scored
+    assert 0 < text_nll(engine, "ab", long) < 10
 
 
 # ---------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_a_version_failing_its_smoke_check_is_not_served(service, tiny, tmp_path
     assert status == 200 and body["version"] == "1"
     assert call(f"{server.url}/readyz")[0] == 200
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as r:
-        assert f'genflow_serve_smoke_check_failures_total{{model="{unet}"}} 1.0' in r.read().decode()
+        assert f'genflow_serve_smoke_check_failures_total{{alias="champion",model="{unet}"}} 1.0' in r.read().decode()
     assert f"version {bad} refused" in server.log.read_text(errors="replace")
     assert main(["rollback", unet, "--params", str(ROOT / "params.yaml")]) == 0
 
