@@ -104,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+
+    p = sub.add_parser("serve", help="serve registered models over HTTP on onnxruntime, following their alias")
+    _common(p)
+    p.add_argument("--models", default=None, metavar="A,B", help="model keys (default: every registered model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll-seconds", type=float, default=5.0, help="how often the registry's aliases are read")
+    p.add_argument("--alias", default="champion", help="the alias served and followed")
+    p.add_argument("--max-n", type=int, default=16, help="most images or texts one request may ask for")
+    p.add_argument("--max-length", type=int, default=512, help="most characters one text request may ask for")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting per model before 429")
+    p.add_argument("--max-batch", type=int, default=8, help="requests run together in one engine call (1: no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a lone request waits for company")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take before 504")
+    p.add_argument("--pinned-cache", type=int, default=4, help="pinned versions kept loaded")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: cores)")
+    p.add_argument("--shadow", type=float, nargs="?", const=0.1, default=0.0, metavar="FRACTION",
+                   help="also run the challenger on this fraction of requests (0.1 when no value is given)")
     return parser
 
 
@@ -224,10 +242,40 @@ def cmd_ui(args) -> int:
         return 0
 
 
+def cmd_serve(args) -> int:
+    from components.errors import ConfigError
+
+    if Path(args.params).is_file() or args.overrides:  # a container may have only MLFLOW_TRACKING_URI
+        params = _load(args)
+    else:
+        params = None
+    for flag, value, low in (("--port", args.port, 0), ("--max-n", args.max_n, 1), ("--max-length", args.max_length, 1),
+                             ("--max-queue", args.max_queue, 1), ("--max-batch", args.max_batch, 1),
+                             ("--pinned-cache", args.pinned_cache, 1), ("--poll-seconds", args.poll_seconds, 0.1),
+                             ("--timeout", args.timeout, 0.1), ("--batch-wait-ms", args.batch_wait_ms, 0),
+                             ("--shadow", args.shadow, 0)):
+        high = {"--port": 65535, "--shadow": 1}.get(flag)
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"{flag}: {value} is out of range (at least {low:g}"
+                              f"{f', at most {high}' if high is not None else ''})")
+    from components.serving.app import ServeSettings, serve
+    from components.tracking import tracking_uri
+
+    models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
+    settings = ServeSettings(root=Path.cwd(), tracking_uri=tracking_uri(Path.cwd(), params), models=models,
+                             alias=args.alias, poll_seconds=args.poll_seconds, max_n=args.max_n,
+                             max_length=args.max_length, max_queue=args.max_queue, max_batch=args.max_batch,
+                             batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout,
+                             pinned_cache=args.pinned_cache, threads=args.threads, shadow=args.shadow)
+    serve(settings, args.host, args.port)
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run, "stage": cmd_stage, "models": cmd_models, "promote": cmd_promote,
     "rollback": cmd_rollback, "sample": cmd_sample, "compare": cmd_compare,
     "reproduce": cmd_reproduce, "schedule": cmd_schedule, "ui": cmd_ui,
+    "serve": cmd_serve,
 }
 
 

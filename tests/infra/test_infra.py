@@ -539,7 +539,23 @@ def test_kubectl_kustomize_renders_the_stack():
     r = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(r.stdout) if d)
-    assert kinds.count("Deployment") == 3 and kinds.count("StatefulSet") == 2 and "Secret" not in kinds
+    assert kinds.count("Deployment") == 4 and kinds.count("StatefulSet") == 2 and "Secret" not in kinds
+
+
+def test_serve_probes_readiness_liveness_and_metrics_in_k8s_and_compose(services):
+    k8s = next(d for _, d in workloads() if d["metadata"]["name"] == "serve")
+    pod = k8s["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert annotations["prometheus.io/port"] == str(container["ports"][0]["containerPort"]) == "8000"
+    compose = services["serve"]
+    assert command_list(compose) == container["args"]
+    assert option_value(container["args"], "--port") == "8000"
+    assert "/healthz" in " ".join(compose["healthcheck"]["test"])
+    assert compose["labels"]["prometheus.io/port"] == "8000"
 
 
 # ---------------------------------------------------------------------------

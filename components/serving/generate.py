@@ -1,0 +1,295 @@
+"""What a generate request may ask of one engine, and running it: request bodies in, images or texts out.
+
+    job = plan(engine, body, Limits(max_n=16, max_length=512))   # RequestProblem (-> 422) if bad
+    out = run_jobs(engine, [job])                                # [["<base64 PNG>", ...]] or [["text", ...]]
+
+Images: ``{"n", "label", "steps", "guidance", "seed"}`` (a pixel GPT takes temperature and top_k
+instead of steps and guidance); text: ``{"prompt", "length", "temperature", "top_k", "seed", "n"}``
+(a masked LM also takes ``steps``: its K). Omitted settings take the model's sample defaults,
+as in `genflow sample`; the same seed and version give what `genflow sample` gives (label given:
+``genflow sample --label L -n N --seed S``). Without a label, image i gets class i mod classes.
+
+Diffusion jobs with the same steps and guidance run as one batch, and so do causal text jobs
+whose prompts have the same length and whose length, temperature and top_k agree (each request
+keeps its own random stream, so a batched output equals the one drawn alone up to float rounding).
+"""
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from components.errors import ConfigError
+from components.inference import (
+    CausalLMEngine,
+    DiffusionEngine,
+    Engine,
+    InferenceError,
+    MaskedLMEngine,
+    Randn,
+    numpy_randn,
+)
+
+MAX_SEED = 2 ** 63 - 1
+MAX_MASKED_STEPS = 10_000  # K above the length only adds empty steps; bounded all the same
+
+
+class RequestProblem(ConfigError):
+    """A request the model cannot serve: answered 422 with the field, the problem and the allowed range."""
+
+    def __init__(self, field_name: str, problem: str, allowed: Optional[str] = None, got: Any = None,
+                 more: Optional[list[dict]] = None):
+        super().__init__(f"{field_name}: {problem}" + (f" (allowed: {allowed})" if allowed else ""))
+        self.detail = [{"field": field_name, "problem": problem, "allowed": allowed, "got": got}] + (more or [])
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest requests the server accepts (flags of `genflow serve`)."""
+
+    max_n: int = 16
+    max_length: int = 512
+
+
+class ImageRequest(BaseModel):
+    """POST body for an image model."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    n: int = Field(1, ge=1, description="images to draw (at most --max-n)")
+    label: Optional[int] = Field(None, ge=0, description="class of every image (default: i mod classes)")
+    steps: Optional[int] = Field(None, ge=1, description="diffusion sampling steps, 1..T")
+    guidance: Optional[float] = Field(None, ge=0, description="classifier-free guidance scale")
+    temperature: Optional[float] = Field(None, gt=0, description="pixel GPT only")
+    top_k: Optional[int] = Field(None, ge=0, description="pixel GPT only")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class TextRequest(BaseModel):
+    """POST body for a text model."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: Optional[str] = Field(None, max_length=100_000, description="text to continue")
+    n: int = Field(1, ge=1, description="texts to write (at most --max-n)")
+    length: Optional[int] = Field(None, ge=1, description="characters to generate (at most --max-length)")
+    temperature: Optional[float] = Field(None, gt=0)
+    top_k: Optional[int] = Field(None, ge=0)
+    steps: Optional[int] = Field(None, ge=1, description="masked LM only: K, its number of denoising steps")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+@dataclass
+class Job:
+    """One checked request: what to run and the key of the batch it may share (None: runs alone)."""
+
+    kind: str                       # "images" | "texts"
+    settings: dict
+    batch_key: Optional[tuple] = None
+    n: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def is_image(engine: Engine) -> bool:
+    return engine.kind == "image"
+
+
+def allowed_ranges(engine: Engine, limits: Limits) -> dict[str, str]:
+    """Allowed values of each request field for this engine (the 422 body quotes them)."""
+    out = {"n": f"1..{limits.max_n}", "seed": f"0..{MAX_SEED}"}
+    if isinstance(engine, DiffusionEngine):
+        out.update(label=f"0..{engine.num_classes - 1}", steps=f"1..{engine.timesteps}", guidance=">= 0")
+    elif is_image(engine):
+        levels = int(engine.config["levels"])
+        out.update(label=f"0..{int(engine.config['num_classes']) - 1}", temperature="> 0", top_k=f"0..{levels}")
+    else:
+        top = engine.mask_id if isinstance(engine, MaskedLMEngine) else engine.vocab_size
+        out.update(length=f"1..{limits.max_length}", temperature="> 0", top_k=f"0..{top}",
+                   prompt=f"at most {engine.block_size} characters of the model's vocabulary")
+        if isinstance(engine, MaskedLMEngine):
+            out.update(steps=f"1..{MAX_MASKED_STEPS}", length=f"1..{min(limits.max_length, engine.block_size)} "
+                                                 "(prompt + length <= block_size)")
+    return out
+
+
+def request_schema(engine: Engine) -> type[BaseModel]:
+    return ImageRequest if is_image(engine) else TextRequest
+
+
+def _not_for(engine: Engine, names: tuple[str, ...], req: BaseModel, allowed: dict) -> None:
+    for name in names:
+        if getattr(req, name) is not None:
+            kind = f"{engine.config.get('family', engine.graph)} {engine.kind} model"
+            raise RequestProblem(name, f"{engine.name} is a {kind} and has no such setting; drop it",
+                                 ", ".join(sorted(allowed)), getattr(req, name))
+
+
+def _in_range(name: str, value: Optional[int], low: int, high: int, allowed: dict) -> None:
+    if value is not None and not low <= value <= high:
+        raise RequestProblem(name, f"{value} is outside {low}..{high}", allowed[name], value)
+
+
+def plan(engine: Engine, body: Any, limits: Limits) -> Job:
+    """Check a request body against the engine and the server's limits; RequestProblem names the field."""
+    allowed = allowed_ranges(engine, limits)
+    schema = request_schema(engine)
+    if not isinstance(body, dict):
+        raise RequestProblem("body", f"expected a JSON object, got {type(body).__name__}",
+                             f"an object with fields {', '.join(schema.model_fields)}")
+    try:
+        req = schema.model_validate(body)
+    except ValidationError as e:
+        details = []
+        for err in e.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "body"
+            hint = allowed.get(name) or (f"fields: {', '.join(schema.model_fields)}"
+                                         if err["type"] == "extra_forbidden" else None)
+            got = err.get("input")
+            details.append({"field": name, "problem": err["msg"], "allowed": hint,
+                            "got": got if isinstance(got, (int, float, str, bool, type(None))) else None})
+        first = details[0]
+        raise RequestProblem(first["field"], first["problem"], first["allowed"], first["got"], details[1:]) from None
+    _in_range("n", req.n, 1, limits.max_n, allowed)
+    if isinstance(engine, DiffusionEngine):
+        _not_for(engine, ("temperature", "top_k"), req, allowed)
+        _in_range("label", req.label, 0, engine.num_classes - 1, allowed)
+        d = engine.defaults
+        steps = req.steps if req.steps is not None else int(d.get("steps", min(50, engine.timesteps)))
+        guidance = req.guidance if req.guidance is not None else float(d.get("guidance", 1.0))
+        _in_range("steps", steps, 1, engine.timesteps, allowed)
+        labels = ([req.label] * req.n if req.label is not None
+                  else [i % engine.num_classes for i in range(req.n)])
+        return Job("images", {"labels": labels, "steps": steps, "guidance": guidance, "seed": req.seed},
+                   batch_key=("diffusion", steps, guidance), n=req.n)
+    if is_image(engine):  # a GPT over the pixels
+        _not_for(engine, ("steps", "guidance"), req, allowed)
+        classes = int(engine.config["num_classes"])
+        _in_range("label", req.label, 0, classes - 1, allowed)
+        _in_range("top_k", req.top_k, 0, int(engine.config["levels"]), allowed)
+        labels = [req.label] * req.n if req.label is not None else [i % classes for i in range(req.n)]
+        return Job("images", {"labels": labels, "temperature": req.temperature, "top_k": req.top_k,
+                              "seed": req.seed}, n=req.n)
+    return _plan_text(engine, req, limits, allowed)
+
+
+def _plan_text(engine: Engine, req: TextRequest, limits: Limits, allowed: dict) -> Job:
+    masked = isinstance(engine, MaskedLMEngine)
+    if not masked:
+        _not_for(engine, ("steps",), req, allowed)
+    _in_range("length", req.length, 1, limits.max_length, allowed)
+    _in_range("top_k", req.top_k, 0, engine.mask_id if masked else engine.vocab_size, allowed)
+    prompt = req.prompt if req.prompt is not None else engine.defaults.get("prompt", "")
+    try:
+        ids = engine.tokenizer.encode(prompt, strict=True)
+    except ValueError as e:
+        raise RequestProblem("prompt", str(e), allowed["prompt"], None) from None
+    if len(ids) > engine.block_size:
+        raise RequestProblem("prompt", f"{len(ids)} characters, longer than the model's context "
+                             f"({engine.block_size})", allowed["prompt"], len(ids))
+    length = req.length if req.length is not None else int(engine.defaults.get("length", engine.block_size
+                                                                                 if masked else 256))
+    length = min(length, limits.max_length) if req.length is None else length
+    if masked:
+        if len(ids) + length > engine.block_size:
+            raise RequestProblem("length", f"the prompt ({len(ids)}) plus {length} characters exceed the "
+                                 f"model's block_size={engine.block_size}", allowed["length"], length)
+        steps = req.steps if req.steps is not None else int(engine.defaults.get("steps", 32))
+        _in_range("steps", steps, 1, MAX_MASKED_STEPS, allowed)
+    settings = {"prompt": req.prompt, "length": length, "temperature": req.temperature, "top_k": req.top_k,
+                "seed": req.seed, "count": req.n}
+    if masked:
+        settings["steps"] = steps
+        return Job("texts", settings, n=req.n)
+    # What CausalLMEngine.sample_text decodes from, resolved here so that requests whose prompts
+    # have the same length (and the same sampling settings) can share one decoding batch.
+    start, length, temperature, top_k = engine.text_request(req.prompt, length, req.temperature, req.top_k,
+                                                            req.n, 256)
+    lead = 0
+    if len(start) == 0:  # no prompt: start from a document break, as sample_text does
+        tok = engine.tokenizer
+        start, lead = tok.encode("\n" if "\n" in tok.stoi else tok.vocab[0]), 1
+    return Job("texts", settings, batch_key=("causal", len(start), length, temperature, top_k), n=req.n,
+               extra={"start": np.asarray(start, dtype=np.int64), "lead": lead})
+
+
+# ---------------------------------------------------------------------------
+# Running checked jobs
+# ---------------------------------------------------------------------------
+
+def batched_randn(parts: list[tuple[int, int]]) -> Randn:
+    """Noise for a batch of requests [(seed, n), ...]: each request's rows come from its own stream,
+    drawn exactly as numpy_randn(seed) draws them for that request alone."""
+    rngs = [(np.random.default_rng(seed), n) for seed, n in parts]
+    return lambda shape: np.concatenate([rng.standard_normal((n, *shape[1:]), dtype=np.float32)
+                                         for rng, n in rngs])
+
+
+class RowStreams:
+    """Stands in for the np.random.Generator of CausalLMEngine.generate in a batch of requests
+    [(seed, n), ...]: each request's rows are drawn from its own stream, as they are alone."""
+
+    def __init__(self, parts: list[tuple[int, int]]):
+        self.parts = [(np.random.default_rng(seed), n) for seed, n in parts]
+
+    def random(self, shape: tuple) -> np.ndarray:
+        return np.concatenate([rng.random((n, *shape[1:])) for rng, n in self.parts])
+
+
+def run_causal_batch(engine: CausalLMEngine, jobs: list[Job]) -> list[list[str]]:
+    """Text requests with the same prompt length and settings in one decoding batch."""
+    _, _, length, temperature, top_k = jobs[0].batch_key
+    ids = np.concatenate([np.tile(j.extra["start"], (j.n, 1)) for j in jobs])           # (B, T)
+    out = engine.generate(ids, length, temperature, top_k,
+                          rng=RowStreams([(j.settings["seed"], j.n) for j in jobs]))   # (B, T + length)
+    texts, at = [], 0
+    for j in jobs:
+        texts.append([engine.tokenizer.decode(row[j.extra["lead"]:]) for row in out[at:at + j.n]])
+        at += j.n
+    return texts
+
+
+def png_base64(levels: np.ndarray, n_levels: int) -> str:
+    """(1, H, W) grey levels 0..n_levels-1 -> a base64 PNG, 0 black, the top level white."""
+    from PIL import Image
+
+    grey = (levels[0].astype(np.float64) * (255.0 / max(n_levels - 1, 1))).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grey, mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
+    """Run jobs that share a batch key (or one job) on the engine; one list of outputs per job.
+
+    An InferenceError of the engine (a request it refuses) is raised as RequestProblem.
+    """
+    try:
+        if isinstance(engine, DiffusionEngine):
+            s = jobs[0].settings
+            labels = np.concatenate([np.asarray(j.settings["labels"], dtype=np.int64) for j in jobs])
+            randn = (numpy_randn(s["seed"]) if len(jobs) == 1
+                     else batched_randn([(j.settings["seed"], j.n) for j in jobs]))
+            levels = engine.to_levels(engine.sample(labels, steps=s["steps"], guidance=s["guidance"], randn=randn))
+            images = [png_base64(x, int(engine.config.get("levels", 256))) for x in levels]
+            out, at = [], 0
+            for j in jobs:
+                out.append(images[at:at + j.n])
+                at += j.n
+            return out
+        if len(jobs) > 1 and isinstance(engine, CausalLMEngine) and jobs[0].kind == "texts":
+            return run_causal_batch(engine, jobs)
+        if len(jobs) != 1:
+            raise ValueError("only diffusion and causal text requests are batched")
+        job = jobs[0]
+        s = dict(job.settings)
+        if job.kind == "images":
+            assert isinstance(engine, CausalLMEngine)
+            levels = engine.sample_digits(s["labels"], temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"])
+            return [[png_base64(x, int(engine.config["levels"])) for x in levels]]
+        return [engine.sample_text(s.pop("prompt"), **s)]
+    except InferenceError as e:
+        text = str(e)
+        name, _, problem = text.partition(": ")
+        raise RequestProblem(name.lstrip("-").replace("-", "_") if problem else "body", problem or text) from None
