@@ -4,8 +4,9 @@
 
 OpenMP's wait policy is fixed when a process starts, so every configuration runs in a child
 process of its own: 1 thread; 2 threads with OMP_WAIT_POLICY=PASSIVE (threads sleep at once);
-2 threads spinning (OpenMP's default); 2 threads spinning briefly (GOMP_SPINCOUNT). Each child does the model's own training step
-(components.families.base.probe_train_step) for `--seconds` after a warm-up and prints items/s.
+2 threads spinning (OpenMP's default); 2 threads spinning briefly (GOMP_SPINCOUNT). Each child does
+the model's own training step (components.families.base.probe_train_step) for `--seconds` after a
+warm-up and prints items/s.
 Configurations alternate, `--repeats` times, and the median is kept, so a burst of other work
 hits one round, not one configuration. The same table is then measured with a CPU-bound
 neighbour process per core beside it ("loaded"). Ratios are to the best configuration of each

@@ -25,6 +25,7 @@ from components.inference.engines import (
     DiffusionEngine,
     Engine,
     MaskedLMEngine,
+    Randn,
     TextEngine,
     load_engine,
     numpy_randn,
@@ -32,6 +33,8 @@ from components.inference.engines import (
 )
 from components.inference.sessions import InferenceError, cpu_cores, make_session, session_options
 
-__all__ = ["CONFIG_FILE", "ENGINES", "PARITY_FILE", "CausalLMEngine", "DiffusionEngine", "Engine", "InferenceError",
-           "MaskedLMEngine", "TextEngine", "cpu_cores", "load_engine", "make_session", "numpy_randn", "read_config",
-           "session_options"]
+__all__ = [
+    "CONFIG_FILE", "ENGINES", "PARITY_FILE", "Randn", "CausalLMEngine", "DiffusionEngine", "Engine",
+    "InferenceError", "MaskedLMEngine", "TextEngine", "cpu_cores", "load_engine", "make_session",
+    "numpy_randn", "read_config", "session_options",
+]

@@ -8,6 +8,6 @@
     shadow.py    --shadow: the challenger on a sample of requests (latency, cross-likelihoods)
     metrics.py   Prometheus metrics
 
-No PyTorch anywhere here: the engines of components/inference.py run the graphs. Import the
+No PyTorch anywhere here: the engines of components/inference/ run the graphs. Import the
 modules themselves (FastAPI loads only when app.py is imported).
 """

@@ -24,9 +24,9 @@ from components.inference import (
     DiffusionEngine,
     Engine,
     InferenceError,
-    download_version,
     load_engine,
 )
+from components.registry.resolve import download_version
 
 log = logging.getLogger("genflow.serve")
 

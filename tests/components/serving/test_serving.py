@@ -115,7 +115,7 @@ def test_readyz_is_503_with_the_reason_until_the_models_are_loaded(registered, t
 
 
 def test_images_are_what_genflow_sample_draws_with_the_same_settings(app_client, tmp_path):
-    from components.inference import sample_cli
+    from flows.sample import sample_cli
 
     client, names = app_client
     name = names["unet"][0]
@@ -149,7 +149,7 @@ def sample_file_texts(path: Path) -> list[str]:
      dict(prompt="ha", length=9, steps=3, seed=5, count=2, temperature=None, top_k=None)),
 ])
 def test_texts_are_what_genflow_sample_writes_with_the_same_settings(app_client, tmp_path, kind, body, flags):
-    from components.inference import sample_cli
+    from flows.sample import sample_cli
 
     client, names = app_client
     name = names[kind][0]
