@@ -49,15 +49,24 @@ class TextValidationConfig:
 
 
 @dataclass
+class PairValidationConfig:
+    min_pairs: int = 200          # fewer usable pairs than this are refused
+    max_source_chars: int = 96    # a longer source (or target) is refused, naming its line
+    max_target_chars: int = 120
+
+
+@dataclass
 class DatasetConfig:
-    source: str = ""          # builtin:digits | builtin:pydoc | imagefolder:PATH | textfile:PATH
-    kind: Literal["image", "text"] = "image"
+    source: str = ""          # builtin:digits | builtin:pydoc | builtin:pydoc-pairs | imagefolder:PATH |
+    #                           textfile:PATH | pairs:PATH
+    kind: Literal["image", "text", "pairs"] = "image"
     image_size: int = 8       # images are resized to image_size x image_size
     levels: int = 17          # grey levels images are quantised to (digits: 0..16)
     min_doc_chars: int = 40   # text: documents shorter than this are dropped
     split: SplitConfig = field(default_factory=SplitConfig)
     image_validation: ImageValidationConfig = field(default_factory=ImageValidationConfig)
     text_validation: TextValidationConfig = field(default_factory=TextValidationConfig)
+    pair_validation: PairValidationConfig = field(default_factory=PairValidationConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -388,7 +397,8 @@ def _check_links(params: Params) -> None:
     for name, d in params.datasets.items():
         if ":" not in d.source:
             raise ParamsError(f"datasets.{name}.source: {d.source!r} is not KIND:VALUE "
-                              "(builtin:digits, builtin:pydoc, imagefolder:PATH, textfile:PATH)")
+                              "(builtin:digits, builtin:pydoc, builtin:pydoc-pairs, imagefolder:PATH, "
+                              "textfile:PATH, pairs:PATH)")
         s = d.split
         if not (0 <= s.val < 1 and 0 < s.test < 1 and s.val + s.test < 1):
             raise ParamsError(f"datasets.{name}.split: val and test must be shares in [0, 1) "
