@@ -102,6 +102,20 @@ class GPTConfig:
 
 
 @dataclass
+class EncDecConfig:
+    """The encoder-decoder transformer's shape (components/models/encdec.py)."""
+    n_layer_enc: int = 2
+    n_layer_dec: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    source_len: int = 96       # longest source in characters the encoder reads
+    target_len: int = 128      # longest target in tokens (characters + the end marker)
+    dropout: float = 0.0
+    bias: bool = False
+    truncate_source: bool = False   # a source longer than source_len: refused (false) or cut (true)
+
+
+@dataclass
 class DiffusionConfig:
     timesteps: int = 200
     schedule: Literal["linear", "cosine"] = "cosine"
@@ -143,6 +157,8 @@ class SampleConfig:
     top_k: int = 0              # 0: no top-k truncation
     length: int = 256           # text: characters to generate per sample
     prompt: str = ""
+    decoding: Literal["greedy", "sample", "beam"] = "greedy"   # sequence-to-sequence models
+    beam_width: int = 4         # decoding: beam
 
 
 @dataclass
@@ -161,6 +177,7 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     gpt: GPTConfig = field(default_factory=GPTConfig)
+    encdec: EncDecConfig = field(default_factory=EncDecConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     masked: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
