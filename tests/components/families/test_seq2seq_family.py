@@ -1,0 +1,120 @@
+"""Sequence-to-sequence family end to end on tiny pairs: train -> model.pt -> evaluate -> ONNX export."""
+import json
+import math
+
+import pytest
+import torch
+
+from components import data
+from components.config import load_params
+from components.families import base, seq2seq
+from components.models.gpt import ContextLengthError
+from components.tokenizer import UnknownCharactersError
+
+WORDS = ("return the value of list key mapping string object build raise error missing").split()
+
+
+def tiny_overrides(key: str) -> list[str]:
+    m = f"models.{key}"
+    return [f"{m}.train.max_steps=3", f"{m}.train.max_seconds=0", f"{m}.train.batch_size=4",
+            f"{m}.train.warmup_steps=1", f"{m}.train.log_every=1", f"{m}.train.checkpoint_every=0",
+            f"{m}.train.threads=1", f"{m}.eval.num_samples=6", f"{m}.eval.ngram_orders=[2]"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, project_root):
+    root = tmp_path_factory.mktemp("seq2seq")
+    lines = []
+    for i in range(60):   # source: a call; target: a sentence made from its words
+        a, b = WORDS[i % len(WORDS)], WORDS[(i * 7) % len(WORDS)]
+        lines.append(json.dumps({"source": f"m{i % 6}.{a}_{b}(x{i})", "target": f"{a.capitalize()} the {b}.",
+                                 "group": f"m{i % 6}"}))
+    path = root / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    m = "models.pydoc-seq2seq"
+    params = load_params(project_root / "params.yaml", [
+        f"datasets.pydoc-pairs.source=pairs:{path}", "datasets.pydoc-pairs.pair_validation.min_pairs=10",
+        "datasets.pydoc-pairs.split.test=0.3",
+        f"{m}.encdec.n_layer_enc=1", f"{m}.encdec.n_layer_dec=1", f"{m}.encdec.n_head=2", f"{m}.encdec.n_embd=16",
+        f"{m}.encdec.source_len=24", f"{m}.encdec.target_len=24", *tiny_overrides("pydoc-seq2seq")])
+    cfg = params.dataset("pydoc-pairs")
+    data.ingest("pydoc-pairs", cfg, root)
+    from components import validation
+
+    validation.validate("pydoc-pairs", cfg, root, docs=False)
+    data.prepare("pydoc-pairs", cfg, root)
+    return root, params
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    root, params = setup
+    return root, params, base.train("pydoc-seq2seq", params, root)
+
+
+def test_trains_reproducibly_and_saves_its_spec(trained, tmp_path):
+    root, params, metrics = trained
+    assert {"train/loss", "perf/params", "perf/flops_per_item", "perf/train_items_per_s"} <= set(metrics)
+    ckpt = torch.load(root / "models/pydoc-seq2seq/model.pt", weights_only=True)
+    cfg = ckpt["config"]
+    assert cfg["backbone"] == "encdec" and cfg["kind"] == "pairs" and cfg["family"] == "transformer"
+    assert cfg["vocab_size"] == len(cfg["vocab"]) + 4 and cfg["encdec"]["source_len"] == 24
+    # the same seed on the same data gives the same weights, bit for bit
+    import shutil
+
+    shutil.copytree(root / "data", tmp_path / "data")
+    base.train("pydoc-seq2seq", params, tmp_path)
+    again = torch.load(tmp_path / "models/pydoc-seq2seq/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(again[k], v) for k, v in ckpt["state_dict"].items())
+
+
+def test_evaluates_with_the_shared_metric_names(trained):
+    root, params, _ = trained
+    out = seq2seq.evaluate("pydoc-seq2seq", params, root)
+    for name in ("eval/bits_per_char", "eval/chrf", "eval/bleu", "eval/exact_match", "baseline/retrieval_chrf",
+                 "baseline/ngram4_bits_per_char", "baseline/ngram2_bits_per_char", "perf/decode_ms_per_char_cached",
+                 "perf/decode_ms_per_char_no_cross_cache", "perf/decode_ms_per_char_nocache",
+                 "perf/sample_ms_per_item"):
+        assert math.isfinite(out[name]), name
+    assert 0 <= out["eval/exact_match"] <= 1 and 0 <= out["eval/chrf"] <= 100
+    assert json.loads((root / "reports/pydoc-seq2seq/metrics.json").read_text()) == out
+    assert "reference:" in (root / "reports/pydoc-seq2seq/samples.txt").read_text()
+
+
+def test_decoding_modes_and_bad_sources(trained):
+    root, params, _ = trained
+    model, config = seq2seq.load_model("pydoc-seq2seq", root)
+    src = ["m1.value_key(x3)", "m2.list_error(x4)"]
+    greedy = seq2seq.transduce(model, config, src, decoding="greedy")
+    assert seq2seq.transduce(model, config, src, decoding="beam", beam_width=1) == greedy
+    assert len(seq2seq.transduce(model, config, src, decoding="beam", beam_width=3)) == 2
+    assert len(seq2seq.transduce(model, config, src, decoding="sample", seed=1)) == 2
+    with pytest.raises(ContextLengthError, match="25 characters, longer than the encoder's context 24"):
+        seq2seq.transduce(model, config, ["m" * 25])
+    with pytest.raises(seq2seq.Seq2SeqError, match="source: empty"):
+        seq2seq.transduce(model, config, [""])
+    with pytest.raises(seq2seq.Seq2SeqError, match="beam_width: must be >= 1"):
+        seq2seq.transduce(model, config, src, decoding="beam", beam_width=0)
+    with pytest.raises(UnknownCharactersError, match="'€'"):
+        seq2seq.transduce(model, config, ["m1.€()"])
+
+
+def test_refuses_settings_before_reading_data(setup):
+    root, params = setup
+    m = params.model("pydoc-seq2seq")
+    bad = load_params(params_path(), ["models.pydoc-seq2seq.sample.beam_width=0"]).model("pydoc-seq2seq")
+    with pytest.raises(seq2seq.Seq2SeqError, match="sample.beam_width: must be >= 1"):
+        seq2seq.check("pydoc-seq2seq", bad)
+    manifest = data.load_manifest("pydoc-pairs", root)
+    m.encdec.source_len, saved = 5, m.encdec.source_len
+    try:
+        with pytest.raises(seq2seq.Seq2SeqError, match="encdec.source_len: 5, but pydoc-pairs has sources of up to"):
+            seq2seq.model_config("pydoc-seq2seq", m, manifest, root)
+    finally:
+        m.encdec.source_len = saved
+
+
+def params_path():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[3] / "params.yaml"
