@@ -36,7 +36,10 @@ def setup(tmp_path_factory, project_root):
         f"datasets.pydoc-pairs.source=pairs:{path}", "datasets.pydoc-pairs.pair_validation.min_pairs=10",
         "datasets.pydoc-pairs.split.test=0.3",
         f"{m}.encdec.n_layer_enc=1", f"{m}.encdec.n_layer_dec=1", f"{m}.encdec.n_head=2", f"{m}.encdec.n_embd=16",
-        f"{m}.encdec.source_len=24", f"{m}.encdec.target_len=24", *tiny_overrides("pydoc-seq2seq")])
+        f"{m}.encdec.source_len=24", f"{m}.encdec.target_len=24", *tiny_overrides("pydoc-seq2seq"),
+        "models.pydoc-pairs-gpt.gpt.n_layer=1", "models.pydoc-pairs-gpt.gpt.n_head=2",
+        "models.pydoc-pairs-gpt.gpt.n_embd=16", "models.pydoc-pairs-gpt.gpt.block_size=48",
+        *tiny_overrides("pydoc-pairs-gpt")])
     cfg = params.dataset("pydoc-pairs")
     data.ingest("pydoc-pairs", cfg, root)
     from components import validation
@@ -118,3 +121,28 @@ def params_path():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[3] / "params.yaml"
+
+
+def test_the_gpt_on_the_same_pairs_reports_the_same_metrics(setup):
+    """pydoc-pairs-gpt: source <sep> target <eos>, the loss on the target only."""
+    from components.families import transformer
+    from components.tokenizer import PairTokenizer
+
+    root, params = setup
+    tok = PairTokenizer("abc(). ")
+    x, y = transformer.pair_sequences(tok, [("ab()", "c."), ("a()", "bb c.")])
+    assert x.shape == y.shape == (2, 9)
+    assert (y[0, :4] == -100).all() and y[0, 4:7].tolist() == [*tok.encode("c."), tok.eos_id]
+    assert x[0, 4].item() == tok.sep_id and (y[0, 7:] == -100).all()   # padding is not scored
+
+    metrics = base.train("pydoc-pairs-gpt", params, root)
+    assert metrics["perf/params"] > 0
+    model, config = transformer.load_model("pydoc-pairs-gpt", root)
+    assert config["kind"] == "pairs" and config["vocab_size"] == len(config["vocab"]) + 4
+    out = transformer.evaluate("pydoc-pairs-gpt", params, root)
+    for name in ("eval/bits_per_char", "eval/chrf", "eval/bleu", "eval/exact_match", "baseline/retrieval_chrf",
+                 "baseline/ngram4_bits_per_char", "perf/decode_ms_per_char_cached", "perf/decode_ms_per_char_nocache"):
+        assert math.isfinite(out[name]), name
+    src = ["m1.value_key(x3)", "m2.list_error(x44)"]
+    assert transformer.transduce_pairs(model, config, src) == transformer.transduce_pairs(model, config, src,
+                                                                                           use_cache=False)
