@@ -146,3 +146,23 @@ def test_the_gpt_on_the_same_pairs_reports_the_same_metrics(setup):
     src = ["m1.value_key(x3)", "m2.list_error(x44)"]
     assert transformer.transduce_pairs(model, config, src) == transformer.transduce_pairs(model, config, src,
                                                                                            use_cache=False)
+
+
+def test_exports_two_graphs_that_pass_parity(trained):
+    import onnx
+
+    from components import export
+
+    root, params, _ = trained
+    model, config = seq2seq.load_model("pydoc-seq2seq", root)
+    result = export.export_model("pydoc-seq2seq", model, config, params.export, root)
+    assert result["passed"], result.get("reason")
+    folder = root / "exports/pydoc-seq2seq"
+    names = {c["name"].split(",")[0] for c in result["checks"]}
+    assert {"encoder", "decoder step"} <= names and result["max_abs"] < 1e-4
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["graph"] == "encoder_decoder" and cfg["files"] == {"model": "model.onnx", "encoder": "encoder.onnx"}
+    assert [i["name"] for i in cfg["inputs"]] == ["input_ids", "past_kv", "cross_kv", "src_mask"]
+    assert [i["name"] for i in cfg["encoder_inputs"]] == ["src_ids", "src_mask"]
+    for f in ("model.onnx", "encoder.onnx"):
+        onnx.checker.check_model(onnx.load(str(folder / f)), full_check=True)
