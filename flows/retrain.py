@@ -69,16 +69,19 @@ def select_models(params: Params, only: Optional[list[str]]) -> list[str]:
 
 def check_sources(params: Params, datasets: list[str]) -> None:
     """A source path that is missing: refuse before any work starts."""
+    from components.data import BUILTINS, SOURCE_KINDS  # the sources components/data.py reads
+
     for name in datasets:
         kind, _, value = params.dataset(name).source.partition(":")
-        if kind in ("imagefolder", "textfile") and not Path(value).expanduser().exists():
+        if kind in SOURCE_KINDS and not Path(value).expanduser().exists():
             raise ConfigError(f"datasets.{name}.source: {kind}:{value} does not exist; "
                               "point it at your data with --set datasets.{name}.source={kind}:PATH")
-        if kind == "builtin" and value not in ("digits", "pydoc"):
-            raise ConfigError(f"datasets.{name}.source: unknown builtin {value!r}; use builtin:digits or builtin:pydoc")
-        if kind not in ("builtin", "imagefolder", "textfile"):
+        if kind == "builtin" and value not in BUILTINS:
+            raise ConfigError(f"datasets.{name}.source: unknown builtin {value!r}; use "
+                              + " or ".join(f"builtin:{b}" for b in BUILTINS))
+        if kind != "builtin" and kind not in SOURCE_KINDS:
             raise ConfigError(f"datasets.{name}.source: unknown kind {kind!r}; "
-                              "use builtin:, imagefolder: or textfile:")
+                              "use builtin:, " + ", ".join(f"{k}:" for k in SOURCE_KINDS))
 
 
 def inputs_hash(params: Params, key: str, root: Path) -> str:

@@ -19,7 +19,7 @@ class CompareError(GenflowError, ValueError):
 # Every finished model run must carry these (older genflow runs lack some: refuse, never half a report).
 REQUIRED_METRICS = ("perf/params", "perf/train_seconds", "perf/train_items_per_s", "perf/flops_per_item",
                     "perf/sample_ms_per_item", "train/loss")
-MAIN_METRIC = {"image": "eval/fd", "text": "eval/bits_per_char"}
+MAIN_METRIC = {"image": "eval/fd", "text": "eval/bits_per_char", "pairs": "eval/bits_per_char"}
 
 AGREES, DISAGREES, MIXED, NOT_MEASURED = "agrees", "disagrees", "mixed", "not measured"
 BASELINE_NAMES = {"real": "real data", "kde": "KDE", "gaussian": "Gaussian"}

@@ -115,3 +115,14 @@ def test_exact_pair_in_train_and_test_is_refused(tmp_path):
     # every line its own group: repeat every pair, so some copy lands in test and its twin in train
     msg = failing(tmp_path, good_lines() + good_lines(), prepare_refuses=False)
     assert "test pair identical to train pair data/raw/bad/bad.jsonl:" in msg and "[train_test_overlap]" in msg
+
+
+def test_the_run_accepts_pairs_sources_and_names_a_missing_file(tmp_path, project_root):
+    from components.config import ConfigError, load_params
+    from flows.retrain import check_sources
+
+    params = load_params(project_root / "params.yaml")
+    check_sources(params, ["pydoc-pairs"])   # builtin:pydoc-pairs
+    params = load_params(project_root / "params.yaml", [f"datasets.pydoc-pairs.source=pairs:{tmp_path}/no.jsonl"])
+    with pytest.raises(ConfigError, match="pairs:.*no.jsonl does not exist"):
+        check_sources(params, ["pydoc-pairs"])
