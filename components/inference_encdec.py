@@ -23,7 +23,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from components.inference import CONFIG_FILE, PARITY_FILE, Engine, InferenceError, make_session
+from components.files import write_text
+from components.inference import (
+    CONFIG_FILE,
+    PARITY_FILE,
+    Engine,
+    InferenceError,
+    download_version,
+    make_session,
+    parse_model_spec,
+)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -166,3 +175,33 @@ def load_encdec_engine(folder: Path, *, threads: Optional[int] = None, prefer_gp
         raise InferenceError(f"{parity}: this export failed its parity check against PyTorch; do not use it")
     session, provider = make_session(folder / config["files"]["model"], threads, prefer_gpu)
     return EncDecEngine(folder, config, session, provider, threads)
+
+
+def sample_source_cli(args: Any, root: Path) -> Path:
+    """`genflow sample MODEL[@alias|:version] --source TEXT`: the model's target(s) for one source,
+    printed and written to reports/samples/<model>-<alias|version|local>.txt (or --out)."""
+    import tempfile
+
+    root = Path(root)
+    name, alias, version = parse_model_spec(str(getattr(args, "model", "") or ""))
+    count = getattr(args, "count", None) or 1
+    if count < 1:
+        raise InferenceError(f"--count: must be at least 1, got {count}")
+    exports = getattr(args, "exports", None)
+    tag = "local" if exports else (alias or version or "champion")
+    with tempfile.TemporaryDirectory(prefix="genflow-sample-") as tmp:
+        folder = Path(exports) / name if exports else download_version(name, alias, version, root, Path(tmp))
+        engine = load_encdec_engine(folder)
+        decoding = getattr(args, "decoding", None)
+        if count > 1 and decoding is None:
+            decoding = "sample"   # several targets of one source: draw them
+        targets = [engine.transduce([args.source], decoding=decoding, beam_width=getattr(args, "beam_width", None),
+                                    temperature=getattr(args, "temperature", None),
+                                    top_k=getattr(args, "top_k", None), seed=int(getattr(args, "seed", 0)) + i)[0]
+                   for i in range(count)]
+    for t in targets:
+        print(t)
+    out = Path(getattr(args, "out", None) or root / "reports" / "samples" / f"{name}-{tag}.txt")
+    out = out if out.is_absolute() else root / out
+    write_text(out, f"source: {args.source}\n" + "".join(f"target: {t}\n" for t in targets))
+    return out

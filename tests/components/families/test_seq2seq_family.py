@@ -189,6 +189,15 @@ def test_exports_two_graphs_that_pass_parity(trained):
     with pytest.raises(InferenceError, match="--beam-width: must be >= 1"):
         engine.transduce(src, decoding="beam", beam_width=0)
 
+    # genflow sample pydoc-seq2seq --exports DIR --source TEXT: torch-free, one line per target
+    from flows.cli import main
+
+    out = root / "cli-out.txt"
+    assert main(["sample", "pydoc-seq2seq", "--exports", str(root / "exports"), "--source", src[0],
+                 "--out", str(out)]) == 0
+    assert out.read_text() == f"source: {src[0]}\ntarget: {greedy[0]}\n"
+    assert main(["sample", "pydoc-seq2seq", "--exports", str(root / "exports"), "--source", "x" * 30]) != 0
+
 
 def target_logprob(model, config, source: str, target: str) -> float:
     tok = seq2seq.pair_tokenizer(config["vocab"])
