@@ -51,6 +51,9 @@ DIGITS_LEVELS = 17         # scikit-learn's digits hold grey levels 0..16
 MAX_ASPECT = 1.1            # imagefolder: longer side / shorter side; beyond this an image is refused
 SNAPSHOT = "snapshot.json"  # written by ingest into data/raw/<name>/: how the snapshot is laid out
 PAIRS_FILE = "pairs.jsonl"  # builtin:pydoc-pairs snapshot ({"group", "source", "target"} per line)
+# builtin:pydoc-pairs keeps pairs up to these lengths (fixed, so the snapshot depends on the Python
+# version only; ~88% of the harvest): its pair_validation bounds must be at least these
+PYDOC_PAIRS_MAX_SOURCE, PYDOC_PAIRS_MAX_TARGET = 80, 96
 
 
 # DataError (components.errors) is the error of this module: a dataset that cannot be read or prepared.
@@ -362,10 +365,9 @@ def ingest(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
             (tmp / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
             layout = "jsonl"
         elif kind == "builtin" and value == "pydoc-pairs":
-            pv = cfg.pair_validation   # the standard library's pairs are kept within the length bounds
             lines = [json.dumps({"group": m, "source": s, "target": t}, ensure_ascii=False, sort_keys=True)
                      for m, s, t in harvest_pydoc_pairs()
-                     if len(s) <= pv.max_source_chars and len(t) <= pv.max_target_chars]
+                     if len(s) <= PYDOC_PAIRS_MAX_SOURCE and len(t) <= PYDOC_PAIRS_MAX_TARGET]
             (tmp / PAIRS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
             layout = "pairs"
         elif kind == "pairs":

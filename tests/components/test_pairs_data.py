@@ -39,9 +39,9 @@ def test_pydoc_pairs_harvest_is_deterministic_and_split_by_module():
 
 def test_builtin_pairs_ingest_validate_prepare(tmp_path, monkeypatch):
     harvested = [(f"m{i % 12}", f"m{i % 12}.f{i}(a)", f"Do thing {i}.") for i in range(60)]
-    harvested.append(("m0", "m0.long(" + "x" * 50 + ")", "Too long a source."))   # beyond the bound: dropped
+    harvested.append(("m0", "m0.long(" + "x" * 80 + ")", "Too long a source."))   # beyond the bound: dropped
     monkeypatch.setattr(data, "harvest_pydoc_pairs", lambda: harvested)
-    cfg = pairs_cfg("builtin:pydoc-pairs")
+    cfg = pairs_cfg("builtin:pydoc-pairs", max_source_chars=80, max_target_chars=96)
     data.ingest("pp", cfg, tmp_path)
     assert validation.validate("pp", cfg, tmp_path, docs=False)["success"]
     data.prepare("pp", cfg, tmp_path)
