@@ -34,6 +34,10 @@ CLAIMS: dict[str, tuple[str, str]] = {
     "Training stability": ("generally stable, less prone to mode collapse",
                            "generally stable, but mode collapse can occur"),
     "Memorisation": ("robust generalization capabilities", "(no claim)"),
+    # the seed's architecture section: an encoder-decoder for sequence transduction; here against
+    # the decoder-only transformer on the same pairs (no diffusion model transduces)
+    "Architecture (transduction)": ("(no claim)", "encoder-decoder: encoder stack, decoder with cross-attention, "
+                                                  "for sequence transduction"),
 }
 NOT_MEASURED_ROWS = ("Data Type Focus", "Long-Range Dependencies", "Interpretability", "Primary Applications")
 

@@ -205,3 +205,22 @@ def target_logprob(model, config, source: str, target: str) -> float:
     with torch.no_grad():
         logp = torch.log_softmax(model(src, tgt_in, mask)[0], -1)
     return float(logp.gather(-1, tgt_out[0][:, None]).sum())
+
+
+def test_compare_has_the_architecture_row():
+    from components import compare
+    from components.compare.model import ModelResult
+
+    def res(key, backbone, chrf, bpc):
+        return ModelResult(key=key, family="transformer", backbone=backbone, dataset="pydoc-pairs", kind="pairs",
+                           run_id=f"r-{key}", metrics={"eval/chrf": chrf, "eval/bits_per_char": bpc,
+                                                       "perf/params": 9e5, "perf/train_items_per_s": 3000.0,
+                                                       "perf/decode_ms_per_char_cached": 0.8})
+    e, d = res("pydoc-seq2seq", "encdec", 20.0, 2.2), res("pydoc-pairs-gpt", "gpt", 17.0, 2.5)
+    row = compare.row_architecture("pydoc-pairs", [e, d])
+    assert row.verdict == compare.AGREES and "chrF 20 vs 17" in row.evidence
+    assert row.cells["pydoc-seq2seq"].startswith("encoder-decoder: chrF 20")
+    assert compare.row_architecture("pydoc-pairs", [e, res("pydoc-pairs-gpt", "gpt", 25.0, 2.1)]).verdict == \
+        compare.DISAGREES
+    assert compare.row_architecture("digits", []).verdict == compare.NOT_MEASURED
+    assert "Architecture (transduction)" in compare.CLAIMS
