@@ -49,15 +49,24 @@ class TextValidationConfig:
 
 
 @dataclass
+class PairValidationConfig:
+    min_pairs: int = 200          # fewer usable pairs than this are refused
+    max_source_chars: int = 96    # a longer source (or target) is refused, naming its line
+    max_target_chars: int = 120
+
+
+@dataclass
 class DatasetConfig:
-    source: str = ""          # builtin:digits | builtin:pydoc | imagefolder:PATH | textfile:PATH
-    kind: Literal["image", "text"] = "image"
+    source: str = ""          # builtin:digits | builtin:pydoc | builtin:pydoc-pairs | imagefolder:PATH |
+    #                           textfile:PATH | pairs:PATH
+    kind: Literal["image", "text", "pairs"] = "image"
     image_size: int = 8       # images are resized to image_size x image_size
     levels: int = 17          # grey levels images are quantised to (digits: 0..16)
     min_doc_chars: int = 40   # text: documents shorter than this are dropped
     split: SplitConfig = field(default_factory=SplitConfig)
     image_validation: ImageValidationConfig = field(default_factory=ImageValidationConfig)
     text_validation: TextValidationConfig = field(default_factory=TextValidationConfig)
+    pair_validation: PairValidationConfig = field(default_factory=PairValidationConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -90,6 +99,20 @@ class GPTConfig:
     block_size: int = 128      # context length in tokens
     dropout: float = 0.0
     bias: bool = False
+
+
+@dataclass
+class EncDecConfig:
+    """The encoder-decoder transformer's shape (components/models/encdec.py)."""
+    n_layer_enc: int = 2
+    n_layer_dec: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    source_len: int = 96       # longest source in characters the encoder reads
+    target_len: int = 128      # longest target in tokens (characters + the end marker)
+    dropout: float = 0.0
+    bias: bool = False
+    truncate_source: bool = False   # a source longer than source_len: refused (false) or cut (true)
 
 
 @dataclass
@@ -134,6 +157,8 @@ class SampleConfig:
     top_k: int = 0              # 0: no top-k truncation
     length: int = 256           # text: characters to generate per sample
     prompt: str = ""
+    decoding: Literal["greedy", "sample", "beam"] = "greedy"   # sequence-to-sequence models
+    beam_width: int = 4         # decoding: beam
 
 
 @dataclass
@@ -152,6 +177,7 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     gpt: GPTConfig = field(default_factory=GPTConfig)
+    encdec: EncDecConfig = field(default_factory=EncDecConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     masked: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -388,7 +414,8 @@ def _check_links(params: Params) -> None:
     for name, d in params.datasets.items():
         if ":" not in d.source:
             raise ParamsError(f"datasets.{name}.source: {d.source!r} is not KIND:VALUE "
-                              "(builtin:digits, builtin:pydoc, imagefolder:PATH, textfile:PATH)")
+                              "(builtin:digits, builtin:pydoc, builtin:pydoc-pairs, imagefolder:PATH, "
+                              "textfile:PATH, pairs:PATH)")
         s = d.split
         if not (0 <= s.val < 1 and 0 < s.test < 1 and s.val + s.test < 1):
             raise ParamsError(f"datasets.{name}.split: val and test must be shares in [0, 1) "

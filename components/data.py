@@ -4,9 +4,13 @@ Sources (params.yaml ``datasets.<name>.source``):
 
     builtin:digits     scikit-learn's 8x8 digits: 1797 images, 10 classes, grey levels 0..16 (no network)
     builtin:pydoc      docstrings of the Python standard library's modules, classes and functions
+    builtin:pydoc-pairs  one (source, target) pair per public standard-library function or method:
+                       source = qualified name + signature, target = its docstring's first sentence
     imagefolder:PATH   one sub-folder per class (folder name = class name) holding PNG or JPEG files
     textfile:PATH      a UTF-8 file (documents separated by blank lines) or a folder of .txt files
                        (one document per file)
+    pairs:PATH         a JSONL file ({"source": ..., "target": ...} per line, optional "group") or a
+                       two-column TSV (source<TAB>target); kind pairs
 
 Stages (every function takes the project ``root``; paths below are relative to it):
 
@@ -14,7 +18,8 @@ Stages (every function takes the project ``root``; paths below are relative to i
                                                       for builtins) + snapshot.json (its layout)
     prepare(name, cfg, root)  data/prepared/<name>/  deterministic train/val/test files + manifest.json
 
-Prepared-data API used by the other components: ``load_manifest``, ``load_images``, ``load_text``.
+Prepared-data API used by the other components: ``load_manifest``, ``load_images``, ``load_text``,
+``load_pairs``.
 Both stages build their folder beside the target and swap it in only when complete, so a failure
 leaves data/raw and data/prepared as they were.
 """
@@ -45,6 +50,10 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 DIGITS_LEVELS = 17         # scikit-learn's digits hold grey levels 0..16
 MAX_ASPECT = 1.1            # imagefolder: longer side / shorter side; beyond this an image is refused
 SNAPSHOT = "snapshot.json"  # written by ingest into data/raw/<name>/: how the snapshot is laid out
+PAIRS_FILE = "pairs.jsonl"  # builtin:pydoc-pairs snapshot ({"group", "source", "target"} per line)
+# builtin:pydoc-pairs keeps pairs up to these lengths (fixed, so the snapshot depends on the Python
+# version only; ~88% of the harvest): its pair_validation bounds must be at least these
+PYDOC_PAIRS_MAX_SOURCE, PYDOC_PAIRS_MAX_TARGET = 80, 96
 
 
 # DataError (components.errors) is the error of this module: a dataset that cannot be read or prepared.
@@ -100,8 +109,9 @@ def display_path(path: Path, root: str | Path) -> str:
 # Sources
 # ---------------------------------------------------------------------------
 
-BUILTINS = {"digits": "image", "pydoc": "text"}
-SOURCE_KINDS = {"imagefolder": "image", "textfile": "text"}
+BUILTINS = {"digits": "image", "pydoc": "text", "pydoc-pairs": "pairs"}
+SOURCE_KINDS = {"imagefolder": "image", "textfile": "text", "pairs": "pairs"}
+PAIR_SUFFIXES = {".jsonl": "jsonl", ".tsv": "tsv"}
 
 
 def parse_source(name: str, cfg: DatasetConfig, root: str | Path = ".") -> tuple[str, str | Path]:
@@ -119,7 +129,7 @@ def parse_source(name: str, cfg: DatasetConfig, root: str | Path = ".") -> tuple
         want = SOURCE_KINDS[kind]
     else:
         raise DataError(f"{where}: {cfg.source!r} is not one of builtin:digits, builtin:pydoc, "
-                        "imagefolder:PATH, textfile:PATH")
+                        "builtin:pydoc-pairs, imagefolder:PATH, textfile:PATH, pairs:PATH")
     if cfg.kind != want:
         raise DataError(f"datasets.{name}.kind: {cfg.kind}, but {cfg.source} holds {want} data; set kind: {want}")
     if kind == "builtin":
@@ -128,9 +138,12 @@ def parse_source(name: str, cfg: DatasetConfig, root: str | Path = ".") -> tuple
     if not path.is_absolute():
         path = Path(root) / path  # relative paths are relative to the project root, as in params.yaml
     if not path.exists():
-        hint = "a folder with one sub-folder per class" if kind == "imagefolder" else \
-            "a UTF-8 text file or a folder of .txt files"
+        hint = {"imagefolder": "a folder with one sub-folder per class", "textfile":
+                "a UTF-8 text file or a folder of .txt files", "pairs": "a .jsonl or .tsv file"}[kind]
         raise DataError(f"{where}: {cfg.source} does not exist; point it at {hint}")
+    if kind == "pairs" and (not path.is_file() or path.suffix.lower() not in PAIR_SUFFIXES):
+        raise DataError(f"{where}: {cfg.source} is not a .jsonl or .tsv file; pairs:PATH needs JSONL lines "
+                        '{"source": ..., "target": ...} or two tab-separated columns')
     if kind == "imagefolder" and not path.is_dir():
         raise DataError(f"{where}: {cfg.source} is a file; imagefolder needs a folder with one sub-folder per class")
     return kind, path
@@ -208,6 +221,77 @@ def _harvest_here(modules: Optional[list[str]]) -> list[tuple[str, str]]:
     return docs
 
 
+FIRST_SENTENCE = re.compile(r"(.+?[.!?])(?=\s|$)")
+
+
+def first_sentence(doc: str, name: str = "") -> str:
+    """The first sentence of a docstring's first paragraph, on one line ('' when there is none).
+
+    A leading paragraph that only repeats the signature (``join(a, *p) -> str``, common in C
+    modules) is skipped.
+    """
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", doc) if p.strip()]
+    if len(paragraphs) > 1 and name and paragraphs[0].startswith(f"{name}("):
+        paragraphs = paragraphs[1:]
+    if not paragraphs:
+        return ""
+    m = FIRST_SENTENCE.match(paragraphs[0])
+    return m.group(1) if m else paragraphs[0]
+
+
+def _signature(obj, drop_self: bool) -> Optional[str]:
+    """'(a, *p)' or None when Python cannot tell it, or when it would print an address (not deterministic)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())
+    if drop_self and params and params[0].name in ("self", "cls"):
+        sig = sig.replace(parameters=params[1:])
+    text = str(sig)
+    return None if " at 0x" in text else text
+
+
+def _harvest_pairs_here(modules: Optional[list[str]]) -> list[tuple[str, str, str]]:
+    """(module, 'qualified.name(signature)', first docstring sentence) of every public function and
+    method defined in the modules (re-exports skipped), deduplicated on the source and on the pair."""
+    import inspect
+    import warnings
+
+    warnings.simplefilter("ignore")
+    tops = sorted(sys.stdlib_module_names) if modules is None else list(modules)
+    pairs, seen = [], set()
+    for modname in _import_tree(tops):
+        module = sys.modules[modname]
+        items = []   # (qualified name, short name, object, is a method)
+        for attr, obj in sorted(vars(module).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != modname:
+                continue
+            if inspect.isroutine(obj):
+                items.append((f"{modname}.{attr}", attr, obj, False))
+            elif inspect.isclass(obj):
+                for meth, raw in sorted(vars(obj).items()):
+                    if not meth.startswith("_") and inspect.isroutine(raw):
+                        items.append((f"{modname}.{attr}.{meth}", meth, getattr(obj, meth, raw),
+                                      not isinstance(raw, staticmethod)))
+        for ident, short, obj, method in items:
+            doc = getattr(obj, "__doc__", None)
+            sig = _signature(obj, method)
+            if not isinstance(doc, str) or sig is None:
+                continue
+            target = first_sentence(inspect.cleandoc(doc), short)
+            source = ident + sig
+            if target and source not in seen:
+                seen.add(source)
+                pairs.append((modname, source, target))
+    return pairs
+
+
+HARVESTERS = {"docs": _harvest_here, "pairs": _harvest_pairs_here}   # what the child can harvest
+
+
 def _pydoc_child_main() -> None:
     """Entry point of the child interpreter: JSON on the original stdout, everything else discarded."""
     out = os.fdopen(os.dup(1), "w", encoding="utf-8")
@@ -216,10 +300,28 @@ def _pydoc_child_main() -> None:
     os.dup2(devnull, 2)
     try:
         modules = json.loads(sys.argv[1])
-        out.write(json.dumps({"docs": _harvest_here(modules)}))
+        what = sys.argv[2] if len(sys.argv) > 2 else "docs"
+        out.write(json.dumps({"docs": HARVESTERS[what](modules)}))
     except BaseException as e:  # report, do not print
         out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}))
     out.close()
+
+
+def _harvest_in_child(what: str, modules: Optional[list[str]], timeout: float, source: str) -> list:
+    """Run HARVESTERS[what] in an isolated child interpreter (-I -B: no user site, no .pyc, no display)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "from components.data import _pydoc_child_main; _pydoc_child_main()")
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["TERM"] = "dumb"
+    try:
+        proc = subprocess.run([sys.executable, "-I", "-B", "-c", code, json.dumps(modules), what],
+                              stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=timeout)
+        reply = json.loads(proc.stdout.decode("utf-8"))
+    except (subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+        raise DataError(f"{source}: harvesting docstrings failed ({type(e).__name__}: {e})") from None
+    if "error" in reply:
+        raise DataError(f"{source}: harvesting docstrings failed ({reply['error']})")
+    return reply["docs"]
 
 
 def harvest_pydoc(modules: Optional[list[str]] = None, timeout: float = 600) -> list[tuple[str, str]]:
@@ -228,19 +330,15 @@ def harvest_pydoc(modules: Optional[list[str]] = None, timeout: float = 600) -> 
     Returns [(qualified name, docstring)] in sorted module order; deterministic for a Python version.
     Runs in an isolated child interpreter (-I -B: no user site, no .pyc written, no display).
     """
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-            "from components.data import _pydoc_child_main; _pydoc_child_main()")
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    env["TERM"] = "dumb"
-    try:
-        proc = subprocess.run([sys.executable, "-I", "-B", "-c", code, json.dumps(modules)],
-                              stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=timeout)
-        reply = json.loads(proc.stdout.decode("utf-8"))
-    except (subprocess.TimeoutExpired, json.JSONDecodeError) as e:
-        raise DataError(f"builtin:pydoc: harvesting docstrings failed ({type(e).__name__}: {e})") from None
-    if "error" in reply:
-        raise DataError(f"builtin:pydoc: harvesting docstrings failed ({reply['error']})")
-    return [(ident, doc) for ident, doc in reply["docs"]]
+    return [(ident, doc) for ident, doc in _harvest_in_child("docs", modules, timeout, "builtin:pydoc")]
+
+
+def harvest_pydoc_pairs(modules: Optional[list[str]] = None, timeout: float = 600) -> list[tuple[str, str, str]]:
+    """(module, source, target) pairs of the standard library (or of ``modules``): source is a public
+    function's or method's qualified name and signature (``posixpath.join(a, *p)``), target the first
+    sentence of its docstring. Sorted module order, deduplicated; deterministic for a Python version.
+    Harvested in the same isolated child interpreter as builtin:pydoc."""
+    return [(m, s, t) for m, s, t in _harvest_in_child("pairs", modules, timeout, "builtin:pydoc-pairs")]
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +364,17 @@ def ingest(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
                      for i, t in harvest_pydoc()]
             (tmp / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
             layout = "jsonl"
+        elif kind == "builtin" and value == "pydoc-pairs":
+            lines = [json.dumps({"group": m, "source": s, "target": t}, ensure_ascii=False, sort_keys=True)
+                     for m, s, t in harvest_pydoc_pairs()
+                     if len(s) <= PYDOC_PAIRS_MAX_SOURCE and len(t) <= PYDOC_PAIRS_MAX_TARGET]
+            (tmp / PAIRS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+            layout = "pairs"
+        elif kind == "pairs":
+            layout = "pairs"
+            if Path(value).name == SNAPSHOT:
+                raise DataError(f"datasets.{name}.source: rename {value}; {SNAPSHOT} is reserved for the snapshot")
+            shutil.copyfile(value, tmp / Path(value).name)
         elif kind == "imagefolder":
             layout = "imagefolder"
             _copy_imagefolder(name, cfg, Path(value), tmp)
@@ -310,7 +419,7 @@ def _copy_textfile(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> str:
 
 
 def snapshot_layout(name: str, root: str | Path = ".") -> str:
-    """'npz' | 'jsonl' | 'imagefolder' | 'textfile' | 'textfolder' (from data/raw/<name>/snapshot.json)."""
+    """'npz' | 'jsonl' | 'imagefolder' | 'textfile' | 'textfolder' | 'pairs' (data/raw/<name>/snapshot.json)."""
     path = raw_dir(name, root) / SNAPSHOT
     if not path.exists():
         raise DataError(f"{display_path(raw_dir(name, root), root)}: no snapshot found; "
@@ -474,6 +583,60 @@ def unit_documents(unit: TextUnit, paragraphs: bool, min_doc_chars: int) -> list
     return [d for d in (p.strip() for p in pieces) if d and len(d) >= min_doc_chars]
 
 
+@dataclass
+class PairRow:
+    file: str                  # data/raw/docpairs/pairs.tsv:12, as users see it
+    source: Optional[str]      # None when the line cannot be read
+    target: Optional[str]
+    group: str                 # pairs of one group share a split (builtin: the module); else the line
+    error: Optional[str] = None
+
+
+def read_raw_pairs(name: str, root: str | Path = ".") -> list[PairRow]:
+    """One PairRow per non-blank line of the pairs snapshot (JSONL or TSV); unreadable lines keep their error."""
+    folder = raw_dir(name, root)
+    if snapshot_layout(name, root) != "pairs":
+        raise DataError(f"datasets.{name}: data/raw/{name} does not hold pairs; "
+                        f"run `genflow stage ingest {name}` again")
+    path = next(p for p in sorted(folder.iterdir()) if p.name != SNAPSHOT)
+    where = display_path(path, root)
+    text, error = decode_utf8(path.read_bytes())
+    if error:
+        return [PairRow(where, None, None, where, error)]
+    tsv = path.suffix.lower() == ".tsv"
+    rows = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        at = f"{where}:{i}"
+        if tsv:
+            cols = line.split("\t")
+            if len(cols) != 2:
+                why = f"{len(cols)} tab-separated columns, expected 2 (source, target)"
+                rows.append(PairRow(at, None, None, at, why))
+            else:
+                rows.append(PairRow(at, cols[0].strip(), cols[1].strip(), at))
+            continue
+        try:
+            obj = json.loads(line)
+            source, target = obj["source"], obj["target"]
+            if not isinstance(source, str) or not isinstance(target, str):
+                raise TypeError
+            rows.append(PairRow(at, source.strip(), target.strip(), str(obj.get("group") or at)))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            rows.append(PairRow(at, None, None, at, 'not a JSON line {"source": "...", "target": "..."}'))
+    return rows
+
+
+def pair_splits(rows: list[PairRow], split: SplitConfig) -> list[str]:
+    """The split of each row: groups (modules, for the standard library) are shuffled and cut by the
+    shares, so no group has pairs in two splits. Deterministic for a split seed."""
+    groups = sorted({r.group for r in rows})
+    idx = split_indices(len(groups), split)
+    split_of = {groups[i]: s for s, ids in idx.items() for i in ids}
+    return [split_of[r.group] for r in rows]
+
+
 # ---------------------------------------------------------------------------
 # Splits
 # ---------------------------------------------------------------------------
@@ -519,6 +682,8 @@ def prepare(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
     with replaced_dir(target) as tmp:
         if cfg.kind == "image":
             manifest.update(_prepare_images(name, cfg, root, tmp))
+        elif cfg.kind == "pairs":
+            manifest.update(_prepare_pairs(name, cfg, root, tmp))
         else:
             manifest.update(_prepare_text(name, cfg, root, tmp))
         manifest["files"] = tree_md5s(tmp)
@@ -590,6 +755,35 @@ def _prepare_text(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
             "documents_dropped": {"shorter_than_min_doc_chars": short, "duplicates": dupes}}
 
 
+def _prepare_pairs(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
+    rows = read_raw_pairs(name, root)
+    pv = cfg.pair_validation
+    problems = [f"{r.file}: {r.error}" for r in rows if r.error]
+    problems += [f"{r.file}: empty {side}" for r in rows if not r.error
+                 for side, text in (("source", r.source), ("target", r.target)) if not text]
+    problems += [f"{r.file}: {side} of {len(text)} characters, longer than pair_validation.max_{side}_chars={limit}"
+                 for r in rows if not r.error for side, text, limit in
+                 (("source", r.source, pv.max_source_chars), ("target", r.target, pv.max_target_chars))
+                 if text and len(text) > limit]
+    if problems:
+        _refuse(name, problems)
+    where = pair_splits(rows, cfg.split)
+    parts = {s: [r for r, w in zip(rows, where) if w == s] for s in SPLITS}
+    if not parts["train"] or (cfg.split.test > 0 and not parts["test"]):
+        raise DataError(f"datasets.{name}.split: a split would be empty ({len(rows)} pairs in "
+                        f"{len({r.group for r in rows})} groups); add pairs or change the shares")
+    for s in SPLITS:
+        lines = [json.dumps({"source": r.source, "target": r.target}, ensure_ascii=False) for r in parts[s]]
+        (out / f"{s}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    vocab = "".join(sorted(set("".join(r.source + r.target for r in parts["train"]))))
+    return {"counts": {s: len(parts[s]) for s in SPLITS},
+            "groups": {s: len({r.group for r in parts[s]}) for s in SPLITS},
+            "vocab": vocab,
+            "max_source_chars": max(len(r.source) for r in rows), "max_target_chars": max(len(r.target) for r in rows),
+            "unseen_chars": {s: "".join(sorted(set("".join(r.source + r.target for r in parts[s])) - set(vocab)))
+                             for s in ("val", "test")}}
+
+
 def _check_nonempty(name: str, idx: dict[str, np.ndarray], split: SplitConfig, what: str) -> None:
     total = sum(len(i) for i in idx.values())
     for s in SPLITS:
@@ -628,3 +822,9 @@ def load_images(name: str, split: str, root: str | Path = ".") -> tuple[np.ndarr
 def load_text(name: str, split: str, root: str | Path = ".") -> str:
     """One split's documents joined by blank lines."""
     return _split_path(name, split, root, ".txt").read_text(encoding="utf-8")
+
+
+def load_pairs(name: str, split: str, root: str | Path = ".") -> list[tuple[str, str]]:
+    """One split's (source, target) pairs, in file order."""
+    lines = _split_path(name, split, root, ".jsonl").read_text(encoding="utf-8").splitlines()
+    return [(d["source"], d["target"]) for d in map(json.loads, lines)]

@@ -12,6 +12,13 @@ Graphs, one per backbone kind (dynamic axes named, example sizes >= 2 so none is
     causal_lm  input_ids [B,T] i64, past_kv [L,2,B,nh,P,hs] f32
                  -> logits [B,T,V], present_kv [L,2,B,nh,P+T,hs]                 gpt
     masked_lm  input_ids [B,T] i64 -> logits [B,T,V]                            mdlm
+    encoder_decoder  two graphs:                                                 encdec
+      encoder.onnx  src_ids [B,S] i64, src_mask [B,S] bool -> cross_kv [L,2,B,nh,S,hs]
+      model.onnx    input_ids [B,T] i64, past_kv [L,2,B,nh,P,hs] f32, cross_kv, src_mask
+                      -> logits [B,T,V], present_kv [L,2,B,nh,P+T,hs]          (one decoder step)
+      The cross-attention keys/values are computed once per source by the encoder graph and fed to
+      every step; model.onnx is the step so that registration logs it as the model and the encoder
+      goes along as an extra file (components/registry/register.py, unchanged).
 
 The GPT has one graph for prefill and decoding: onnxruntime accepts an empty past (P = 0), so
 generation is prefill(prompt, empty past) then decode(token, past), with no second file.
@@ -80,6 +87,7 @@ class GraphSpec:
     dynamic: dict[str, dict[int, str]]            # input or output name -> {axis: name}
     limits: dict[str, tuple[int, Optional[int]]] = field(default_factory=dict)  # axis name -> (min, max)
     info: dict[str, Any] = field(default_factory=dict)   # goes into config.json
+    companions: dict[str, "GraphSpec"] = field(default_factory=dict)  # more graphs, written as <name>.onnx
 
 
 def _wrap(kind: str, net: Any) -> Any:
@@ -103,7 +111,56 @@ def _wrap(kind: str, net: Any) -> Any:
             out = self.net(input_ids)
             return out[0] if isinstance(out, (tuple, list)) else out
 
-    return {"denoiser": lambda n: n, "causal_lm": CausalLMGraph, "masked_lm": MaskedLMGraph}[kind](net)
+    class EncoderGraph(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, src_ids, src_mask):
+            return self.net.encode(src_ids, src_mask)
+
+    class DecoderStepGraph(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, input_ids, past_kv, cross_kv, src_mask):
+            return self.net.decode(input_ids, cross_kv, src_mask, past_kv)
+
+    return {"denoiser": lambda n: n, "causal_lm": CausalLMGraph, "masked_lm": MaskedLMGraph,
+            "encoder": EncoderGraph, "encoder_decoder": DecoderStepGraph}[kind](net)
+
+
+def encoder_decoder_spec(net: Any, ms: ModelSpec, sample: dict) -> GraphSpec:
+    """The decoder-step graph (model.onnx) with the encoder graph as its companion (encoder.onnx)."""
+    import torch
+
+    c = net.config
+    L, H, D = c.n_layer_dec, c.n_head, c.n_embd // c.n_head
+    from components.tokenizer import PairTokenizer
+
+    tok = PairTokenizer(ms.vocab or "")
+    info = dict(vocab_size=int(net.vocab_size), n_layer=L, n_head=H, head_dim=D, n_embd=c.n_embd,
+                source_len=c.source_len, target_len=c.target_len, truncate_source=bool(c.truncate_source),
+                vocab=ms.vocab, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                allowed_tokens=tok.allowed_tokens, sample=sample, kind=ms.kind,
+                files={"model": "model.onnx", "encoder": "encoder.onnx"})
+    B, S, T, P = 2, min(5, c.source_len), min(3, c.target_len), min(4, c.target_len - 1)   # distinct sizes
+    src, mask = torch.zeros(B, S, dtype=torch.long), torch.ones(B, S, dtype=torch.bool)
+    encoder = GraphSpec("encoder", _wrap("encoder", net), (src, mask), ["src_ids", "src_mask"], ["cross_kv"],
+                        {"src_ids": {0: "batch", 1: "source"}, "src_mask": {0: "batch", 1: "source"},
+                         "cross_kv": {2: "batch", 4: "source"}},
+                        {"batch": (1, None), "source": (1, c.source_len)})
+    cross = torch.zeros(L, 2, B, H, S, D)
+    past = torch.zeros(L, 2, B, H, P, D)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    return GraphSpec("encoder_decoder", _wrap("encoder_decoder", net), (ids, past, cross, mask),
+                     ["input_ids", "past_kv", "cross_kv", "src_mask"], ["logits", "present_kv"],
+                     {"input_ids": {0: "batch", 1: "seq"}, "past_kv": {2: "batch", 4: "past"},
+                      "cross_kv": {2: "batch", 4: "source"}, "src_mask": {0: "batch", 1: "source"},
+                      "logits": {0: "batch", 1: "seq"}, "present_kv": {2: "batch", 4: "total"}},
+                     {"batch": (1, None), "seq": (1, c.target_len), "past": (0, c.target_len),
+                      "source": (1, c.source_len)}, info, companions={"encoder": encoder})
 
 
 def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec:
@@ -140,6 +197,8 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
         return GraphSpec(kind, _wrap(kind, net), example, ["x", "t", "y"], ["eps"],
                          {"x": batch, "t": batch, "y": batch, "eps": batch}, {"batch": (1, None)}, info)
 
+    if kind == "encoder_decoder":
+        return encoder_decoder_spec(net, ms, sample)
     c = net.config
     vocab_size, block = int(net.vocab_size), int(c.block_size)
     head_dim = c.n_embd // c.n_head
@@ -242,10 +301,45 @@ def _compare(name: str, output: str, got: np.ndarray, ref: np.ndarray) -> dict:
             "max_rel": max_rel, "ref_max": scale}
 
 
-def _parity_checks(spec: GraphSpec, net: Any, session: Any) -> list[dict]:
+def _encoder_decoder_checks(spec: GraphSpec, net: Any, session: Any, encoder: Any) -> list[dict]:
+    """Both graphs against PyTorch: the encoder (padded batches), then decoder steps without a past,
+    with a past and one token, and with a past and a chunk, on the encoder's real cross K/V."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    V, S_max, T_max = spec.info["vocab_size"], spec.info["source_len"], spec.info["target_len"]
+    L, H, D = spec.info["n_layer"], spec.info["n_head"], spec.info["head_dim"]
+    checks = []
+    with torch.no_grad():
+        for B, S in ((1, 1), (3, min(7, S_max)), (2, S_max)):
+            src = rng.integers(0, V, (B, S)).astype(np.int64)
+            mask = np.arange(S)[None, :] < rng.integers(1, S + 1, (B, 1))   # real prefixes, padding after
+            mask[0] = True
+            cross = net.encode(torch.from_numpy(src), torch.from_numpy(mask))
+            got = encoder.run(["cross_kv"], {"src_ids": src, "src_mask": mask})[0]
+            checks.append(_compare(f"encoder, batch={B} source={S}", "cross_kv", got, cross.numpy()))
+            for P, T in ((0, min(5, T_max)), (min(4, T_max - 1), 1), (max(T_max - 3, 0), min(3, T_max))):
+                if P + T > T_max:
+                    continue
+                ids = rng.integers(0, V, (B, P + T)).astype(np.int64)
+                past = net.decode(torch.from_numpy(ids[:, :P]), cross, torch.from_numpy(mask))[1] if P else \
+                    torch.zeros(L, 2, B, H, 0, D)
+                logits, present = net.decode(torch.from_numpy(ids[:, P:]), cross, torch.from_numpy(mask), past)
+                got_logits, got_present = session.run(["logits", "present_kv"], {
+                    "input_ids": np.ascontiguousarray(ids[:, P:]), "past_kv": past.numpy(),
+                    "cross_kv": cross.numpy(), "src_mask": mask})
+                name = f"decoder step, batch={B} source={S} past={P} len={T}"
+                checks.append(_compare(name, "logits", got_logits, logits.numpy()))
+                checks.append(_compare(name, "present_kv", got_present, present.numpy()))
+    return checks
+
+
+def _parity_checks(spec: GraphSpec, net: Any, session: Any, companions: Optional[dict] = None) -> list[dict]:
     """onnxruntime against PyTorch eager on fixed random inputs; one dict per (case, output)."""
     import torch
 
+    if spec.kind == "encoder_decoder":
+        return _encoder_decoder_checks(spec, net, session, (companions or {})["encoder"])
     rng = np.random.default_rng(0)
     checks = []
     with torch.no_grad():
@@ -295,14 +389,17 @@ def _parity_checks(spec: GraphSpec, net: Any, session: Any) -> list[dict]:
 
 
 def check_parity(spec: GraphSpec, net: Any, onnx_path: Path, export_cfg: ExportConfig) -> dict:
-    """Run the checks on `onnx_path` and apply the gate: max_abs <= parity_atol and max_rel <= parity_rtol.
+    """Run the checks on `onnx_path` (and its companion graphs beside it, <name>.onnx) and apply the
+    gate: max_abs <= parity_atol and max_rel <= parity_rtol.
 
     max_rel is relative to the output's scale: max |ort - torch| / max |torch|, per check.
     """
     from components.inference import make_session
 
     session, _ = make_session(Path(onnx_path), prefer_gpu=False)  # CPU: the reference is CPU PyTorch
-    checks = _parity_checks(spec, net, session)
+    companions = {name: make_session(Path(onnx_path).parent / f"{name}.onnx", prefer_gpu=False)[0]
+                  for name in spec.companions}
+    checks = _parity_checks(spec, net, session, companions)
     worst_abs = max(checks, key=lambda c: c["max_abs"])
     worst_rel = max(checks, key=lambda c: c["max_rel"])
     max_abs, max_rel = worst_abs["max_abs"], worst_rel["max_rel"]
@@ -380,12 +477,27 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
             except Exception as e:
                 raise ExportError(f"{key}: the {exporter} ONNX exporter failed at opset {opset} "
                                   f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]})") from e
+            graphs = {"model": (spec, model_path)}
+            for name, comp in spec.companions.items():
+                comp.module.eval()
+                graphs[name] = (comp, tmp / f"{name}.onnx")
+                try:
+                    _export_graph(comp, graphs[name][1], exporter, opset)
+                except Exception as e:
+                    raise ExportError(f"{key}: the {exporter} ONNX exporter failed on the {name} graph at opset "
+                                      f"{opset} ({type(e).__name__}: "
+                                      f"{(str(e).strip().splitlines() or [''])[0][:300]})") from e
             try:
-                file_opset = check_onnx(model_path)
+                for _, path in graphs.values():
+                    file_opset = check_onnx(path)
             except Exception as e:
                 raise ExportError(f"{key}: exported graph fails onnx.checker "
                                   f"({(str(e).strip().splitlines() or [''])[0][:300]})") from e
             inputs, outputs = _io(model_path)
+            companion_io = {}
+            for name, (_, path) in graphs.items():
+                if name != "model":
+                    companion_io[f"{name}_inputs"], companion_io[f"{name}_outputs"] = _io(path)
             parity = check_parity(spec, net, model_path, export_cfg)
             seconds = time.perf_counter() - t0
             parity.update(opset=file_opset, exporter=exporter, seconds=seconds)
@@ -401,7 +513,7 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
                 "opset": file_opset, "exporter": exporter,
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                              "onnxruntime": onnxruntime.__version__},
-                **spec.info,
+                **spec.info, **companion_io,
                 "spec": ModelSpec.from_config(config, key).to_json(),   # the checkpoint's model spec
             }
             _write_json(tmp / "config.json", engine_config)

@@ -27,7 +27,7 @@ class ModelSpec:
     model: str                       # the model key (registered model name)
     backbone: str                    # a name in components/families/registry.py
     dataset: str
-    kind: str                        # image | text
+    kind: str                        # image | text | pairs
     network: dict = field(default_factory=dict)   # the backbone's shape section (unet, dit or gpt)
     process: dict = field(default_factory=dict)   # diffusion or masked section, if the backbone reads one
     sample: dict = field(default_factory=dict)    # sampling defaults (sampler, steps, guidance, ...)
@@ -50,8 +50,8 @@ class ModelSpec:
             object.__setattr__(self, "family", entry.family_name)
         if not self.num_classes and self.classes:
             object.__setattr__(self, "num_classes", len(self.classes))
-        if self.kind not in ("image", "text"):
-            raise ModelError(f"models/{self.model}: spec kind {self.kind!r} is not image or text")
+        if self.kind not in ("image", "text", "pairs"):
+            raise ModelError(f"models/{self.model}: spec kind {self.kind!r} is not image, text or pairs")
 
     @property
     def section(self) -> str:

@@ -76,3 +76,42 @@ class CharTokenizer:
         if ids.size and (ids.min() < 0 or ids.max() > self.unk_id):
             raise ModelError(f"ids: values must be in 0..{self.unk_id}, got {ids.min()}..{ids.max()}")
         return "".join(self._itos[ids])
+
+
+class PairTokenizer(CharTokenizer):
+    """Characters of a pairs dataset plus three markers after the unknown id:
+
+        0..n-1 characters, n unknown, n+1 end of target (eos), n+2 start of target (bos; the GPT's
+        separator between source and target), n+3 padding (inputs only, never predicted)
+
+    ``allowed_tokens`` (= eos_id + 1) is what a decoder may emit: characters, unknown, end.
+    """
+
+    @property
+    def eos_id(self) -> int:
+        return len(self.vocab) + 1
+
+    @property
+    def bos_id(self) -> int:
+        return len(self.vocab) + 2
+
+    sep_id = bos_id
+
+    @property
+    def pad_id(self) -> int:
+        return len(self.vocab) + 3
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab) + 4
+
+    @property
+    def allowed_tokens(self) -> int:
+        return self.eos_id + 1
+
+    def decode_target(self, ids) -> str:
+        """Text of generated ids, up to the first end marker (markers never become text)."""
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return self.decode([i for i in ids if i <= self.unk_id])

@@ -16,6 +16,9 @@ Rules (the ``rule`` of each expectation; params.yaml keys in brackets):
             train_test_duplicates [image_validation.max_duplicate_share]
     text    readable_utf8, not_empty, no_control_chars (newline and tab allowed),
             min_chars [text_validation.min_chars], max_vocab [text_validation.max_vocab]
+    pairs   readable (UTF-8, a JSON line or two TSV columns), not_empty (source and target),
+            no_control_chars, length_bounds [pair_validation.max_source_chars, max_target_chars],
+            train_test_overlap (no exact pair in both train and test), min_pairs [pair_validation.min_pairs]
 
 great_expectations is imported only inside ``validate`` (it takes seconds to import).
 """
@@ -32,12 +35,15 @@ from components.config import DatasetConfig
 from components.data import (
     MAX_ASPECT,
     DataError,
+    PairRow,
     RawImages,
     RawText,
     display_path,
     image_array,
+    pair_splits,
     raw_dir,
     read_raw_images,
+    read_raw_pairs,
     read_raw_text,
     split_indices,
     unit_documents,
@@ -77,6 +83,8 @@ def validate(name: str, cfg: DatasetConfig, root: str | Path = ".", *, docs: boo
     """
     if cfg.kind == "image":
         rows, columns, expectations, explain = _image_table(cfg, read_raw_images(name, cfg, root))
+    elif cfg.kind == "pairs":
+        rows, columns, expectations, explain = _pairs_table(name, cfg, read_raw_pairs(name, root), root)
     else:
         rows, columns, expectations, explain = _text_table(name, cfg, read_raw_text(name, cfg, root), root)
     result = _run_suite(f"genflow_{cfg.kind}", rows, columns, expectations)
@@ -301,6 +309,91 @@ def _text_table(name: str, cfg: DatasetConfig, raw: RawText, root) -> tuple[list
                 out.append(f"{f}: {_count(row['control_chars'], 'control character')} (first {row['first_control']}); "
                            "only newline and tab are allowed")
         return out
+
+    return rows, columns, expectations, explain
+
+
+# ---------------------------------------------------------------------------
+# Pairs: one row per line of the pairs file
+# ---------------------------------------------------------------------------
+
+def _pairs_table(name: str, cfg: DatasetConfig, raw: list[PairRow], root) -> tuple[list[dict], dict[str, str], list,
+                                                                                    Callable]:
+    """Rows (one per pair), their column dtypes, the pairs suite's expectations, and explain."""
+    import great_expectations.expectations as gxe
+
+    pv = cfg.pair_validation
+    where = pair_splits(raw, cfg.split)   # the split prepare will write: a test pair also in train is leakage
+    train_line = {}
+    for r, s in zip(raw, where):
+        if s == "train" and r.error is None:
+            train_line.setdefault((r.source, r.target), r.file)
+    rows, by_file = [], {}
+    for r, s in zip(raw, where):
+        row = {"file": r.file, "readable": r.error is None, "source_chars": None, "target_chars": None,
+               "control_chars": None, "in_train": None, "usable": 0}
+        if r.error is None:
+            text = r.source + r.target
+            row.update(source_chars=len(r.source), target_chars=len(r.target),
+                       control_chars=len(CONTROL_CHARS.findall(text)),
+                       usable=int(bool(r.source and r.target and len(r.source) <= pv.max_source_chars
+                                       and len(r.target) <= pv.max_target_chars)))
+            if s == "test":
+                row["in_train"] = train_line.get((r.source, r.target))
+        rows.append(row)
+        by_file[r.file] = (row, r)
+    columns = {"file": "string", "readable": "boolean", "source_chars": "Int64", "target_chars": "Int64",
+               "control_chars": "Int64", "in_train": "string", "usable": "Int64"}
+
+    def rule(name_: str, expectation):
+        expectation.meta = {"rule": name_}
+        return expectation
+
+    expectations = [
+        rule("readable", gxe.ExpectColumnValuesToBeInSet(
+            column="readable", value_set=[True], description="every line is UTF-8 and a pair (JSON or 2 TSV columns)")),
+        *[rule("not_empty", gxe.ExpectColumnValuesToBeBetween(column=c, min_value=1, description=f"no empty {side}"))
+          for c, side in (("source_chars", "source"), ("target_chars", "target"))],
+        rule("no_control_chars", gxe.ExpectColumnValuesToBeBetween(
+            column="control_chars", max_value=0, description="no control characters except newline and tab")),
+        rule("length_bounds", gxe.ExpectColumnValuesToBeBetween(
+            column="source_chars", max_value=pv.max_source_chars,
+            description=f"sources of at most {pv.max_source_chars} characters (pair_validation.max_source_chars)")),
+        rule("length_bounds", gxe.ExpectColumnValuesToBeBetween(
+            column="target_chars", max_value=pv.max_target_chars,
+            description=f"targets of at most {pv.max_target_chars} characters (pair_validation.max_target_chars)")),
+        rule("train_test_overlap", gxe.ExpectColumnValuesToBeNull(
+            column="in_train", description="no test pair is also a train pair")),
+        rule("min_pairs", gxe.ExpectColumnSumToBeBetween(
+            column="usable", min_value=pv.min_pairs,
+            description=f"at least {pv.min_pairs} usable pairs (pair_validation.min_pairs)")),
+    ]
+    folder = display_path(raw_dir(name, root), root)
+
+    def explain(rule_name: str, files: list[str]) -> list[str]:
+        if rule_name == "min_pairs":
+            usable = sum(r["usable"] for r in rows)
+            return [f"{folder}: {_count(usable, 'usable pair')}, need at least {pv.min_pairs} "
+                    "(pair_validation.min_pairs)"]
+        out = []
+        for f in files:
+            row, r = by_file[f]
+            if rule_name == "readable":
+                out.append(f"{f}: {r.error}")
+            elif rule_name == "not_empty":
+                out.append(f"{f}: empty {'source' if not r.source else 'target'}")
+            elif rule_name == "no_control_chars":
+                out.append(f"{f}: {_count(row['control_chars'], 'control character')}; only newline and tab "
+                           "are allowed")
+            elif rule_name == "length_bounds":
+                for side, n, limit in (("source", row["source_chars"], pv.max_source_chars),
+                                       ("target", row["target_chars"], pv.max_target_chars)):
+                    if n > limit:
+                        out.append(f"{f}: {side} of {n} characters, more than pair_validation.max_{side}_chars="
+                                   f"{limit}")
+            elif rule_name == "train_test_overlap":
+                out.append(f"{f}: test pair identical to train pair {row['in_train']}")
+        return list(dict.fromkeys(out))
 
     return rows, columns, expectations, explain
 

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", default=None, help="text to transduce (sequence-to-sequence models)")
+    p.add_argument("--decoding", default=None, choices=("greedy", "sample", "beam"),
+                   help="sequence-to-sequence decoding (default: the model's)")
+    p.add_argument("--beam-width", type=int, default=None, help="beam search width (--decoding beam)")
     p.add_argument("--exports", default=None, metavar="DIR",
                    help="use a local exports/<model> folder instead of the registry")
 
@@ -190,9 +194,12 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from flows.sample import sample_cli
+    from flows.sample import sample_cli, sample_source_cli
 
-    out = sample_cli(args, Path.cwd())
+    if args.source is not None:   # an encoder-decoder's target for one source
+        out = sample_source_cli(args, Path.cwd())
+    else:
+        out = sample_cli(args, Path.cwd())
     print(f"wrote {out}")
     return 0
 

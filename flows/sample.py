@@ -24,6 +24,7 @@ from components.inference import (
     load_engine,
     numpy_randn,
 )
+from components.inference.encdec import load_encdec_engine
 from components.registry.resolve import download_version, parse_model_spec
 
 CHUNK = 256  # images generated per batch by `genflow sample`
@@ -150,4 +151,34 @@ def sample_cli(args: Any, root: Path) -> Path:
             write_png(out, image_grid(levels, n_levels, rows))
         else:
             write_text(out, _sample_texts(args, engine, count, f"{name}@{tag}"))
+    return out
+
+
+def sample_source_cli(args: Any, root: Path) -> Path:
+    """`genflow sample MODEL[@alias|:version] --source TEXT`: the model's target(s) for one source,
+    printed and written to reports/samples/<model>-<alias|version|local>.txt (or --out)."""
+    import tempfile
+
+    root = Path(root)
+    name, alias, version = parse_model_spec(str(getattr(args, "model", "") or ""))
+    count = getattr(args, "count", None) or 1
+    if count < 1:
+        raise InferenceError(f"--count: must be at least 1, got {count}")
+    exports = getattr(args, "exports", None)
+    tag = "local" if exports else (alias or version or "champion")
+    with tempfile.TemporaryDirectory(prefix="genflow-sample-") as tmp:
+        folder = Path(exports) / name if exports else download_version(name, alias, version, root, Path(tmp))
+        engine = load_encdec_engine(folder)
+        decoding = getattr(args, "decoding", None)
+        if count > 1 and decoding is None:
+            decoding = "sample"   # several targets of one source: draw them
+        targets = [engine.transduce([args.source], decoding=decoding, beam_width=getattr(args, "beam_width", None),
+                                    temperature=getattr(args, "temperature", None),
+                                    top_k=getattr(args, "top_k", None), seed=int(getattr(args, "seed", 0)) + i)[0]
+                   for i in range(count)]
+    for t in targets:
+        print(t)
+    out = Path(getattr(args, "out", None) or root / "reports" / "samples" / f"{name}-{tag}.txt")
+    out = out if out.is_absolute() else root / out
+    write_text(out, f"source: {args.source}\n" + "".join(f"target: {t}\n" for t in targets))
     return out

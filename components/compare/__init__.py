@@ -64,6 +64,7 @@ from components.compare.rows import (
     combine,
     make_rows,
     overall,
+    row_architecture,
     row_cost,
     row_memorisation,
     row_memory,
@@ -81,7 +82,8 @@ __all__ = [
     "achieved_gflops", "check_model", "collect", "combine", "diffusion_samplers", "find_pipeline", "fmt",
     "gpt_sampling", "headline_steps", "known_backbone", "make_plots", "make_report", "make_rows", "mb",
     "model_result", "overall", "plot_compute", "plot_sampling", "plot_stability", "render_html",
-    "render_markdown", "report_json", "row_cost", "row_memorisation", "row_memory", "row_parallel", "row_quality",
+    "render_markdown", "report_json", "row_architecture", "row_cost", "row_memorisation", "row_memory",
+    "row_parallel", "row_quality",
     "row_sampling_speed", "row_stability", "sample_flops_per_item", "sampler_label", "sampler_steps",
     "seed_history", "sequential_calls", "si", "spread", "summary", "train_flops_per_item", "vote", "write_report",
 ]

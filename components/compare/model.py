@@ -19,7 +19,7 @@ class CompareError(GenflowError, ValueError):
 # Every finished model run must carry these (older genflow runs lack some: refuse, never half a report).
 REQUIRED_METRICS = ("perf/params", "perf/train_seconds", "perf/train_items_per_s", "perf/flops_per_item",
                     "perf/sample_ms_per_item", "train/loss")
-MAIN_METRIC = {"image": "eval/fd", "text": "eval/bits_per_char"}
+MAIN_METRIC = {"image": "eval/fd", "text": "eval/bits_per_char", "pairs": "eval/bits_per_char"}
 
 AGREES, DISAGREES, MIXED, NOT_MEASURED = "agrees", "disagrees", "mixed", "not measured"
 BASELINE_NAMES = {"real": "real data", "kde": "KDE", "gaussian": "Gaussian"}
@@ -34,6 +34,10 @@ CLAIMS: dict[str, tuple[str, str]] = {
     "Training stability": ("generally stable, less prone to mode collapse",
                            "generally stable, but mode collapse can occur"),
     "Memorisation": ("robust generalization capabilities", "(no claim)"),
+    # the seed's architecture section: an encoder-decoder for sequence transduction; here against
+    # the decoder-only transformer on the same pairs (no diffusion model transduces)
+    "Architecture (transduction)": ("(no claim)", "encoder-decoder: encoder stack, decoder with cross-attention, "
+                                                  "for sequence transduction"),
 }
 NOT_MEASURED_ROWS = ("Data Type Focus", "Long-Range Dependencies", "Interpretability", "Primary Applications")
 

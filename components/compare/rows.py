@@ -308,12 +308,45 @@ def row_memorisation(ds: str, models: list[ModelResult]) -> Row:
     return Row(ds, "Memorisation", cells, verdict, text)
 
 
+def row_architecture(ds: str, models: list[ModelResult]) -> Row:
+    """Encoder-decoder against decoder-only on the same pairs: quality (chrF, bits/char), parameters,
+    training and decoding cost; 'agrees' when the encoder-decoder is better on both quality measures."""
+    feature = "Architecture (transduction)"
+    encdec = [m for m in models if m.backbone == "encdec"]
+    decoder_only = [m for m in models if m.backbone == "gpt" and m.kind == "pairs"]
+    cells = {}
+    for m in encdec + decoder_only:
+        cells[m.key] = (f"{'encoder-decoder' if m in encdec else 'decoder-only'}: chrF {fmt(m.get('eval/chrf'))} "
+                        f"(retrieval {fmt(m.get('baseline/retrieval_chrf'))}), {fmt(m.get('eval/bits_per_char'))} "
+                        f"bits/char; {si(m.get('perf/params'))} parameters; "
+                        f"{fmt(m.get('perf/train_items_per_s'))} target tokens/s training; "
+                        f"{fmt(m.get('perf/decode_ms_per_char_cached'))} ms/char decoding")
+    if not encdec or not decoder_only:
+        return Row(ds, feature, cells, NOT_MEASURED,
+                   "needs an encoder-decoder and a decoder-only model on the same pairs in this run")
+    e, d = encdec[0], decoder_only[0]
+    chrf = (e.get("eval/chrf"), d.get("eval/chrf"))
+    bpc = (e.get("eval/bits_per_char"), d.get("eval/bits_per_char"))
+    flags = ([chrf[0] > chrf[1]] if None not in chrf else []) + ([bpc[0] < bpc[1]] if None not in bpc else [])
+
+    def ratio(a, b):
+        return "-" if a is None or b is None or not b else f"{a / b:.2f}x"
+
+    ev = (f"{e.key} vs {d.key}: chrF {fmt(chrf[0])} vs {fmt(chrf[1])}, bits/char {fmt(bpc[0])} vs {fmt(bpc[1])}; "
+          f"parameters {ratio(e.get('perf/params'), d.get('perf/params'))}, training speed "
+          f"{ratio(e.get('perf/train_items_per_s'), d.get('perf/train_items_per_s'))}, decoding time "
+          f"{ratio(e.get('perf/decode_ms_per_char_cached'), d.get('perf/decode_ms_per_char_cached'))} "
+          "(encoder-decoder / decoder-only)")
+    return Row(ds, feature, cells, vote(flags), ev)
+
+
 def make_rows(pipeline: Pipeline, machine: Machine) -> list[Row]:
     rows = []
     for ds in pipeline.datasets():
         ms = pipeline.models_of(ds)
         rows += [row_quality(ds, ms), row_sampling_speed(ds, ms), row_cost(ds, ms, machine),
-                 row_memory(ds, ms), row_parallel(ds, ms), row_stability(ds, ms), row_memorisation(ds, ms)]
+                 row_memory(ds, ms), row_parallel(ds, ms), row_stability(ds, ms), row_memorisation(ds, ms),
+                 row_architecture(ds, ms)]
     return rows
 
 

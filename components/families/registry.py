@@ -23,7 +23,7 @@ ATTENTION_MIN_OPSET = 23            # opset of ONNX's fused Attention op (attent
 
 # Sections of a model's params.yaml entry that belong to one backbone or process; a model's run
 # logs only those its backbone reads (so runs compared in the MLflow UI show settings that mattered).
-NETWORK_SECTIONS = ("unet", "dit", "gpt", "diffusion", "masked")
+NETWORK_SECTIONS = ("unet", "dit", "gpt", "encdec", "diffusion", "masked")
 
 # Code every model's result depends on, whatever its backbone.
 SHARED_CODE = ("components/training.py", "components/families/base.py", "components/families/registry.py",
@@ -42,12 +42,13 @@ class Backbone:
     name: str                 # the params.yaml value: models.<key>.backbone
     family_name: str          # models.<key>.family must say this: diffusion | transformer
     module: str               # components.families.<module> trains and evaluates it
-    data_kinds: tuple[str, ...]  # dataset kinds it accepts: image, text
+    data_kinds: tuple[str, ...]  # dataset kinds it accepts: image, text, pairs
     generation: str           # denoising (steps x all positions) | autoregressive (one token a call) |
-    #                           masked (K calls write a whole sequence)
+    #                           masked (K calls write a whole sequence) | transduction (encode once, then
+    #                           autoregressive decoding)
     network: str              # "components.models.unet:UNet"
     reads: tuple[str, ...]    # params sections it reads (of NETWORK_SECTIONS); the first holds the network's shape
-    graph: str                # ONNX graph kind: denoiser | causal_lm | masked_lm
+    graph: str                # ONNX graph kind: denoiser | causal_lm | masked_lm | encoder_decoder
     exporter: str             # torchscript | dynamo
     min_opset: int = 0        # the export's opset is max(export.opset, min_opset)
     code: tuple[str, ...] = field(default=())   # its own source files (the family's are added)
@@ -87,12 +88,15 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
              reads=("unet", "diffusion"), graph="denoiser", exporter="torchscript", code=DENOISING_CODE),
     Backbone("dit", "diffusion", "diffusion", ("image",), "denoising", "components.models.dit:DiT",
              reads=("dit", "diffusion"), graph="denoiser", exporter="torchscript", code=DENOISING_CODE),
-    Backbone("gpt", "transformer", "transformer", ("image", "text"), "autoregressive",
+    Backbone("gpt", "transformer", "transformer", ("image", "text", "pairs"), "autoregressive",
              "components.models.gpt:GPT", reads=("gpt",), graph="causal_lm", exporter="dynamo",
              min_opset=ATTENTION_MIN_OPSET, code=("components/tokenizer.py",)),
     Backbone("mdlm", "diffusion", "mdlm", ("text",), "masked", "components.models.mdlm:MaskedLM",
              reads=("gpt", "masked"), graph="masked_lm", exporter="dynamo", min_opset=ATTENTION_MIN_OPSET,
              code=("components/models/gpt.py", "components/tokenizer.py", "components/sampling/masked.py")),
+    Backbone("encdec", "transformer", "seq2seq", ("pairs",), "transduction", "components.models.encdec:EncDec",
+             reads=("encdec",), graph="encoder_decoder", exporter="torchscript",
+             code=("components/models/gpt.py", "components/tokenizer.py", "components/evaluation/seq2seq.py")),
 )}
 
 

@@ -1,4 +1,4 @@
-"""Transformer family: one GPT for text (next character) and for images (next pixel).
+"""Transformer family: one GPT for text (next character), images (next pixel) and pairs (target given source).
 
     train(key, params, root)     -> models/<key>/model.pt, train_metrics.json; returns train/ + perf/ metrics
     evaluate(key, params, root)  -> reports/<key>/metrics.json + samples; returns eval/ perf/ baseline/ metrics
@@ -18,6 +18,12 @@ The prepared dataset's manifest decides the kind:
   unconditional p(x) = sum_c p(c) p(x | c) with p(c) the train split's class shares, and
   conditional on the true class; pixel-model baselines (uniform, independent pixels, one
   logistic regression per pixel); and the shared image metrics on class-conditional samples.
+- pairs: the decoder-only answer to the encoder-decoder (components/families/seq2seq.py) on the
+  same pairs: a sequence is source + [sep] + target + [eos] (components.tokenizer.PairTokenizer's
+  ids), the loss is on the target and end tokens only (the source is context, never predicted).
+  Evaluation is the seq2seq family's (components/evaluation/seq2seq.py, the same metric names);
+  decoding is greedy or sampled (no beam search for the GPT: sample.decoding beam decodes greedily
+  and details.json says so), prompts of one length decoded together.
 
 model.pt = {"state_dict", "config"}; config holds "gpt" (the GPTConfig fields), "vocab_size",
 "kind", "dataset", and "vocab" (text) or "levels", "num_classes", "image_size", "classes",
@@ -90,6 +96,17 @@ def model_config(key: str, m: ModelConfig, manifest: dict, root: Path) -> dict[s
     if kind == "text":
         tok = text_tokenizer(manifest, data.load_text(m.dataset, "train", root))
         return ModelSpec(**spec, vocab=tok.vocab, vocab_size=tok.vocab_size).to_config()
+    if kind == "pairs":
+        from components.families.seq2seq import check_decoding, decoding_defaults, pair_tokenizer
+
+        check_decoding(key, m)
+        need = manifest["max_source_chars"] + 1 + manifest["max_target_chars"] + 1   # src, sep, target, eos
+        if T < need - 1:
+            raise data.DataError(f"models.{key}.gpt.block_size: {T} is shorter than the longest pair of "
+                                 f"{m.dataset} ({need - 1} input tokens: source + separator + target); "
+                                 f"set it to at least {need - 1}")
+        tok = pair_tokenizer(manifest["vocab"])
+        return ModelSpec(**spec, vocab=tok.vocab, vocab_size=tok.vocab_size, sample=decoding_defaults(m)).to_config()
     if kind == "image":
         x, y = data.load_images(m.dataset, "train", root)
         levels, num_classes = int(manifest["levels"]), len(manifest["classes"])
@@ -129,6 +146,18 @@ def training_data(key: str, m: ModelConfig, config: dict[str, Any], root: Path):
             return w[:, :-1], w[:, 1:]
         return get_batch, B * T
 
+    if config["kind"] == "pairs":
+        from components.families.seq2seq import pair_tokenizer
+
+        tok = pair_tokenizer(config["vocab"])
+        pairs = data.load_pairs(m.dataset, "train", root)
+        mean_target = float(np.mean([len(t) + 1 for _, t in pairs]))
+
+        def get_pair_batch(step: int, gen: torch.Generator):
+            idx = torch.randint(len(pairs), (B,), generator=gen).tolist()
+            return pair_sequences(tok, [pairs[i] for i in idx])
+        return get_pair_batch, max(1, round(B * mean_target))   # target tokens, as the encoder-decoder counts
+
     x, y = data.load_images(m.dataset, "train", root)
     seq = torch.from_numpy(image_sequences(x, y, config["levels"]))  # (N, 1 + H*W)
 
@@ -138,8 +167,23 @@ def training_data(key: str, m: ModelConfig, config: dict[str, Any], root: Path):
     return get_image_batch, B * (seq.size(1) - 1)
 
 
+def pair_sequences(tok, pairs):
+    """(inputs (B, L), targets (B, L)) of source + [sep] + target + [eos]; targets are -100 (not scored)
+    on the source and on padding, so the loss is that of the target given the source."""
+    import torch
+
+    from components.families.seq2seq import pad
+
+    seqs = [np.concatenate([tok.encode(s), [tok.sep_id], tok.encode(t), [tok.eos_id]]) for s, t in pairs]
+    labels = [np.where(np.arange(len(q)) <= len(s), -100, q) for q, (s, _) in zip(seqs, pairs)]
+    x, _ = pad([q[:-1] for q in seqs], tok.pad_id)
+    y, _ = pad([lab[1:] for lab in labels], -100)
+    return x, y.to(torch.long)
+
+
 def loss_fn(config: dict[str, Any]):
-    """Next-token cross-entropy; for images over the grey levels only (a pixel is never a class token)."""
+    """Next-token cross-entropy; for images over the grey levels only (a pixel is never a class token);
+    for pairs over the target tokens only (the other labels are -100)."""
     import torch.nn.functional as F
 
     levels = config.get("levels") if config["kind"] == "image" else None
@@ -149,13 +193,13 @@ def loss_fn(config: dict[str, Any]):
         logits, _ = model(xb, use_cache=False)  # (B, T, V)
         if levels is not None:
             logits = logits[..., :levels]
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), yb.reshape(-1), ignore_index=-100)
     return loss
 
 
 def tokens_per_sequence(config: dict[str, Any]) -> int:
     """Training context: block_size for text, class token + pixels but the last for images."""
-    return config["gpt"]["block_size"] if config["kind"] == "text" else config["image_size"] ** 2
+    return config["gpt"]["block_size"] if config["kind"] in ("text", "pairs") else config["image_size"] ** 2
 
 
 def flops_per_item(net, config: dict[str, Any]) -> float:
@@ -343,6 +387,8 @@ def evaluate(key: str, params: Params, root: Path) -> dict:
     model, config = load_model(key, root)
     if config["kind"] == "text":
         metrics, details = _evaluate_text(key, m, model, config, root)
+    elif config["kind"] == "pairs":
+        metrics, details = _evaluate_pairs(key, m, model, config, root)
     else:
         metrics, details = _evaluate_images(key, m, model, config, root)
     out = Layout(root).report_dir(key)
@@ -394,6 +440,121 @@ def _evaluate_text(key: str, m: ModelConfig, model, config: dict, root: Path) ->
     metrics["perf/sample_ms_per_item"] = metrics["perf/sample_ms_per_token_cached"]
     details = {"unknown_test_chars": unknown, "bits_per_char_stride": stride, "test_chars": len(test_text),
                "kv_cache_speedup": nocache / cached if cached > 0 else None}
+    return metrics, details
+
+
+def transduce_pairs(model, config: dict, sources: list[str], *, greedy: bool = True, temperature: float = 1.0,
+                    top_k: int = 0, seed: int = 0, use_cache: bool = True, strict: bool = True) -> list[str]:
+    """Targets the GPT writes after source + [sep], up to its end marker; prompts of one length go together."""
+    import torch
+
+    from components.families.seq2seq import Seq2SeqError, pair_tokenizer
+
+    tok = pair_tokenizer(config["vocab"])
+    block = config["gpt"]["block_size"]
+    gen = torch.Generator().manual_seed(seed)
+    prompts = []
+    for s in sources:
+        if not s:
+            raise Seq2SeqError("source: empty; give the text to transduce")
+        ids = np.append(tok.encode(s, strict=strict), tok.sep_id)
+        if len(ids) >= block:
+            raise ModelError(f"source: {len(s)} characters; with the separator it fills the context "
+                             f"gpt.block_size={block}; shorten it")
+        prompts.append(ids)
+    out: list[str] = [""] * len(sources)
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for P, rows in sorted(by_length.items()):
+        idx = torch.from_numpy(np.stack([prompts[i] for i in rows]))
+        new = _decode_until_end(model, idx, block - P, tok, greedy, temperature, top_k, gen, use_cache)
+        for i, row in zip(rows, new):
+            out[i] = tok.decode_target(row)
+    return out
+
+
+def _decode_until_end(model, idx, max_new: int, tok, greedy: bool, temperature: float, top_k: int, gen,
+                      use_cache: bool) -> list[list[int]]:
+    """New ids after the prompts idx (B, P), stopping once every row has written the end marker
+    (GPT.generate always writes max_new tokens). With the cache: components.models.gpt.Decoder."""
+    import torch
+    import torch.nn.functional as F
+
+    from components.models.gpt import Decoder
+
+    B, P = idx.shape
+    done = torch.zeros(B, dtype=torch.bool)
+    seq = idx
+    with torch.inference_mode():
+        decoder = Decoder(model, B) if use_cache else None
+        logits = decoder(idx, 0) if use_cache else model(idx, use_cache=False)[0][:, -1]
+        for step in range(max_new):
+            logits = logits[:, :tok.allowed_tokens]
+            if greedy:
+                nxt = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=gen)[:, 0]
+            nxt = torch.where(done, torch.full_like(nxt, tok.eos_id), nxt)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            done |= nxt == tok.eos_id
+            if bool(done.all()) or step == max_new - 1:
+                break
+            logits = decoder(nxt[:, None], P + step) if use_cache else model(seq, use_cache=False)[0][:, -1]
+    return seq[:, P:].tolist()
+
+
+def pairs_nll(model, config: dict, pairs: list[tuple[str, str]], batch_size: int = 64) -> tuple[float, int]:
+    """(summed nats, target tokens) of targets + end markers given source + [sep]."""
+    import torch
+    import torch.nn.functional as F
+
+    from components.families.seq2seq import pair_tokenizer
+
+    tok = pair_tokenizer(config["vocab"])
+    nats, n = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(pairs), batch_size):
+            x, y = pair_sequences(tok, pairs[i:i + batch_size])
+            logits, _ = model(x, use_cache=False)
+            nats += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
+                                          reduction="sum"))
+            n += int((y != -100).sum())
+    return nats, n
+
+
+def _evaluate_pairs(key: str, m: ModelConfig, model, config: dict, root: Path) -> tuple[dict, dict]:
+    """The seq2seq family's metrics (same names), with the GPT's decoding."""
+    import torch
+
+    from components.families.seq2seq import evaluate_pairs
+
+    s = m.sample
+    kw = dict(greedy=s.decoding != "sample", temperature=s.temperature, top_k=s.top_k, seed=m.train.seed,
+              strict=False)
+    metrics, details = evaluate_pairs(key, m, config, root,
+                                      lambda sources: transduce_pairs(model, config, sources, **kw),
+                                      lambda pairs: pairs_nll(model, config, pairs))
+    if s.decoding == "beam":
+        details["decoding"] = "greedy (the GPT has no beam search; sample.decoding beam asked)"
+    sources = [src for src, _ in details.pop("speed_pairs")]
+    with torch.no_grad():
+        chars = sum(len(t) + 1 for t in transduce_pairs(model, config, sources, strict=False))
+
+        def run(use_cache: bool):
+            for src in sources:   # one at a time, as the encoder-decoder's figures
+                transduce_pairs(model, config, [src], use_cache=use_cache, strict=False)
+        run(True)
+        cached = median_seconds(lambda: run(True))
+        nocache = median_seconds(lambda: run(False))
+    metrics["perf/decode_ms_per_char_cached"] = cached * 1e3 / max(chars, 1)
+    metrics["perf/decode_ms_per_char_nocache"] = nocache * 1e3 / max(chars, 1)
+    metrics["perf/sample_ms_per_item"] = metrics["perf/decode_ms_per_char_cached"]
+    details["cache_speedup"] = nocache / cached if cached > 0 else None
     return metrics, details
 
 

@@ -11,12 +11,14 @@ noise schedule, the vocabulary; see components/export.py):
 
     sessions.py   onnxruntime sessions (cpu_cores, session_options, make_session)
     engines.py    one engine per graph kind, read_config, load_engine
+    encdec.py     the encoder-decoder's engine (two graphs: encoder once, cached decoder steps)
 
 The sampling maths come from components/sampling/, shared with the PyTorch processes.
 Where a registered version comes from is the registry's job (components/registry/resolve.py);
 `genflow sample` itself is flows/sample.py. Heavy imports (onnxruntime, mlflow) happen inside
 functions.
 """
+from components.inference.encdec import EncDecEngine, load_encdec_engine
 from components.inference.engines import (
     CONFIG_FILE,
     ENGINES,
@@ -34,7 +36,7 @@ from components.inference.engines import (
 from components.inference.sessions import InferenceError, cpu_cores, make_session, session_options
 
 __all__ = [
-    "CONFIG_FILE", "ENGINES", "PARITY_FILE", "Randn", "CausalLMEngine", "DiffusionEngine", "Engine",
-    "InferenceError", "MaskedLMEngine", "TextEngine", "cpu_cores", "load_engine", "make_session",
+    "CONFIG_FILE", "ENGINES", "PARITY_FILE", "Randn", "CausalLMEngine", "DiffusionEngine", "EncDecEngine", "Engine",
+    "InferenceError", "MaskedLMEngine", "TextEngine", "cpu_cores", "load_encdec_engine", "load_engine", "make_session",
     "numpy_randn", "read_config", "session_options",
 ]
