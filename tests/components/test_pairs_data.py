@@ -118,11 +118,12 @@ def test_exact_pair_in_train_and_test_is_refused(tmp_path):
 
 
 def test_the_run_accepts_pairs_sources_and_names_a_missing_file(tmp_path, project_root):
-    from components.config import ConfigError, load_params
-    from flows.retrain import check_sources
+    from components.config import load_params
+    from components.errors import DataError
+    from flows.preflight import check_sources
 
     params = load_params(project_root / "params.yaml")
     check_sources(params, ["pydoc-pairs"])   # builtin:pydoc-pairs
     params = load_params(project_root / "params.yaml", [f"datasets.pydoc-pairs.source=pairs:{tmp_path}/no.jsonl"])
-    with pytest.raises(ConfigError, match="pairs:.*no.jsonl does not exist"):
+    with pytest.raises(DataError, match="pairs:.*no.jsonl does not exist"):
         check_sources(params, ["pydoc-pairs"])
