@@ -27,6 +27,7 @@ from components.errors import ConfigError
 from components.inference import (
     CausalLMEngine,
     DiffusionEngine,
+    EncDecEngine,
     Engine,
     InferenceError,
     MaskedLMEngine,
@@ -81,11 +82,24 @@ class TextRequest(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
+class SourceRequest(BaseModel):
+    """POST body for an encoder-decoder: the source to transduce."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    source: str = Field(..., min_length=1, max_length=100_000, description="text to transduce")
+    n: int = Field(1, ge=1, description="targets to write (at most --max-n; several are drawn)")
+    decoding: Optional[str] = Field(None, pattern="^(greedy|sample|beam)$", description="greedy, sample or beam")
+    beam_width: Optional[int] = Field(None, ge=1, description="beam search only")
+    temperature: Optional[float] = Field(None, gt=0)
+    top_k: Optional[int] = Field(None, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
 @dataclass
 class Job:
     """One checked request: what to run and the key of the batch it may share (None: runs alone)."""
 
-    kind: str                       # "images" | "texts"
+    kind: str                       # "images" | "texts" | "targets" (an encoder-decoder's, answered as texts)
     settings: dict
     batch_key: Optional[tuple] = None
     n: int = 1
@@ -99,7 +113,10 @@ def is_image(engine: Engine) -> bool:
 def allowed_ranges(engine: Engine, limits: Limits) -> dict[str, str]:
     """Allowed values of each request field for this engine (the 422 body quotes them)."""
     out = {"n": f"1..{limits.max_n}", "seed": f"0..{MAX_SEED}"}
-    if isinstance(engine, DiffusionEngine):
+    if isinstance(engine, EncDecEngine):
+        out.update(source=f"1..{engine.source_len} characters of the model's vocabulary",
+                   decoding="greedy | sample | beam", beam_width=">= 1", temperature="> 0", top_k=">= 0")
+    elif isinstance(engine, DiffusionEngine):
         out.update(label=f"0..{engine.num_classes - 1}", steps=f"1..{engine.timesteps}", guidance=">= 0")
     elif is_image(engine):
         levels = int(engine.config["levels"])
@@ -115,6 +132,8 @@ def allowed_ranges(engine: Engine, limits: Limits) -> dict[str, str]:
 
 
 def request_schema(engine: Engine) -> type[BaseModel]:
+    if isinstance(engine, EncDecEngine):
+        return SourceRequest
     return ImageRequest if is_image(engine) else TextRequest
 
 
@@ -152,6 +171,14 @@ def plan(engine: Engine, body: Any, limits: Limits) -> Job:
         first = details[0]
         raise RequestProblem(first["field"], first["problem"], first["allowed"], first["got"], details[1:]) from None
     _in_range("n", req.n, 1, limits.max_n, allowed)
+    if isinstance(engine, EncDecEngine):
+        try:
+            engine.source_ids(req.source)   # the vocabulary and the encoder's context
+        except InferenceError as e:
+            raise RequestProblem("source", str(e).partition(": ")[2] or str(e), allowed["source"], None) from None
+        decoding = req.decoding or ("sample" if req.n > 1 else None)   # several targets of one source: drawn
+        return Job("targets", {"source": req.source, "decoding": decoding, "beam_width": req.beam_width,
+                               "temperature": req.temperature, "top_k": req.top_k, "seed": req.seed}, n=req.n)
     if isinstance(engine, DiffusionEngine):
         _not_for(engine, ("temperature", "top_k"), req, allowed)
         _in_range("label", req.label, 0, engine.num_classes - 1, allowed)
@@ -284,6 +311,10 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
             raise ValueError("only diffusion and causal text requests are batched")
         job = jobs[0]
         s = dict(job.settings)
+        if job.kind == "targets":   # as `genflow sample MODEL --source` writes them: seed + i for the i-th
+            assert isinstance(engine, EncDecEngine)
+            source, seed = s.pop("source"), s.pop("seed")
+            return [[engine.transduce([source], seed=seed + i, **s)[0] for i in range(job.n)]]
         if job.kind == "images":
             assert isinstance(engine, CausalLMEngine)
             levels = engine.sample_digits(s["labels"], temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"])

@@ -22,6 +22,7 @@ from components.errors import ServerError
 from components.inference import (
     CausalLMEngine,
     DiffusionEngine,
+    EncDecEngine,
     Engine,
     InferenceError,
     load_engine,
@@ -68,6 +69,9 @@ def smoke_check(engine: Engine) -> None:
     try:
         if isinstance(engine, DiffusionEngine):
             out = engine.sample([0], steps=min(2, engine.timesteps), guidance=1.0, seed=0)
+        elif isinstance(engine, EncDecEngine):
+            targets = engine.transduce([str(engine.config.get("vocab") or "a")[:1]], decoding="greedy")
+            out = np.zeros(1) if targets and isinstance(targets[0], str) else np.full(1, np.nan)
         elif engine.kind == "image":
             assert isinstance(engine, CausalLMEngine)
             out = engine.sample_digits([0], seed=0)

@@ -197,6 +197,21 @@ def test_exports_two_graphs_that_pass_parity(trained):
     assert out.read_text() == f"source: {src[0]}\ntarget: {greedy[0]}\n"
     assert main(["sample", "pydoc-seq2seq", "--exports", str(root / "exports"), "--source", "x" * 30]) != 0
 
+    # genflow serve: {"source": ...} is planned, checked and decoded as genflow sample decodes it
+    from components.serving.generate import Limits, RequestProblem, plan, run_jobs
+    from components.serving.models import smoke_check
+
+    smoke_check(engine)   # what the server runs before it serves a new version
+    job = plan(engine, {"source": src[0]}, Limits())
+    assert run_jobs(engine, [job]) == [[greedy[0]]]
+    drawn = run_jobs(engine, [plan(engine, {"source": src[0], "n": 2, "seed": 5}, Limits())])[0]
+    assert drawn == [engine.transduce(src[:1], decoding="sample", seed=5 + i)[0] for i in range(2)]
+    for body, field in (({"source": "m" * 25}, "source"), ({"source": "m€"}, "source"), ({"source": ""}, "source"),
+                        ({"source": "m", "beam_width": 0}, "beam_width"), ({"prompt": "m"}, "source")):
+        with pytest.raises(RequestProblem) as e:
+            plan(engine, body, Limits())
+        assert e.value.detail[0]["field"] == field, body
+
 
 def target_logprob(model, config, source: str, target: str) -> float:
     tok = seq2seq.pair_tokenizer(config["vocab"])
