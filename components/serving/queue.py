@@ -6,8 +6,9 @@
 One worker per model runs the engine on a thread (onnxruntime releases the GIL), one batch at a
 time. A batch is the first waiting request plus the waiting requests with the same version and
 batch key (diffusion: same steps and guidance; causal text: same prompt length, length,
-temperature and top_k), up to max_batch; when nothing else waits the
-worker first waits batch_wait_s for company. A request that timed out before its batch started
+temperature and top_k), up to max_batch. When one request waits alone and the last batch held
+several (requests are arriving together), the worker first waits batch_wait_s for company; a
+lone request on a quiet model runs at once (no added latency at concurrency 1). A request that timed out before its batch started
 is dropped, so an abandoned request costs no engine time.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ class ModelQueue:
     batch_wait_s: float = 0.005
     items: deque = field(default_factory=deque)
     depth: int = 0           # admitted and not yet finished (waiting or running)
+    last_batch: int = 1      # size of the batch run last: > 1 means requests arrive together
     _wakeup: Optional[asyncio.Event] = None
     _task: Optional[asyncio.Task] = None
 
@@ -104,7 +106,8 @@ class ModelQueue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             head = self.items[0]
-            if head.job.batch_key is not None and self.max_batch > 1 and len(self.items) == 1:
+            if head.job.batch_key is not None and self.max_batch > 1 and len(self.items) == 1 \
+                    and self.last_batch > 1:
                 await asyncio.sleep(self.batch_wait_s)  # bounded wait for requests to share the batch
             batch = self._take_batch()
             dropped = [it for it in batch if it.abandoned]
@@ -113,6 +116,7 @@ class ModelQueue:
             if not batch:
                 continue
             self.metrics.batch_size.labels(self.name).observe(len(batch))
+            self.last_batch = len(batch)
             engine = batch[0].served.engine
             try:
                 outputs = await asyncio.to_thread(run_jobs, engine, [it.job for it in batch])
