@@ -8,8 +8,8 @@ time. A batch is the first waiting request plus the waiting requests with the sa
 batch key (diffusion: same steps and guidance; causal text: same prompt length, length,
 temperature and top_k), up to max_batch. When one request waits alone and the last batch held
 several (requests are arriving together), the worker first waits batch_wait_s for company; a
-lone request on a quiet model runs at once (no added latency at concurrency 1). A request that timed out before its batch started
-is dropped, so an abandoned request costs no engine time.
+lone request on a quiet model runs at once (no added latency at concurrency 1). A request that
+timed out before its batch started is dropped, so an abandoned request costs no engine time.
 """
 from __future__ import annotations
 
