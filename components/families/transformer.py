@@ -479,9 +479,8 @@ def _decode_until_end(model, idx, max_new: int, tok, greedy: bool, temperature: 
     """New ids after the prompts idx (B, P), stopping once every row has written the end marker
     (GPT.generate always writes max_new tokens). With the cache: components.models.gpt.Decoder."""
     import torch
-    import torch.nn.functional as F
 
-    from components.models.gpt import Decoder
+    from components.models.gpt import Decoder, pick_next
 
     B, P = idx.shape
     done = torch.zeros(B, dtype=torch.bool)
@@ -491,14 +490,7 @@ def _decode_until_end(model, idx, max_new: int, tok, greedy: bool, temperature: 
         logits = decoder(idx, 0) if use_cache else model(idx, use_cache=False)[0][:, -1]
         for step in range(max_new):
             logits = logits[:, :tok.allowed_tokens]
-            if greedy:
-                nxt = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=gen)[:, 0]
+            nxt = pick_next(logits, greedy, temperature, top_k, gen)
             nxt = torch.where(done, torch.full_like(nxt, tok.eos_id), nxt)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             done |= nxt == tok.eos_id

@@ -43,6 +43,7 @@ from components.models.gpt import (
     SelfAttention,
     init_gpt2_weights,
     inverse_frequencies,
+    pick_next,
     rotary,
 )
 
@@ -217,14 +218,7 @@ class EncDec(nn.Module):
             logits, past = self._step(src, src_mask, cross_kv, prefix, past, cache)
             if allowed_tokens is not None:
                 logits = logits[:, :allowed_tokens]
-            if greedy:
-                nxt = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)[:, 0]
+            nxt = pick_next(logits, greedy, temperature, top_k, generator)
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             prefix = torch.cat([prefix, nxt[:, None]], dim=1)
             done |= nxt == eos_id

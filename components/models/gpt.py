@@ -171,6 +171,19 @@ def init_gpt2_weights(model: nn.Module, n_layer: int) -> None:
             nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
 
+def pick_next(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """(B,) next ids from last-position logits (B, V): argmax, or a draw at `temperature` among the
+    top_k (0: all) most likely. The decoders that stop at an end marker share it (encdec, pairs GPT)."""
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, vocab_size: int):
         super().__init__()
