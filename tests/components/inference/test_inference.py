@@ -19,15 +19,8 @@ from components.models.gpt import GPT
 from components.models.unet import UNet
 from components.sampling.requests import SamplingRequestError
 from flows.sample import sample_cli
-
-VOCAB = "\n abcdefgh"
-UNET_CONFIG = {"backbone": "unet", "family": "diffusion", "image_size": 8, "levels": 17, "num_classes": 3,
-               "diffusion": {"timesteps": 20, "schedule": "cosine"},
-               "sample": {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance": 2.0}}
-TEXT_CONFIG = {"backbone": "gpt", "family": "transformer", "kind": "text", "vocab": VOCAB,
-               "sample": {"temperature": 0.8, "top_k": 0, "length": 12, "prompt": "ab"}}
-DIGITS_CONFIG = {"backbone": "gpt", "family": "transformer", "kind": "image", "levels": 5, "num_classes": 3,
-                 "image_size": 4}
+from serving_models import PIXELS_CONFIG as DIGITS_CONFIG  # noqa: E402  (the tiny models' configs, shared)
+from serving_models import TEXT_CONFIG, UNET_CONFIG, VOCAB  # noqa: E402
 
 
 @pytest.fixture(scope="module")
