@@ -4,6 +4,7 @@
     # exports/digits-unet/model.onnx    the graph (weights inside: one file)
     # exports/digits-unet/config.json   all that components/inference/ needs, torch-free
     # exports/digits-unet/parity.json   onnxruntime vs PyTorch on fixed random inputs
+    # exports/digits-unet/parity_inputs.npz  the gate's first inputs and outputs, replayed on load
     result["passed"]  # False above export.parity_atol / parity_rtol: the flow does not register it
 
 Graphs, one per backbone kind (dynamic axes named, example sizes >= 2 so none is frozen):
@@ -395,8 +396,10 @@ def check_parity(spec: GraphSpec, net: Any, onnx_path: Path, export_cfg: ExportC
     max_rel is relative to the output's scale: max |ort - torch| / max |torch|, per check.
     """
     from components.inference import make_session
+    from components.inference.replay import PARITY_INPUTS_FILE, RecordingSession, save_record
 
     session, _ = make_session(Path(onnx_path), prefer_gpu=False)  # CPU: the reference is CPU PyTorch
+    session = RecordingSession(session)   # its first call is kept for whoever loads the graph later
     companions = {name: make_session(Path(onnx_path).parent / f"{name}.onnx", prefer_gpu=False)[0]
                   for name in spec.companions}
     checks = _parity_checks(spec, net, session, companions)
@@ -406,6 +409,7 @@ def check_parity(spec: GraphSpec, net: Any, onnx_path: Path, export_cfg: ExportC
     atol, rtol = float(export_cfg.parity_atol), float(export_cfg.parity_rtol)
     result = {"passed": bool(max_abs <= atol and max_rel <= rtol), "max_abs": max_abs, "max_rel": max_rel,
               "atol": atol, "rtol": rtol, "checks": checks}
+    save_record(Path(onnx_path).parent / PARITY_INPUTS_FILE, session.record, atol)
     if not max_abs <= atol:  # NaN and inf fail here too
         result["reason"] = (f"max abs error {max_abs:.3g} ({worst_abs['output']}, {worst_abs['name']}) "
                             f"above export.parity_atol {atol:g}")

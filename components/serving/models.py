@@ -27,6 +27,7 @@ from components.inference import (
     InferenceError,
     load_engine,
 )
+from components.inference.replay import replay
 from components.registry.resolve import download_version
 
 log = logging.getLogger("genflow.serve")
@@ -65,7 +66,9 @@ def parity_of(tags: dict) -> Optional[float]:
 
 
 def smoke_check(engine: Engine) -> None:
-    """One small request on a freshly loaded engine; SmokeCheckFailed says what went wrong."""
+    """One small request on a freshly loaded engine, then the export's parity inputs replayed on its
+    session (outputs within export.parity_atol of those the parity gate saw); SmokeCheckFailed says
+    what went wrong."""
     try:
         if isinstance(engine, DiffusionEngine):
             out = engine.sample([0], steps=min(2, engine.timesteps), guidance=1.0, seed=0)
@@ -84,6 +87,16 @@ def smoke_check(engine: Engine) -> None:
         raise SmokeCheckFailed(f"{engine.name}: smoke request failed ({type(e).__name__}: {first[:300]})") from None
     if not np.all(np.isfinite(np.asarray(out, dtype=np.float64))):
         raise SmokeCheckFailed(f"{engine.name}: smoke request gave non-finite values (NaN or inf)")
+    try:
+        replayed = replay(engine.folder, engine.session)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SmokeCheckFailed(f"{engine.name}: replaying its export's parity inputs failed "
+                               f"({type(e).__name__}: {first[:300]})") from None
+    if replayed is not None and not replayed["max_abs"] <= replayed["atol"]:
+        raise SmokeCheckFailed(f"{engine.name}: on {engine.provider} its export's parity inputs give "
+                               f"{replayed['output']} off by {replayed['max_abs']:.3g} from the exported "
+                               f"graph's (above export.parity_atol {replayed['atol']:g})")
 
 
 def load_version(mv: Any, alias: Optional[str], root: Path, threads: Optional[int] = None,

@@ -265,6 +265,36 @@ def test_an_alias_move_is_followed_and_a_broken_version_is_refused(registered, t
         assert f'genflow_serve_model_swaps_total{{alias="champion",model="{name}"}} 3.0' in client.get("/metrics").text
 
 
+@pytest.mark.parametrize("kind", ["unet", "gpt", "pixels", "mdlm"])
+def test_the_smoke_check_replays_the_exports_parity_inputs(registered, tmp_path, tmp_path_factory, kind):
+    import shutil
+
+    from components.inference import load_engine
+    from components.inference.replay import PARITY_INPUTS_FILE, replay
+    from components.serving.models import SmokeCheckFailed, smoke_check
+
+    folder = registered[0][kind][1]
+    engine = load_engine(folder, threads=1)
+    engine.name = kind
+    result = replay(folder, engine.session)
+    assert result is not None and result["max_abs"] <= 1e-6 and result["atol"] > 0
+    smoke_check(engine)   # passes on the graph it was recorded from
+
+    # the same shapes with other weights (a graph that loads and runs, but is not what was checked)
+    other = export_tiny(tmp_path_factory.mktemp("other-weights"), seed=1)[kind]
+    drifted = tmp_path / "drifted"
+    shutil.copytree(folder, drifted)
+    shutil.copy(other / "model.onnx", drifted / "model.onnx")
+    engine = load_engine(drifted, threads=1)
+    engine.name = kind
+    with pytest.raises(SmokeCheckFailed, match=r"its export's parity inputs give \w+ off by .* from the "
+                                               r"exported graph.s \(above export.parity_atol"):
+        smoke_check(engine)
+
+    (drifted / PARITY_INPUTS_FILE).unlink()   # an export from before the record: the request alone
+    smoke_check(load_engine(drifted, threads=1))
+
+
 def test_default_serves_every_registered_model_holding_the_alias(registered, tmp_path):
     names, _ = registered
     app = create_app(ServeSettings(root=tmp_path, tracking_uri=os.environ["MLFLOW_TRACKING_URI"], poll_seconds=60,
