@@ -298,16 +298,19 @@ class MaskedLMEngine(TextEngine):
                  top_k: int = 0, *, seed: int = 0, rand: Optional[Callable[[tuple], np.ndarray]] = None) -> np.ndarray:
         """`batch` sequences: the prompt ids (P,) then `length` ids written in K = steps steps; (B, P + length).
 
-        Same as MaskedDiffusion.sample: per step, position scores (B, P + length) then token
-        uniforms (B, n) from rand(shape) (default: numpy's generator seeded with `seed`).
+        `prompt` may also be (B, P): one prompt per row, all of one length. Same as
+        MaskedDiffusion.sample: per step, position scores (B, P + length) then token uniforms
+        (B, n) from rand(shape) (default: numpy's generator seeded with `seed`).
         """
-        prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
-        self.check_sampling(len(prompt), length, steps, temperature, top_k or 0)
+        prompt = np.asarray(prompt, dtype=np.int64)
+        prompts = prompt.reshape(1, -1).repeat(batch, axis=0) if prompt.ndim < 2 else prompt
+        if prompts.shape[0] != batch:
+            raise InferenceError(f"prompts: {prompts.shape[0]} rows for a batch of {batch}")
+        self.check_sampling(prompts.shape[1], length, steps, temperature, top_k or 0)
         if rand is None:
             rng = np.random.default_rng(seed)
             rand = rng.random
-        x = np.concatenate([np.tile(prompt, (batch, 1)),
-                            np.full((batch, length), self.mask_id, dtype=np.int64)], axis=1)  # (B, P + L)
+        x = np.concatenate([prompts, np.full((batch, length), self.mask_id, dtype=np.int64)], axis=1)  # (B, P + L)
         rows = np.arange(batch)[:, None]
         for n in masked.unmask_counts(length, steps):
             if n == 0:

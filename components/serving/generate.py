@@ -226,13 +226,14 @@ def _plan_text(engine: Engine, req: TextRequest, limits: Limits, allowed: dict) 
         _in_range("steps", steps, 1, MAX_MASKED_STEPS, allowed)
     settings = {"prompt": req.prompt, "length": length, "temperature": req.temperature, "top_k": req.top_k,
                 "seed": req.seed, "count": req.n}
+    # What sample_text decodes from, resolved here so that requests whose prompts have the same
+    # length (and the same sampling settings) can share one batch.
+    start, length, temperature, top_k = engine.text_request(req.prompt, length, req.temperature, req.top_k,
+                                                            req.n, engine.block_size if masked else 256)
     if masked:
         settings["steps"] = steps
-        return Job("texts", settings, n=req.n)
-    # What CausalLMEngine.sample_text decodes from, resolved here so that requests whose prompts
-    # have the same length (and the same sampling settings) can share one decoding batch.
-    start, length, temperature, top_k = engine.text_request(req.prompt, length, req.temperature, req.top_k,
-                                                            req.n, 256)
+        return Job("texts", settings, batch_key=("masked", len(start), length, steps, temperature, top_k),
+                   n=req.n, extra={"start": np.asarray(start, dtype=np.int64)})
     lead = 0
     if len(start) == 0:  # no prompt: start from a document break, as sample_text does
         tok = engine.tokenizer
@@ -254,7 +255,8 @@ def batched_randn(parts: list[tuple[int, int]]) -> Randn:
 
 
 class RowStreams:
-    """Stands in for the np.random.Generator of CausalLMEngine.generate in a batch of requests
+    """Stands in for the np.random.Generator of CausalLMEngine.generate (its .random, for
+    MaskedLMEngine.generate) in a batch of requests
     [(seed, n), ...]: each request's rows are drawn from its own stream, as they are alone."""
 
     def __init__(self, parts: list[tuple[int, int]]):
@@ -273,6 +275,20 @@ def run_causal_batch(engine: CausalLMEngine, jobs: list[Job]) -> list[list[str]]
     texts, at = [], 0
     for j in jobs:
         texts.append([engine.tokenizer.decode(row[j.extra["lead"]:]) for row in out[at:at + j.n]])
+        at += j.n
+    return texts
+
+
+def run_masked_batch(engine: MaskedLMEngine, jobs: list[Job]) -> list[list[str]]:
+    """Masked-LM requests with the same prompt length, length, K and sampling settings: one
+    graph call per denoising step for all of them, each request's draws from its own stream."""
+    _, _, length, steps, temperature, top_k = jobs[0].batch_key
+    ids = np.concatenate([np.tile(j.extra["start"], (j.n, 1)) for j in jobs])           # (B, P)
+    out = engine.generate(ids, len(ids), length, steps, temperature, top_k,
+                          rand=RowStreams([(j.settings["seed"], j.n) for j in jobs]).random)
+    texts, at = [], 0
+    for j in jobs:
+        texts.append([engine.tokenizer.decode(row) for row in out[at:at + j.n]])
         at += j.n
     return texts
 
@@ -307,8 +323,10 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
             return out
         if len(jobs) > 1 and isinstance(engine, CausalLMEngine) and jobs[0].kind == "texts":
             return run_causal_batch(engine, jobs)
+        if len(jobs) > 1 and isinstance(engine, MaskedLMEngine):
+            return run_masked_batch(engine, jobs)
         if len(jobs) != 1:
-            raise ValueError("only diffusion and causal text requests are batched")
+            raise ValueError("only diffusion and text requests are batched")
         job = jobs[0]
         s = dict(job.settings)
         if job.kind == "targets":   # as `genflow sample MODEL --source` writes them: seed + i for the i-th

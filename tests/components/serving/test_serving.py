@@ -450,6 +450,33 @@ def test_concurrent_text_requests_with_prompts_of_one_length_share_a_decoding_ba
             assert all(t.startswith(b["prompt"]) and len(t) == 22 for t in together)
 
 
+def test_concurrent_masked_lm_requests_share_one_call_per_denoising_step(registered, tmp_path, held_engine):
+    release, started, sizes = held_engine
+    name = registered[0]["mdlm"][0]
+    app = create_app(settings(tmp_path, [name], max_batch=8))
+    url = f"/v1/models/{name}/generate"
+    bodies = [{"prompt": p, "length": 10, "steps": 4, "seed": i, "n": 1 + i % 2}
+              for i, p in enumerate(["ab", "ha", "b ", "gg"])]
+    with TestClient(app) as client:
+        ready(client)
+        first: list = []
+        threads = [post_in_thread(client, url, {"prompt": "abc", "length": 8, "steps": 4}, first)]
+        assert started.wait(30)
+        batched: dict = {}
+        for b in bodies + [{"prompt": "ab", "length": 10, "steps": 2, "seed": 9}]:  # another K: runs alone
+            batched[b["seed"]] = []
+            threads.append(post_in_thread(client, url, b, batched[b["seed"]]))
+        wait_for(lambda: app.state.server.queues[name].depth == 6, "six requests admitted")
+        release.set()
+        for t in threads:
+            t.join(60)
+        assert sizes == [1, 4, 1]
+        for b in bodies:   # each request's texts are the ones it gets alone
+            together = batched[b["seed"]][0].json()["texts"]
+            assert together == client.post(url, json=b).json()["texts"] and len(together) == b["n"]
+            assert all(t.startswith(b["prompt"]) and len(t) == 12 for t in together)
+
+
 def test_shadow_runs_the_challenger_beside_the_champion_and_scores_both_texts(registered, tmp_path):
     (_, folder), artifacts = registered[0]["gpt"], registered[1]
     name = unique("shadow")
