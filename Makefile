@@ -22,10 +22,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install            ## the main job on the embedded defaults (MLflow on SQLite, local Prefect, local DVC remote)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/genflow run
+	$(BIN)/genflow run
 
 quick: install          ## the same chain with tiny budgets (a first look in minutes)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/genflow run --quick
+	$(BIN)/genflow run --quick
 
 # The MLflow UI test drives Debian's chromium; installed only when missing and when root (else skipped).
 browser:

@@ -5,8 +5,9 @@
 OpenMP's wait policy is fixed when a process starts, so every configuration runs in a child
 process of its own: 1 thread; 2 threads with OMP_WAIT_POLICY=PASSIVE (threads sleep at once);
 2 threads spinning (OpenMP's default); 2 threads spinning briefly (GOMP_SPINCOUNT). Each child does
-the model's own training step (components.families.base.probe_train_step) for `--seconds` after a
-warm-up and prints items/s.
+the model's own training step (components.threads.measure) for `--seconds` after a warm-up and
+prints items/s. genflow's own choice (components.threads.choose, measured afresh with no cache,
+as a `genflow run` does) is printed beside them, with its ratio to the best.
 Configurations alternate, `--repeats` times, and the median is kept, so a burst of other work
 hits one round, not one configuration. The same table is then measured with a CPU-bound
 neighbour process per core beside it ("loaded"). Ratios are to the best configuration of each
@@ -15,72 +16,38 @@ condition: the thread policy genflow should choose is the one near the best in b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {   # name -> (threads, extra environment)
-    "1 thread": (1, {}),
-    "2 passive": (2, {"OMP_WAIT_POLICY": "PASSIVE"}),
-    "2 spinning": (2, {}),
-    "2 spin 20k": (2, {"GOMP_SPINCOUNT": "20000"}),
-}
-BATCH = {"digits-unet": 64, "digits-dit": 64, "digits-gpt": 16, "pydoc-gpt": 16, "pydoc-mdlm": 32}
+from components import threads  # noqa: E402
 
 
-def default_config(key: str, params_path: Path) -> dict:
-    """The model spec of a default network (params.yaml's shape) without data: the digits' 8x8 x 10
-    classes for images, a 100-character vocabulary for text."""
-    import dataclasses
-
-    from components.config import load_params
-    from components.families.registry import backbone
-
-    mc = load_params(params_path).model(key)
-    entry = backbone(mc.backbone)
-    config = {"backbone": mc.backbone, "model": key, "kind": "text" if mc.dataset == "pydoc" else "image",
-              entry.section: dataclasses.asdict(getattr(mc, entry.section)),
-              "diffusion": dataclasses.asdict(mc.diffusion), "masked": dataclasses.asdict(mc.masked),
-              "image_size": 8, "channels": 1, "num_classes": 10, "levels": 17}
-    config["vocab_size"] = 100 if config["kind"] == "text" else 17 + 10
-    config["mask_id"] = config["vocab_size"] - 1
-    return config
+def configurations(cores: int) -> dict[str, tuple[int, str, dict]]:
+    """name -> (threads, wait policy, extra environment): genflow's candidates and a brief spin."""
+    out = {threads.candidate_name(n, wait): (n, wait, {}) for n, wait in threads.candidates(cores)}
+    if cores > 1:
+        out[f"{cores} threads spin 20k"] = (cores, "spinning", {"GOMP_SPINCOUNT": "20000"})
+    return out
 
 
-def child(key: str, threads: int, seconds: float, params_path: Path) -> None:
-    import torch
-
-    from components.families.base import probe_train_step
-    from components.families.registry import backbone
-
-    torch.set_num_threads(threads)
-    config = default_config(key, params_path)
-    torch.manual_seed(0)
-    net = backbone(config["backbone"]).family().build_network(config)
-    step, items = probe_train_step(net, config, BATCH.get(key, 32))
-    for _ in range(3):   # warm-up: thread pool, allocator, caches
-        step()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        step()
-        n += 1
-    print(json.dumps({"items_per_s": n * items / (time.perf_counter() - t0)}))
-
-
-def run_child(key: str, threads: int, env: dict, seconds: float, params_path: Path) -> float:
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
-    out = subprocess.run([sys.executable, __file__, "--child", key, str(threads), str(seconds), str(params_path)],
-                         env={**base, **env}, capture_output=True, text=True, timeout=600)
-    if out.returncode:
-        raise SystemExit(f"{key} child failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["items_per_s"]
+def run_child(config: dict, threads_: int, wait: str, env: dict, seconds: float) -> float:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return threads.measure(config, threads_, wait, seconds)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def neighbours(n: int) -> list[subprocess.Popen]:
@@ -95,34 +62,47 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per child")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--neighbours", type=int, default=0, help="CPU-bound neighbours when loaded (0: one per core)")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        key, threads, seconds, params_path = args.child
-        return child(key, int(threads), float(seconds), Path(params_path))
 
-    configs = dict(CONFIGS)
+    from components.config import load_params
+
+    params = load_params(Path(args.params))
     cores = os.cpu_count() or 1
+    configs = configurations(cores)
+    for k in ("OMP_WAIT_POLICY", "GENFLOW_THREADS", "GENFLOW_THREAD_POLICY"):
+        os.environ.pop(k, None)
     print(f"{cores} cores; {args.repeats} rounds of {args.seconds:.0f} s per configuration; medians of items/s",
           flush=True)
+    summary = []
     for condition in ("quiet", "loaded"):
         procs = neighbours(args.neighbours or cores) if condition == "loaded" else []
         try:
             for key in args.models.split(","):
+                config = threads.probe_config(params, key)
+                with tempfile.TemporaryDirectory() as fresh:   # genflow's choice, measured as `genflow run` does
+                    choice = threads.choose(Path(fresh), params, [key], log=lambda _: None)
                 rates = {name: [] for name in configs}
-                for r in range(args.repeats):
-                    for name, (threads, env) in configs.items():
-                        rates[name].append(run_child(key, threads, env, args.seconds, Path(args.params)))
+                for _ in range(args.repeats):
+                    for name, (n, wait, env) in configs.items():
+                        rates[name].append(run_child(config, n, wait, env, args.seconds))
                 med = {name: statistics.median(v) for name, v in rates.items()}
                 best = max(med.values())
+                chosen = med[choice.name]
                 print(f"\n{key}, {condition}" + (f" ({len(procs)} CPU-bound neighbours)" if procs else ""))
                 print(f"| {'configuration':<34} | items/s | vs best |")
                 print(f"|{'-' * 36}|--------:|--------:|")
                 for name, v in med.items():
                     print(f"| {name:<34} | {v:7.0f} | {v / best:6.2f}x |", flush=True)
+                label = f"genflow's choice: {choice.name}"
+                print(f"| {label:<34} | {chosen:7.0f} | {chosen / best:6.2f}x |", flush=True)
+                summary.append((key, condition, choice.name, chosen / best))
         finally:
             for p in procs:
                 p.kill()
+    print("\n| model | condition | genflow chose | vs best | within 10% |")
+    print("|---|---|---|--:|---|")
+    for key, condition, name, ratio in summary:
+        print(f"| {key} | {condition} | {name} | {ratio:.2f}x | {'yes' if ratio >= 0.9 else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -98,8 +98,14 @@ class World:
         return self.rank == 0
 
     def threads(self, configured: int) -> int:
-        """train.threads if set, else this machine's cores shared among its ranks."""
-        return configured if configured > 0 else max(1, (os.cpu_count() or 1) // self.local_size)
+        """train.threads if set, else the measured choice (GENFLOW_THREADS, components/threads.py)
+        when this process trains alone, else this machine's cores shared among its ranks."""
+        if configured > 0:
+            return configured
+        chosen = os.environ.get("GENFLOW_THREADS", "")
+        if chosen.isdigit() and int(chosen) > 0 and self.local_size == 1:
+            return int(chosen)
+        return max(1, (os.cpu_count() or 1) // self.local_size)
 
     def mean(self, value: float) -> float:
         """The average of `value` over all ranks (each rank holds the mean of an equal shard)."""

@@ -105,7 +105,10 @@ def load_replay(path: Optional[str] = None) -> Optional[list[float]]:
 
 def write_schedule(path: Path, lrs: list[float], threads: int, processes: int) -> None:
     """The learning rate of every step and how many threads ran them (what a replay needs)."""
-    write_json(path, {"steps": len(lrs), "threads": threads, "processes": processes, "lrs": lrs}, indent=None)
+    policy = os.environ.get("GENFLOW_THREAD_POLICY") or f"{threads} thread(s), OMP_WAIT_POLICY=" + \
+        os.environ.get("OMP_WAIT_POLICY", "default")
+    write_json(path, {"steps": len(lrs), "threads": threads, "processes": processes, "policy": policy, "lrs": lrs},
+               indent=None)
 
 
 def budget_progress(step: int, seconds: float, cfg: TrainConfig) -> float:

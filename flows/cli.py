@@ -24,7 +24,6 @@ def configure_environment(root: Path) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # The flow runs in this process; its logs must reach the terminal, not only the API.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
@@ -146,6 +145,7 @@ def cmd_run(args) -> int:
     only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
     configure_environment(Path.cwd())   # environment only: Prefect is imported after the checks
     keys = preflight(params, Path.cwd(), only)   # bad input refused in one line before any work
+    choose_threads(params, keys)                 # before anything imports torch
     from flows.retrain import run_pipeline
 
     summary = run_pipeline(params, Path.cwd(), only=keys, quick=args.quick, force=args.force,
@@ -153,10 +153,31 @@ def cmd_run(args) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
+def choose_threads(params, keys: list[str]) -> None:
+    """The training processes' thread policy, measured (components/threads.py) unless the
+    environment or train.threads already decide it; OpenMP reads it when torch is imported."""
+    from components import threads
+
+    if "torch" in sys.modules:   # too late to choose a wait policy in this process
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        return
+    choice = threads.choose(Path.cwd(), params, keys)
+    if choice is None:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # spinning OpenMP threads stall shared cores
+        return
+    choice.apply()
+    print(f"thread policy: {choice.describe()}", flush=True)
+
+
 def cmd_stage(args) -> int:
     from flows.stages import run_stage
 
-    result = run_stage(_load(args), args.name, args.key, Path.cwd())
+    params = _load(args)
+    if args.name == "train":
+        choose_threads(params, [args.key])
+    else:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    result = run_stage(params, args.name, args.key, Path.cwd())
     print(f"{args.name} {args.key}: done" + (f" ({_short(result)})" if result else ""))
     return 0
 
@@ -287,9 +308,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall 2-core machines
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ("run", "stage"):   # those two measure their training's policy first
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall 2-core machines
     if not args.command:
         parser.print_help()
         return 0

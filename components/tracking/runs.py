@@ -236,6 +236,8 @@ def log_model_artifacts(key: str, root: Path, params: Optional[Params] = None,
         schedule = json.loads((model_dir / "schedule.json").read_text())
         mlflow.MlflowClient().set_tag(rid, "genflow.train_threads", str(schedule["threads"]))
         mlflow.MlflowClient().set_tag(rid, "genflow.train_steps", str(schedule["steps"]))
+        if schedule.get("policy"):   # how the threads were chosen (components/threads.py)
+            mlflow.MlflowClient().set_tag(rid, "genflow.thread_policy", str(schedule["policy"])[:500])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return logged

@@ -1,0 +1,226 @@
+"""The thread policy of a training process, chosen by measuring this machine as it is now.
+
+OpenMP's wait policy is fixed when a process loads it (at ``import torch``). On a quiet machine
+spinning threads are fastest (2 threads of the default U-Net 1844 img/s, PASSIVE 779, 1 thread
+1279); when other processes share the cores spinning stalls badly (51 img/s against 479 for one
+thread). So the CLI chooses before importing torch:
+
+    choice = choose(root, params, ["digits-unet", ...])   # torch-free; children do the measuring
+    choice.apply()                                        # OMP_WAIT_POLICY and GENFLOW_THREADS set
+
+Each candidate (1 thread; all cores, PASSIVE; all cores, spinning) runs the first model's own
+training step (components.families.base.probe_train_step) in child processes (two alternating
+rounds of a second each, the better kept), and the fastest wins. The result is cached in
+.genflow/threads.json per machine, library versions, network shape and *load class*: the cores
+other processes keep busy right now (read from /proc/stat over 0.3 s, before anything of ours
+runs), rounded. So a quiet machine and a
+busy one each get their own measured answer, and a run pays the measurement once per class.
+
+Skipped (nothing measured) when the choice is already made: GENFLOW_THREADS or OMP_WAIT_POLICY
+in the environment, or ``train.threads`` set for every model to train. The replay of a recorded
+run (GENFLOW_REPLAY_SCHEDULE) uses the recorded threads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+CACHE_FILE = Path(".genflow") / "threads.json"
+CACHE_DAYS = 7
+PROBE_SECONDS = 2.0          # timed seconds per candidate, over ROUNDS children
+ROUNDS = 2
+BATCH = {"image": 64, "text": 16}   # the default models' batch sizes (probe only)
+POLICY_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+
+
+@dataclass
+class Choice:
+    threads: int                     # torch intra-op threads for training
+    wait: str                        # "PASSIVE" | "spinning" (OpenMP's default)
+    source: str                      # measured | cached | environment | train.threads | replay | one core
+    rates: dict[str, float] = field(default_factory=dict)   # candidate -> items/s (measured or cached)
+    busy_cores: float = 0.0          # what other processes kept busy when it was chosen
+
+    @property
+    def name(self) -> str:
+        return candidate_name(self.threads, self.wait)
+
+    def describe(self) -> str:
+        table = ", ".join(f"{k} {v:.0f}/s" for k, v in self.rates.items())
+        return f"{self.name} ({self.source}" + (f": {table}" if table else "") + \
+            f"; {self.busy_cores:.1f} cores busy elsewhere)"
+
+    def apply(self) -> None:
+        """Set the environment a torch imported after this reads (this process and its children)."""
+        os.environ["GENFLOW_THREADS"] = str(self.threads)
+        os.environ["GENFLOW_THREAD_POLICY"] = self.describe()
+        if self.wait == "PASSIVE":
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        elif self.source != "environment":
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+def candidate_name(threads: int, wait: str) -> str:
+    return "1 thread" if threads == 1 else f"{threads} threads {'passive' if wait == 'PASSIVE' else 'spinning'}"
+
+
+def candidates(cores: int) -> list[tuple[int, str]]:
+    if cores < 2:
+        return [(1, "PASSIVE")]
+    return [(1, "PASSIVE"), (cores, "PASSIVE"), (cores, "spinning")]
+
+
+def busy_cores(seconds: float = 0.3) -> float:
+    """Cores kept busy by other processes over `seconds` (from /proc/stat); 0 where it cannot be read."""
+    def sample() -> Optional[tuple[int, int]]:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    if a is None or b is None or b[0] == a[0]:
+        return 0.0
+    return (os.cpu_count() or 1) * (1.0 - (b[1] - a[1]) / (b[0] - a[0]))
+
+
+def probe_config(params: Any, key: str) -> dict:
+    """The model spec of `key`'s network from params alone (no data): the dataset's image size and
+    levels, ten classes for images, a 100-character vocabulary for text."""
+    import dataclasses
+
+    from components.families.registry import backbone
+
+    mc = params.model(key)
+    ds = params.dataset(mc.dataset)
+    entry = backbone(mc.backbone)
+    kind = ds.kind
+    config = {"backbone": mc.backbone, "model": key, "kind": kind,
+              entry.section: dataclasses.asdict(getattr(mc, entry.section)),
+              "diffusion": dataclasses.asdict(mc.diffusion), "masked": dataclasses.asdict(mc.masked),
+              "image_size": int(getattr(ds, "image_size", 8) or 8), "channels": 1, "num_classes": 10,
+              "levels": int(getattr(ds, "levels", 17) or 17)}
+    config["vocab_size"] = 100 if kind == "text" else config["levels"] + 10
+    config["mask_id"] = config["vocab_size"] - 1
+    return config
+
+
+def cache_key(config: dict, load_class: int) -> str:
+    versions = {p: _version(p) for p in ("torch", "numpy")}
+    blob = json.dumps({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "versions": versions, "config": config, "load": load_class}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def measure(config: dict, threads: int, wait: str, seconds: float = PROBE_SECONDS) -> float:
+    """items/s of the network's training step in a child process with this policy."""
+    env = {k: v for k, v in os.environ.items() if k not in POLICY_ENV}
+    if wait == "PASSIVE":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    out = subprocess.run([sys.executable, "-m", "components.threads", json.dumps(config), str(threads), str(seconds)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise RuntimeError(f"thread probe ({candidate_name(threads, wait)}) failed: {last}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["items_per_s"])
+
+
+def choose(root: Path, params: Any, keys: list[str], log: Any = print) -> Optional[Choice]:
+    """The policy for training `keys` in this process; None when the environment already decides."""
+    cores = os.cpu_count() or 1
+    if os.environ.get("GENFLOW_REPLAY_SCHEDULE"):
+        return None
+    if os.environ.get("GENFLOW_THREADS") or os.environ.get("OMP_WAIT_POLICY"):
+        return None
+    configured = [params.model(k).train.threads for k in keys]
+    if not keys or all(t > 0 for t in configured):
+        return None
+    if cores < 2:
+        return Choice(1, "PASSIVE", "one core")
+    busy = busy_cores()
+    load_class = int(round(min(busy, cores)))
+    config = probe_config(params, keys[0])
+    key = cache_key(config, load_class)
+    path = Path(root) / CACHE_FILE
+    cache = _read_cache(path)
+    hit = cache.get(key)
+    if hit and time.time() - float(hit.get("at", 0)) < CACHE_DAYS * 86400:
+        return Choice(int(hit["threads"]), str(hit["wait"]), "cached", dict(hit.get("rates", {})), busy)
+    log(f"thread policy: measuring {', '.join(candidate_name(*c) for c in candidates(cores))} on "
+        f"{keys[0]}'s training step ({busy:.1f} of {cores} cores busy elsewhere) ...")
+    rates: dict[str, float] = {}
+    for _ in range(ROUNDS):   # alternating, the best round kept: a burst of other work hits one round
+        for threads, wait in candidates(cores):
+            name = candidate_name(threads, wait)
+            try:
+                rates[name] = max(rates.get(name, 0.0), measure(config, threads, wait, PROBE_SECONDS / ROUNDS))
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+                log(f"thread policy: {e}")
+    if not rates:
+        return Choice(1, "PASSIVE", "measured (every probe failed: the safe choice)", {}, busy)
+    best = max(rates, key=lambda k: rates[k])
+    threads, wait = next(c for c in candidates(cores) if candidate_name(*c) == best)
+    choice = Choice(threads, wait, "measured", rates, busy)
+    cache[key] = {**asdict(choice), "at": time.time(), "model": keys[0], "load_class": load_class}
+    _write_cache(path, cache)
+    return choice
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, cache: dict) -> None:
+    from components.files import atomic_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(cache, indent=1) + "\n")
+
+
+def _probe(config: dict, threads: int, seconds: float) -> None:
+    """The child: the network's training step, timed after a warm-up; prints {"items_per_s"}."""
+    import torch
+
+    from components.families.base import probe_train_step
+    from components.families.registry import backbone
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = backbone(config["backbone"]).family().build_network(config)
+    step, items = probe_train_step(net, config, BATCH.get(config["kind"], 32))
+    for _ in range(3):   # warm-up: thread pool, allocator, caches
+        step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    print(json.dumps({"items_per_s": n * items / (time.perf_counter() - t0)}))
+
+
+if __name__ == "__main__":
+    _probe(json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
