@@ -7,8 +7,8 @@ Sources (params.yaml ``datasets.<name>.source``):
     builtin:pydoc-pairs  one (source, target) pair per public standard-library function or method:
                        source = qualified name + signature, target = its docstring's first sentence
     imagefolder:PATH   one sub-folder per class (folder name = class name) holding PNG or JPEG files
-    textfile:PATH      a UTF-8 file (documents separated by blank lines) or a folder of .txt files
-                       (one document per file)
+    textfile:PATH      a UTF-8 file (documents separated by blank lines; without blank lines, one
+                       document) or a folder of .txt files (one document per file); see textsource
     pairs:PATH         a JSONL file ({"source": ..., "target": ...} per line, optional "group") or a
                        two-column TSV (source<TAB>target); kind pairs
 
@@ -42,6 +42,7 @@ from components.errors import DataError
 from components.files import replaced_dir, write_json
 from components.layout import Layout
 from components.stdlib_docs import first_sentence, harvest_pydoc, harvest_pydoc_pairs  # noqa: F401
+from components.textsource import decode_text, documents_fill_splits, split_by_characters
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -346,22 +347,22 @@ class TextUnit:
     text: Optional[str]        # None when unreadable
     error: Optional[str] = None
     is_file: bool = True       # False for one document of docs.jsonl
+    bom: bool = False          # a UTF-8 byte order mark was stripped
+    crlf: int = 0              # Windows line endings turned into "\n"
 
 
 @dataclass
 class RawText:
     units: list[TextUnit]
     paragraphs: bool           # single text file: documents are separated by blank lines
+    user_files: bool = False   # a textfile: source (its manifest says how it was split and normalised)
 
 
 def decode_utf8(data: bytes) -> tuple[Optional[str], Optional[str]]:
-    """(text, None) or (None, 'not valid UTF-8 (byte 0xff at line 3, offset 41)'). CRLF becomes LF."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        return None, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at line {line}, offset {e.start})"
-    return text.replace("\r\n", "\n"), None
+    """(text, None) or (None, 'not valid UTF-8 (byte 0xff at line 3, offset 41); re-save ...').
+    A leading BOM is stripped, CRLF becomes LF (`textsource.decode_text`)."""
+    decoded = decode_text(data)
+    return decoded.text, decoded.error
 
 
 def read_raw_text(name: str, cfg: DatasetConfig, root: str | Path = ".") -> RawText:
@@ -386,8 +387,11 @@ def read_raw_text(name: str, cfg: DatasetConfig, root: str | Path = ".") -> RawT
         raise DataError(f"datasets.{name}: data/raw/{name} holds {layout} data, not text; "
                         f"run `genflow stage ingest {name}` again")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT)
-    units = [TextUnit(display_path(f, root), *decode_utf8(f.read_bytes())) for f in files]
-    return RawText(units, paragraphs=layout == "textfile")
+    units = []
+    for f in files:
+        d = decode_text(f.read_bytes())
+        units.append(TextUnit(display_path(f, root), d.text, d.error, bom=d.bom, crlf=d.crlf))
+    return RawText(units, paragraphs=layout == "textfile", user_files=True)
 
 
 def unit_documents(unit: TextUnit, paragraphs: bool, min_doc_chars: int) -> list[str]:
@@ -488,7 +492,8 @@ def prepare(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
     """Write deterministic train/val/test splits and manifest.json into data/prepared/<name>/.
 
     Images: {split}.npz with x (N, S, S) uint8 in 0..levels-1 and y (N,) int64, stratified by class.
-    Text: {split}.txt, documents joined by blank lines, split by document (no text in two splits).
+    Text: {split}.txt, documents joined by blank lines, split by document (no text in two splits);
+    too few documents for that: split by characters (`textsource.split_by_characters`).
     """
     target = prepared_dir(name, root)
     manifest = {"name": name, "kind": cfg.kind, "source": cfg.source,
@@ -558,12 +563,31 @@ def _prepare_text(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
             seen.add(d)
             docs.append(d)
     idx = split_indices(len(docs), cfg.split)
-    _check_nonempty(name, idx, cfg.split, f"documents of at least min_doc_chars={cfg.min_doc_chars} characters")
-    texts = {s: "\n\n".join(docs[i] for i in idx[s]) for s in SPLITS}
+    counts = {s: int(len(idx[s])) for s in SPLITS}
+    split_by = "documents"
+    if raw.user_files and docs and not documents_fill_splits(counts, cfg.split):
+        split_by = "characters"
+        texts = split_by_characters("\n\n".join(docs), cfg.split)
+        counts = {s: int(bool(texts[s])) for s in SPLITS}  # pieces of text, not whole documents
+        empty = [s for s in SPLITS if not texts[s] and (s == "train" or getattr(cfg.split, s) > 0)]
+        if empty:
+            raise DataError(f"datasets.{name}.split: the {empty[0]} split would be empty even split by "
+                            f"characters ({sum(map(len, texts.values()))} characters); add text or change the shares")
+        print(f"datasets.{name}: {len(docs)} document(s), too few to split by document; split by characters "
+              f"(train {len(texts['train'])}, val {len(texts['val'])}, test {len(texts['test'])})", flush=True)
+    else:
+        _check_nonempty(name, idx, cfg.split,
+                        f"documents of at least min_doc_chars={cfg.min_doc_chars} characters")
+        texts = {s: "\n\n".join(docs[i] for i in idx[s]) for s in SPLITS}
     for s in SPLITS:
         (out / f"{s}.txt").write_text(texts[s], encoding="utf-8")
     vocab = "".join(sorted(set(texts["train"])))
-    return {"counts": {s: int(len(idx[s])) for s in SPLITS},
+    # the builtin's manifest keeps its fields as they were, so its prepared data keep their DVC hash
+    shape = {"split_by": split_by, "documents": len(docs),
+             "normalised": {"bom_stripped": sum(u.bom for u in raw.units),
+                            "crlf_files": sum(u.crlf > 0 for u in raw.units),
+                            "crlf_line_ends": sum(u.crlf for u in raw.units)}} if raw.user_files else {}
+    return {**shape, "counts": counts,
             "chars": {s: len(texts[s]) for s in SPLITS},
             "vocab": vocab,
             "unseen_chars": {s: "".join(sorted(set(texts[s]) - set(vocab))) for s in ("val", "test")},

@@ -3,6 +3,7 @@
     uri.py       the tracking URI and its credentials, the reachability probe, experiments
     lineage.py   params flattened for MLflow; lineage tags (git, data hashes, library versions)
     runs.py      pipeline and model runs, and the log_* helpers
+    datasets.py  each model run's data as MLflow dataset inputs (digest = DVC hash; imports MLflow)
 
 Everything public is importable from here: ``from components.tracking import model_run``.
 MLflow is imported inside the functions: importing this package stays cheap.

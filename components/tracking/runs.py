@@ -118,7 +118,8 @@ def model_run(key: str, params: Params, root: Path, parent_run_id: Optional[str]
               extra_tags: Optional[Mapping[str, str]] = None) -> Iterator[Any]:
     """Nested run named after the model key; yields MLflow's ActiveRun (active in this thread).
 
-    Logs the model's flattened params and lineage tags. Data hashes and the flow-run id default
+    Logs the model's flattened params, lineage tags and its data as MLflow dataset inputs
+    (`datasets.log_data_inputs`: digest = the DVC hash). Data hashes and the flow-run id default
     to those of the parent pipeline run; data hashes else to dvc.lock, else to the prepared
     manifest. Inside the block, `log_metrics` and the training loop log to this run.
     """
@@ -144,6 +145,10 @@ def model_run(key: str, params: Params, root: Path, parent_run_id: Optional[str]
                           nested=nested, tags=tags) as run:
         mlflow.log_params(model_params(params, key))
         mlflow.log_text(yaml.safe_dump(run_params(params, key), sort_keys=False), PARAMS_ARTIFACT)
+        from components.tracking.datasets import log_data_inputs
+
+        log_data_inputs(m.dataset, hash_tags.get(base), root, params.storage.dvc_remote,
+                        hash_tags.get(f"{base}.raw", ""))
         yield run
 
 

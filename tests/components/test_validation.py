@@ -224,7 +224,8 @@ def test_non_utf8_bytes(tmp_path, notes):
     (notes / "latin1.txt").write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
     data.ingest("notes", text_cfg(notes), tmp_path)
     message, summary = failure("notes", text_cfg(notes), tmp_path)
-    assert "data/raw/notes/latin1.txt: not valid UTF-8 (byte 0xe9 at line 2, offset 14) [readable_utf8]" in message
+    assert ("data/raw/notes/latin1.txt: not valid UTF-8 (byte 0xe9 at line 2, offset 14); "
+            "re-save the file as UTF-8 [readable_utf8]") in message
     assert rule_result(summary, "readable_utf8")[0]["unexpected_count"] == 1
 
 

@@ -287,3 +287,37 @@ def test_errors_share_genflow_roots_and_dvc_hashes_read_from_the_lock(tmp_path):
                                        "    - path: data/prepared/digits\n      md5: abc.dir\n")
     assert versioning.dataset_hashes("digits", tmp_path) == {"prepared": "abc.dir"}
     assert tracking.local_data_hashes("digits", tmp_path) == {"digits": {"prepared": "abc.dir"}}
+
+
+def test_model_run_logs_its_data_as_mlflow_datasets_with_the_dvc_hash(tmp_path, params, client):
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    remote = store\n"
+                                              "['remote \"store\"']\n    url = ../remote-folder\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n"
+        "  ingest@pydoc:\n    outs:\n    - path: data/raw/pydoc\n      md5: 0f1e2d3c4b5a69788796a5b4c3d2e1f0.dir\n"
+        "  prepare@pydoc:\n    outs:\n    - path: data/prepared/pydoc\n"
+        "      md5: 9a8b7c6d5e4f30211203f4e5d6c7b8a9.dir\n")
+    with tracking.model_run("pydoc-gpt", params, tmp_path) as run:
+        pass
+    got = client.get_run(run.info.run_id)
+    inputs = {d.dataset.name: d for d in got.inputs.dataset_inputs}
+    assert set(inputs) == {"pydoc/train", "pydoc/test"}
+    context = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in inputs.items()}
+    assert context == {"pydoc/train": "training", "pydoc/test": "evaluation"}
+    for name, d in inputs.items():
+        assert d.dataset.digest == "9a8b7c6d5e4f30211203f4e5d6c7b8a9.dir" == got.data.tags["genflow.data_hash.pydoc"]
+        assert d.dataset.source_type == "dvc"
+        source = json.loads(d.dataset.source)
+        assert source == {"path": "data/prepared/pydoc", "remote": "store",
+                          "url": str((tmp_path / "remote-folder").resolve()), "split": name.split("/")[1],
+                          "raw_hash": "0f1e2d3c4b5a69788796a5b4c3d2e1f0.dir"}
+    # new data, pushed to a remote named in storage.dvc_remote as a URL: its credentials never reach MLflow
+    # (the same name and digest again would be the same MLflow dataset, source included)
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(lock.read_text().replace("9a8b7c6d", "11111111"))
+    params.storage.dvc_remote = "s3://key:secret@bucket/dvc"
+    with tracking.model_run("pydoc-gpt", params, tmp_path) as run:
+        pass
+    sources = [json.loads(d.dataset.source) for d in client.get_run(run.info.run_id).inputs.dataset_inputs]
+    assert {s["url"] for s in sources} == {"s3://***@bucket/dvc"} and "secret" not in json.dumps(sources)
