@@ -21,7 +21,8 @@ TINY_UNET = ["models.digits-unet.unet.channels=[8,16]", "models.digits-unet.unet
 def undecided(monkeypatch):
     """An environment that leaves the choice to the measurement."""
     for name in ("OMP_WAIT_POLICY", "GENFLOW_THREADS", "GENFLOW_THREAD_POLICY", "GENFLOW_REPLAY_SCHEDULE"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")   # recorded, so that what Choice.apply sets is undone afterwards
+        monkeypatch.delenv(name)
     monkeypatch.setattr(threads, "PROBE_SECONDS", 0.3)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)   # the candidates of a 2-core machine wherever this runs
 
