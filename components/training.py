@@ -113,9 +113,12 @@ def load_replay(path: Optional[str] = None) -> Optional[list[float]]:
     return [float(x) for x in lrs]
 
 
-def write_schedule(path: Path, lrs: list[float], threads: int, processes: int) -> None:
-    """The learning rate of every step and how many threads ran them (what a replay needs)."""
-    write_json(path, {"steps": len(lrs), "threads": threads, "processes": processes, "lrs": lrs}, indent=None)
+def write_schedule(path: Path, lrs: list[float], threads: int, processes: int,
+                   device: str = "cpu", precision: str = "fp32") -> None:
+    """The learning rate of every step and how (threads, processes, device, precision) they ran:
+    what a replay needs."""
+    write_json(path, {"steps": len(lrs), "threads": threads, "processes": processes, "device": device,
+                      "precision": precision, "lrs": lrs}, indent=None)
 
 
 def budget_progress(step: int, seconds: float, cfg: TrainConfig) -> float:
@@ -367,7 +370,8 @@ def train(model: torch.nn.Module,
     seconds = elapsed()
     checkpoint(finished=True)
     if world.main:
-        write_schedule(Path(out_dir) / SCHEDULE_NAME, lrs, torch.get_num_threads(), world.size)
+        write_schedule(Path(out_dir) / SCHEDULE_NAME, lrs, torch.get_num_threads(), world.size,
+                       str(device), where.precision)
     result = TrainResult(steps=step, seconds=seconds, items=items,
                          final_loss=losses[-1] if losses else float("nan"),
                          items_per_s=items / seconds if seconds > 0 else 0.0,
