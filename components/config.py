@@ -145,6 +145,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0            # 0: all cores
     processes: int = 1          # >1: torch.distributed (DDP) via torchrun
+    device: str = "auto"        # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N (components/device.py)
+    precision: str = "auto"     # auto (fp32 on CPU, bf16 on a GPU with it) | fp32 | bf16 | fp16 (GPU only)
 
 
 @dataclass

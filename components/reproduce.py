@@ -162,18 +162,39 @@ def weight_diff(a_path: Path, b_path: Path) -> tuple[float, list[tuple[str, floa
 
 
 def judge(weights_max_abs: float, registered: Optional[float], reproduced: Optional[float],
-          atol: float, rtol: float) -> str:
+          atol: float, rtol: float, *, same_device: bool = True, device_rtol: float = 0.05) -> str:
     """identical: every weight bit-equal and the same metric; within tolerance: weights within
-    atol and the metric within rtol (relative); else different."""
+    atol and the metric within rtol (relative); else different.
+
+    Rebuilt on another kind of device (same_device False: CPU vs GPU kernels round differently
+    and the difference grows over training), the weights cannot be expected to agree: within
+    tolerance then means the metric within device_rtol."""
     same_metric = registered == reproduced or (registered is not None and reproduced is not None
                                                and math.isnan(registered) and math.isnan(reproduced))
     if weights_max_abs == 0 and same_metric:
         return IDENTICAL
-    close = (registered is not None and reproduced is not None
-             and abs(registered - reproduced) <= rtol * max(abs(registered), 1e-12))
-    if weights_max_abs <= atol and (same_metric or close):
+
+    def close(tol: float) -> bool:
+        return (registered is not None and reproduced is not None
+                and abs(registered - reproduced) <= tol * max(abs(registered), 1e-12))
+    if weights_max_abs <= atol and (same_metric or close(rtol)):
+        return WITHIN
+    if not same_device and (same_metric or close(device_rtol)):
         return WITHIN
     return DIFFERENT
+
+
+def rebuild_placement(tags: Mapping[str, str], gpu_here: bool) -> tuple[str, str, Optional[str]]:
+    """(train.device, train.precision, warning or None) for rebuilding a version here: its recorded
+    device and precision when this machine has that kind of device, else the CPU in fp32 with a
+    line saying that the comparison is then within tolerance, not bit for bit."""
+    then, precision = tags.get("genflow.device", "cpu"), tags.get("genflow.precision", "fp32")
+    if not then.startswith("cuda"):
+        return "cpu", precision, None
+    if gpu_here:
+        return "cuda", precision, None
+    return "cpu", "fp32", (f"the version was trained on {then} in {precision}, this machine has no GPU: it is rebuilt "
+                           "on the CPU in fp32 and compared within tolerance (the metric), not bit for bit")
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +289,7 @@ def _run_stage(src: Path, stage: str, key: str, env: dict) -> None:
 
 
 def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: float = 1e-6,
-              rtol: float = 1e-4, keep: Optional[Path] = None) -> Verdict:
+              rtol: float = 1e-4, device_rtol: float = 0.05, keep: Optional[Path] = None) -> Verdict:
     """Rebuild MODEL[@alias|:version] from its lineage and compare it with the registered one."""
     from components.registry.resolve import parse_model_spec
 
@@ -281,6 +302,7 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
     version, tags = str(mv.version), dict(mv.tags)
     aliases_before = registry.current_aliases(client, key)
     commit, dataset, data_hash = check_lineage(key, version, tags, root)
+    same_device = True
     warnings = library_warnings(tags)
     for w in warnings:
         print(f"[reproduce] warning: {w}", flush=True)
@@ -309,6 +331,15 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
             threads = int(_float(tags.get("genflow.train_threads")) or 0)
             if threads:  # the same intra-op threads: reductions split the same way
                 raw["models"][key].setdefault("train", {})["threads"] = threads
+            if "genflow.device" in tags:   # the version's code knows train.device: rebuild where it trained
+                import torch
+
+                device, precision, moved = rebuild_placement(tags, torch.cuda.is_available())
+                raw["models"][key].setdefault("train", {}).update({"device": device, "precision": precision})
+                if moved:
+                    same_device = False
+                    warnings.append(moved)
+                    print(f"[reproduce] warning: {moved}", flush=True)
             if schedule is None and float(raw["models"][key].get("train", {}).get("max_seconds", 0) or 0) > 0:
                 warnings.append("no recorded schedule and a wall-clock budget: training may stop at another step")
             (src / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -342,7 +373,8 @@ def reproduce(spec: str, root: Path, params: Optional[Params] = None, *, atol: f
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    result = Verdict(model=key, version=version, verdict=judge(w_max, reg_metric, new_metric, atol, rtol),
+    verdict = judge(w_max, reg_metric, new_metric, atol, rtol, same_device=same_device, device_rtol=device_rtol)
+    result = Verdict(model=key, version=version, verdict=verdict,
                      weights_max_abs=w_max, worst_weights=worst, metric=rule.metric,
                      registered_metric=reg_metric, reproduced_metric=new_metric,
                      registered_parity=_float(tags.get("genflow.parity_max_abs")),

@@ -16,6 +16,12 @@ rates and stops after that many steps, whatever the clock says: a wall-clock-bud
 repeated bit for bit on any machine (same seed, threads and library versions), which is what
 ``genflow reproduce`` does.
 
+Device and precision (``train.device``, ``train.precision``; components.device): the model moves
+once to the resolved device, each step's batch is drawn on the CPU and moved once, and on a GPU the
+loss's noise comes from a generator on that GPU seeded from (cfg.seed, step). bf16 and fp16 run the
+forward pass under autocast (fp16 with a GradScaler); weights, EMA and checkpoints stay fp32, and
+checkpoints hold CPU tensors. On the CPU in fp32 nothing differs from a loop without these steps.
+
 Several processes (``cfg.processes > 1``, started by torchrun; see components.distributed): the
 model is wrapped in DistributedDataParallel, every rank draws the same global batch from the
 step's generator and trains on its rows ``rank::world``, so the ranks together see the batch a
@@ -28,6 +34,7 @@ every rank, so resume needs no shared disk.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -44,6 +51,7 @@ import torch
 
 from components import distributed, interrupt
 from components.config import TrainConfig
+from components.device import Placement, cpu_state, resolve, to_device
 from components.errors import ConfigError
 from components.files import atomic_file, write_json
 from components.layout import CHECKPOINT_DIR, CHECKPOINT_NAME
@@ -63,6 +71,8 @@ class TrainResult:
     resumed_from: Optional[int]     # step of the checkpoint this run resumed from, if any
     losses: list[float] = field(default_factory=list)  # one mean per log window
     lrs: list[float] = field(default_factory=list)     # the learning rate of every step (schedule.json)
+    device: str = "cpu"             # where it trained ("cpu", "cuda:0")
+    precision: str = "fp32"         # the forward pass's precision (fp32, bf16, fp16)
 
 
 # ---------------------------------------------------------------------------
@@ -103,12 +113,14 @@ def load_replay(path: Optional[str] = None) -> Optional[list[float]]:
     return [float(x) for x in lrs]
 
 
-def write_schedule(path: Path, lrs: list[float], threads: int, processes: int) -> None:
-    """The learning rate of every step and how many threads ran them (what a replay needs)."""
+def write_schedule(path: Path, lrs: list[float], threads: int, processes: int,
+                   device: str = "cpu", precision: str = "fp32") -> None:
+    """The learning rate of every step and how (threads and how they were chosen, processes,
+    device, precision) they ran: what a replay needs."""
     policy = os.environ.get("GENFLOW_THREAD_POLICY") or f"{threads} thread(s), OMP_WAIT_POLICY=" + \
         os.environ.get("OMP_WAIT_POLICY", "default")
-    write_json(path, {"steps": len(lrs), "threads": threads, "processes": processes, "policy": policy, "lrs": lrs},
-               indent=None)
+    write_json(path, {"steps": len(lrs), "threads": threads, "processes": processes, "policy": policy,
+                      "device": device, "precision": precision, "lrs": lrs}, indent=None)
 
 
 def budget_progress(step: int, seconds: float, cfg: TrainConfig) -> float:
@@ -140,10 +152,24 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 def run_fingerprint(model: torch.nn.Module, cfg: TrainConfig, extra: str = "") -> str:
     """What a checkpoint must share with this run to be resumed: the maths, not the budget."""
     maths = {k: v for k, v in dataclasses.asdict(cfg).items()
-             if k not in ("max_seconds", "checkpoint_every", "log_every", "threads", "processes")}
+             if k not in ("max_seconds", "checkpoint_every", "log_every", "threads", "processes",
+                          "device", "precision")}
     shapes = [(n, list(p.shape)) for n, p in model.state_dict().items()]
     blob = json.dumps([maths, shapes, extra], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def placement(cfg: TrainConfig, name: str = "") -> Placement:
+    """train.device and train.precision resolved on this machine; ConfigError naming the key if it cannot."""
+    return resolve(cfg.device, cfg.precision, where=f"models.{name}.train" if name else "train")
+
+
+def autocast(where: Placement) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16; nothing at all for fp32 (the CPU's fp32 maths stay untouched)."""
+    dtype = where.autocast_dtype
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=where.device.type, dtype=dtype)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -195,7 +221,12 @@ def train(model: torch.nn.Module,
     """
     if cfg.max_steps < 1:
         raise ConfigError(f"train.max_steps: must be at least 1, got {cfg.max_steps}")
+    where = placement(cfg, name)
+    model.to(where.device)            # once; the CPU's model is not touched
     world = distributed.join(model)   # rank 0 of 1, unless started by torchrun with WORLD_SIZE > 1
+    device = world.device if world.device is not None else where.device   # torchrun: cuda:LOCAL_RANK
+    on_gpu = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if where.precision == "fp16" else None   # fp16 gradients underflow
     torch.set_num_threads(world.threads(cfg.threads))
     torch.use_deterministic_algorithms(True, warn_only=True)   # same seed, same threads -> same weights
     replay = load_replay()
@@ -217,7 +248,9 @@ def train(model: torch.nn.Module,
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])   # moves the optimizer's state onto the parameters' device
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         step, seconds_before, items, losses = state["step"], state["seconds"], state["items"], list(state["losses"])
         loss_steps = list(state.get("loss_steps", []))
         lrs = list(state.get("lrs", []))
@@ -226,6 +259,12 @@ def train(model: torch.nn.Module,
         if state.get("processes", 1) != world.size:
             log(f"the checkpoint was written by {state.get('processes', 1)} process(es), this run has {world.size}: "
                 "training continues, but not bit-identically to an uninterrupted run")
+        written_on = (state.get("device", "cpu"), state.get("precision", "fp32"))
+        if written_on[0].split(":")[0] != device.type or written_on[1] != where.precision:
+            log(f"the checkpoint was written on {written_on[0]} in {written_on[1]}, this run uses {device} in "
+                f"{where.precision}: training continues, but not bit-identically to an uninterrupted run")
+    if on_gpu:
+        log(f"training on {device} in {where.precision}")
     if world.size > 1:
         log(f"training on {distributed.describe(world)}, {torch.get_num_threads()} thread(s) each, "
             f"{items_per_batch // world.size} items per rank per step")
@@ -250,11 +289,14 @@ def train(model: torch.nn.Module,
     def checkpoint(finished: bool) -> None:
         if not world.main:
             return
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
-            "optimizer": opt.state_dict(), "step": step, "seconds": elapsed(), "items": items,
+        state = {  # CPU tensors: a checkpoint loads on any machine
+            "model": cpu_state(model.state_dict()), "ema": cpu_state(ema.state_dict()) if ema is not None else {},
+            "optimizer": cpu_state(opt.state_dict()), "step": step, "seconds": elapsed(), "items": items,
             "losses": losses, "loss_steps": loss_steps, "lrs": lrs, "finished": finished, "fingerprint": fp,
-            "processes": world.size})
+            "processes": world.size, "device": str(device), "precision": where.precision}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        save_checkpoint(ckpt_path, state)
 
     window: list[float] = []
     t_window, step_window = time.perf_counter(), step
@@ -277,16 +319,29 @@ def train(model: torch.nn.Module,
         for group in opt.param_groups:
             group["lr"] = lr
 
-        batch = get_batch(step, gen)   # the global batch, the same on every rank
+        batch = get_batch(step, gen)   # the global batch, the same on every rank (drawn on the CPU)
         if world.size > 1:
-            batch = distributed.shard(batch, world.rank, world.size, world.device)   # this rank's rows
-            gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, step, world.rank))
-        loss = loss_fn(net, batch, gen)
+            batch = distributed.shard(batch, world.rank, world.size, device)   # this rank's rows
+            gen = torch.Generator(device=device if on_gpu else "cpu").manual_seed(
+                distributed.rank_seed(cfg.seed, step, world.rank))
+        elif on_gpu:   # moved once per step; the loss draws its noise on the GPU from a GPU generator
+            batch = to_device(batch, device, non_blocking=True)
+            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed + 2, step))
+        with autocast(where):
+            loss = loss_fn(net, batch, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)   # clip the true gradients
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
         if ema is not None:
             ema_update(ema, model, cfg.ema_decay, step)
         step += 1
@@ -317,10 +372,12 @@ def train(model: torch.nn.Module,
     seconds = elapsed()
     checkpoint(finished=True)
     if world.main:
-        write_schedule(Path(out_dir) / SCHEDULE_NAME, lrs, torch.get_num_threads(), world.size)
+        write_schedule(Path(out_dir) / SCHEDULE_NAME, lrs, torch.get_num_threads(), world.size,
+                       str(device), where.precision)
     result = TrainResult(steps=step, seconds=seconds, items=items,
                          final_loss=losses[-1] if losses else float("nan"),
                          items_per_s=items / seconds if seconds > 0 else 0.0,
-                         resumed_from=resumed_from, losses=losses, lrs=lrs)
+                         resumed_from=resumed_from, losses=losses, lrs=lrs,
+                         device=str(device), precision=where.precision)
     model.eval()
     return (ema if ema is not None else model), result

@@ -30,6 +30,17 @@ def check_sources(params: Params, datasets: list[str], root: Path = Path(".")) -
         data.parse_source(name, params.dataset(name), root)
 
 
+def check_devices(params: Params, keys: list[str]) -> None:
+    """Every model's train.device and train.precision can be had on this machine (components.device).
+    The defaults (auto, auto) always can: torch is imported only when a model sets one."""
+    from components.device import resolve
+
+    for key in keys:
+        t = params.model(key).train
+        if (t.device, t.precision) != ("auto", "auto"):
+            resolve(t.device, t.precision, where=f"models.{key}.train")
+
+
 def check_prefect_api() -> None:
     """PREFECT_API_URL pointing nowhere: one clear line before any work starts."""
     url = os.environ.get("PREFECT_API_URL")
@@ -54,6 +65,7 @@ def preflight(params: Params, root: Path, only: Optional[list[str]] = None) -> l
     root = Path(root).resolve()
     keys = select_models(params, only)
     check_sources(params, sorted({params.model(k).dataset for k in keys}), root)
+    check_devices(params, keys)   # a GPU or precision this machine lacks: before any model trains
     check_remote(root, params.storage.dvc_remote)   # data must reach it after training: check first
     check_prefect_api()
     tracking.check_tracking(root, params)  # params' tracking_uri too: an absent server stops the run first

@@ -102,6 +102,7 @@ def train(key: str, params: "Params", root: "Path") -> dict[str, float]:
     entry = backbone(mc.backbone, f"models.{key}.backbone")
     fam = entry.family()
     fam.check(key, mc)
+    training.placement(mc.train, key)   # a device or precision this machine lacks: one line, now
     if distributed.should_launch(mc.train.processes):   # train.processes > 1: rerun under torchrun
         return distributed.launch_params(key, params, lay.root)
     manifest = data.load_manifest(mc.dataset, lay.root)
@@ -121,6 +122,7 @@ def train(key: str, params: "Params", root: "Path") -> dict[str, float]:
     if not distributed.is_main_process():   # several processes: rank 0 writes the model and metrics
         return {}
 
+    model.cpu(), net.cpu()   # model.pt holds fp32 CPU weights (export and evaluation read them there)
     with atomic_file(lay.model_file(key)) as tmp:
         torch.save({"state_dict": model.state_dict(), "config": config}, tmp)
     metrics = {"train/loss": result.final_loss,
@@ -177,6 +179,14 @@ def load_model(key: str, root: "Path", error: type[Exception], backbones: tuple[
     return net.eval(), config
 
 
+def device_of(net: Any) -> Any:
+    """The device a network's parameters are on (the CPU for one without parameters)."""
+    import torch
+
+    param = next(iter(net.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def probe_train_step(net: Any, config: dict, batch_size: int, lr: float = 1e-4) -> tuple[Callable[[], None], int]:
     """One optimiser step of the model's own training loss on random data: (step(), items per step).
 
@@ -187,7 +197,7 @@ def probe_train_step(net: Any, config: dict, batch_size: int, lr: float = 1e-4) 
     import torch
 
     fam = backbone(config.get("backbone"), "config.backbone").family()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device_of(net)).manual_seed(0)   # random data made where the model is
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     loss, items = fam.probe_step(net, config, batch_size, gen)

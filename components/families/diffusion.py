@@ -120,10 +120,11 @@ def flops_per_item(net, config: dict[str, Any], batch: int = 2) -> float:
 
     diffusion = make_diffusion(config)
     s, c = config["image_size"], config["channels"]
-    x0 = torch.zeros(batch, c, s, s)
-    y = torch.zeros(batch, dtype=torch.long)
+    dev = base.device_of(net)
+    x0 = torch.zeros(batch, c, s, s, device=dev)
+    y = torch.zeros(batch, dtype=torch.long, device=dev)
     with FlopCounterMode(display=False) as counter:
-        diffusion.training_loss(net, x0, y, torch.Generator().manual_seed(0)).backward()
+        diffusion.training_loss(net, x0, y, torch.Generator(device=dev).manual_seed(0)).backward()
     net.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch
 
@@ -134,8 +135,9 @@ def probe_step(net, config: dict[str, Any], batch_size: int, gen):
 
     diffusion = make_diffusion(config)
     s, c = config["image_size"], config.get("channels", 1)
-    x0 = torch.rand(batch_size, c, s, s, generator=gen) * 2 - 1                # (B, C, H, W) in [-1, 1]
-    y = torch.randint(config["num_classes"], (batch_size,), generator=gen)     # (B,)
+    dev = gen.device                                                           # the model's (probe_train_step)
+    x0 = torch.rand(batch_size, c, s, s, generator=gen, device=dev) * 2 - 1    # (B, C, H, W) in [-1, 1]
+    y = torch.randint(config["num_classes"], (batch_size,), generator=gen, device=dev)     # (B,)
     return (lambda: diffusion.training_loss(net, x0, y, gen)), batch_size
 
 

@@ -173,7 +173,7 @@ def flops_per_item(net, config: dict[str, Any]) -> float:
     T = config["gpt"]["block_size"]
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
-        net(torch.zeros(1, T, dtype=torch.long)).logsumexp(-1).sum().backward()
+        net(torch.zeros(1, T, dtype=torch.long, device=base.device_of(net))).logsumexp(-1).sum().backward()
     net.zero_grad(set_to_none=True)
     return counter.get_total_flops() / T
 
@@ -184,7 +184,7 @@ def probe_step(net, config: dict[str, Any], batch_size: int, gen):
 
     process = _process(config)
     T = config["gpt"]["block_size"]
-    seq = torch.randint(config["mask_id"], (batch_size, T), generator=gen)    # (B, T), no [MASK] ids
+    seq = torch.randint(config["mask_id"], (batch_size, T), generator=gen, device=gen.device)  # (B, T), no [MASK]
     return (lambda: process.training_loss(net, seq, gen)), batch_size * T
 
 

@@ -183,8 +183,8 @@ def flops_per_item(net, config: dict[str, Any]) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     c = config["encdec"]
-    src = torch.zeros(1, c["source_len"], dtype=torch.long)
-    tgt = torch.zeros(1, c["target_len"], dtype=torch.long)
+    src = torch.zeros(1, c["source_len"], dtype=torch.long, device=base.device_of(net))
+    tgt = torch.zeros(1, c["target_len"], dtype=torch.long, device=src.device)
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
         net(src, tgt).float().logsumexp(-1).sum().backward()
@@ -198,8 +198,8 @@ def probe_step(net, config: dict[str, Any], batch_size: int, gen):
     import torch.nn.functional as F
 
     c, V = config["encdec"], config["vocab_size"]
-    src = torch.randint(V, (batch_size, c["source_len"]), generator=gen)
-    tgt = torch.randint(V, (batch_size, c["target_len"] + 1), generator=gen)
+    src = torch.randint(V, (batch_size, c["source_len"]), generator=gen, device=gen.device)
+    tgt = torch.randint(V, (batch_size, c["target_len"] + 1), generator=gen, device=gen.device)
 
     def loss():
         logits = net(src, tgt[:, :-1])

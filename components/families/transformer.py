@@ -213,7 +213,7 @@ def flops_per_item(net, config: dict[str, Any]) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     T = tokens_per_sequence(config)
-    idx = torch.zeros(1, T, dtype=torch.long)
+    idx = torch.zeros(1, T, dtype=torch.long, device=base.device_of(net))
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
         logits, _ = net(idx, use_cache=False)
@@ -228,7 +228,7 @@ def probe_step(net, config: dict[str, Any], batch_size: int, gen):
     import torch.nn.functional as F
 
     T = tokens_per_sequence(config)
-    seq = torch.randint(config["vocab_size"], (batch_size, T + 1), generator=gen)    # (B, T + 1)
+    seq = torch.randint(config["vocab_size"], (batch_size, T + 1), generator=gen, device=gen.device)  # (B, T + 1)
 
     def loss():
         logits, _ = net(seq[:, :-1], use_cache=False)                        # (B, T, V)

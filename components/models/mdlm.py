@@ -213,7 +213,8 @@ class MaskedDiffusion:
     def training_loss(self, denoise: Callable, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Continuous-time NELBO per token (either estimator), the batch's draws stratified."""
         B, T = x0.shape
-        u = torch.from_numpy(self.stratified(torch.rand(1, generator=generator, dtype=torch.float64).item(), B))
+        u0 = torch.rand(1, generator=generator, dtype=torch.float64, device=generator.device).item()
+        u = torch.from_numpy(self.stratified(u0, B))
         if self.estimator == "count":
             n = (u * T).long().clamp_max(T - 1) + 1                              # U{1..T}
             return self.count_nll(denoise, x0, n.to(x0.device), generator).mean()

@@ -1,6 +1,7 @@
 """What a run carries: its params, flattened for MLflow, and lineage tags saying where it came from.
 
     lineage_tags(root, params, key, data_hashes)   # genflow.git_commit, .data_hash.<dataset>, .version.torch ...
+    placement_tags(schedule_file)                  # genflow.device, genflow.precision of a training run
     model_params(params, key)                      # {'train.lr': '0.002', 'dataset.source': ...}
 
 Lineage reads its sources directly: git for the code, dvc.lock (or the prepared manifest) for the
@@ -179,6 +180,20 @@ def data_hash_tags(data_hashes: Optional[Mapping[str, Any]]) -> dict[str, str]:
         if main:
             tags[f"genflow.data_hash.{dataset}"] = str(main)
     return tags
+
+
+def placement_tags(schedule_file: Path) -> dict[str, str]:
+    """genflow.device and genflow.precision of a training run, from its schedule.json
+    (components.training.write_schedule); a schedule written before they were recorded ran on the
+    CPU in fp32; none when there is no readable schedule."""
+    try:
+        schedule = json.loads(Path(schedule_file).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(schedule, dict):
+        return {}
+    return {"genflow.device": str(schedule.get("device", "cpu")),
+            "genflow.precision": str(schedule.get("precision", "fp32"))}
 
 
 def lineage_tags(root: Path, params: Optional[Params] = None, key: Optional[str] = None,

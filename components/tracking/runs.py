@@ -26,7 +26,14 @@ import yaml
 
 from components.config import Params
 from components.layout import Layout
-from components.tracking.lineage import data_hash_tags, lineage_tags, local_data_hashes, model_params, pipeline_params
+from components.tracking.lineage import (
+    data_hash_tags,
+    lineage_tags,
+    local_data_hashes,
+    model_params,
+    pipeline_params,
+    placement_tags,
+)
 from components.tracking.uri import TrackingError, check_tracking, ensure_experiment, experiment_name
 
 MAX_TAG_CHARS = 8000         # MLflow refuses longer run tag values
@@ -245,6 +252,8 @@ def log_model_artifacts(key: str, root: Path, params: Optional[Params] = None,
             mlflow.MlflowClient().set_tag(rid, "genflow.thread_policy", str(schedule["policy"])[:500])
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    for tag, value in placement_tags(model_dir / "schedule.json").items():   # genflow.device, genflow.precision
+        mlflow.MlflowClient().set_tag(rid, tag, value)
     return logged
 
 

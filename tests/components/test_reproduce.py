@@ -15,6 +15,7 @@ from components.reproduce import (
     check_lineage,
     judge,
     library_warnings,
+    rebuild_placement,
     weight_diff,
 )
 
@@ -81,6 +82,24 @@ def test_verdicts():
     assert judge(1e-3, 1.5, 1.5, atol=1e-6, rtol=1e-4) == DIFFERENT
     assert judge(0.0, 1.5, 1.6, atol=1e-6, rtol=1e-4) == DIFFERENT
     assert judge(0.0, 1.5, None, atol=1e-6, rtol=1e-4) == DIFFERENT
+
+
+def test_across_devices_the_metric_decides_not_the_bits():
+    # trained on a GPU, rebuilt on the CPU: weights drift apart, the metric must stay close
+    assert judge(1e-2, 1.5, 1.52, atol=1e-6, rtol=1e-4, same_device=False, device_rtol=0.05) == WITHIN
+    assert judge(1e-2, 1.5, 1.8, atol=1e-6, rtol=1e-4, same_device=False, device_rtol=0.05) == DIFFERENT
+    assert judge(1e-2, 1.5, 1.52, atol=1e-6, rtol=1e-4) == DIFFERENT    # same device: no such leeway
+
+
+def test_a_version_is_rebuilt_where_it_trained_or_on_the_cpu_with_a_warning():
+    assert rebuild_placement({}, gpu_here=False) == ("cpu", "fp32", None)    # recorded before devices were
+    assert rebuild_placement({"genflow.device": "cpu", "genflow.precision": "fp32"}, gpu_here=True) == \
+        ("cpu", "fp32", None)
+    gpu = {"genflow.device": "cuda:0", "genflow.precision": "bf16"}
+    assert rebuild_placement(gpu, gpu_here=True) == ("cuda", "bf16", None)
+    device, precision, warning = rebuild_placement(gpu, gpu_here=False)
+    assert (device, precision) == ("cpu", "fp32")
+    assert warning.startswith("the version was trained on cuda:0 in bf16") and "not bit for bit" in warning
 
 
 def test_other_library_versions_are_warned_about():

@@ -33,6 +33,13 @@ def test_bad_set_gives_one_line_and_nonzero_exit(project_root, monkeypatch, caps
     assert err == "genflow stage: models.digits-unet.train.lr: expected float, got 'fast'"
 
 
+def test_stage_train_refuses_a_device_this_machine_lacks(project_root, monkeypatch, capsys):
+    monkeypatch.chdir(project_root)
+    assert main(["stage", "train", "digits-unet", "--set", "models.digits-unet.train.device=cuda:99"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("genflow stage: models.digits-unet.train.device: 'cuda:99', but") and "\n" not in err
+
+
 def test_unknown_dataset_for_stage(project_root, monkeypatch, capsys):
     monkeypatch.chdir(project_root)
     assert main(["stage", "ingest", "faces"]) == 1
@@ -45,6 +52,9 @@ def test_unknown_dataset_for_stage(project_root, monkeypatch, capsys):
      "imagefolder:/no/such/folder does not exist"),
     (["run", "--set", "storage.dvc_remote=/etc/hostname/remote"],
      "DVC remote storage.dvc_remote (/etc/hostname/remote): /etc/hostname is a file"),
+    (["run", "--set", "models.digits-gpt.train.precision=fp64"],
+     "models.digits-gpt.train.precision: 'fp64' is not a precision; use one of auto, fp32, bf16, fp16"),
+    (["run", "--set", "models.digits-gpt.train.device=cuda:99"], "models.digits-gpt.train.device: 'cuda:99', but"),
 ])
 def test_run_refuses_bad_input_before_work(project_root, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(project_root)

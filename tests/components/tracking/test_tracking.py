@@ -86,6 +86,17 @@ def test_model_params_hold_the_model_and_its_dataset_but_not_unused_networks():
     assert not any(k.startswith(("unet.", "dit.", "diffusion.")) for k in mdlm)
 
 
+def test_placement_tags_come_from_the_schedule(tmp_path):
+    from components.tracking.lineage import placement_tags
+
+    schedule = tmp_path / "schedule.json"
+    assert placement_tags(schedule) == {}                                  # no schedule: no tags
+    schedule.write_text(json.dumps({"steps": 3, "threads": 2, "lrs": [0.1] * 3}))
+    assert placement_tags(schedule) == {"genflow.device": "cpu", "genflow.precision": "fp32"}   # older runs
+    schedule.write_text(json.dumps({"steps": 3, "device": "cuda:0", "precision": "bf16", "lrs": [0.1] * 3}))
+    assert placement_tags(schedule) == {"genflow.device": "cuda:0", "genflow.precision": "bf16"}
+
+
 def test_lineage_tags_outside_and_inside_a_git_repository(tmp_path):
     p = make_params("x")
     hashes = {"digits": {"raw": "r0", "prepared": "p0"}}
