@@ -108,12 +108,35 @@ def _sample_texts(args: Any, engine: CausalLMEngine | MaskedLMEngine, count: Opt
     return "\n\n".join(parts) + "\n"
 
 
+def _inpaint(args: Any, engine: Engine, count: Optional[int]) -> np.ndarray:
+    """Completions of --inpaint IMAGE where --mask is white: grey levels (N, C, H, W)."""
+    from components.sampling.inpaint import read_inpaint_inputs
+
+    if not isinstance(engine, DiffusionEngine):
+        if engine.kind == "image":
+            raise ConfigError(f"--inpaint: {engine.name} is an autoregressive model: it writes the pixels in order "
+                              "and cannot condition on later pixels, so it cannot fill a masked region; "
+                              "use a denoising diffusion model (e.g. digits-unet)")
+        raise ConfigError(f"--inpaint: {engine.name} is a text model; inpainting takes an image model "
+                          "(a denoising diffusion model such as digits-unet)")
+    _refuse_options(args, engine, {"prompt": "--prompt", "length": "--length",
+                                   "temperature": "--temperature", "top_k": "--top-k"})
+    levels, keep = read_inpaint_inputs(Path(args.inpaint), Path(args.mask), engine.shape,
+                                       int(engine.config.get("levels", 256)), resize=bool(_arg(args, "resize")))
+    x = engine.inpaint(engine.from_levels(levels), keep, count or 4, _arg(args, "label"), steps=_arg(args, "steps"),
+                       guidance=_arg(args, "guidance"), jump_length=int(_arg(args, "jump") or 1),
+                       jump_n_sample=int(_arg(args, "resample") or 1), seed=int(_arg(args, "seed") or 0))
+    return engine.to_levels(x)
+
+
 def sample_cli(args: Any, root: Path) -> Path:
     """`genflow sample MODEL[@alias|:version]`: generate with an exported model; returns the file written.
 
     The model comes from the MLflow registry (alias default 'champion'), or from DIR/<model>/ with
     --exports DIR. Images: a PNG grid, one row per class with -n images each (or -n images of
-    --label). Text: -n samples of --length characters after --prompt. Default output:
+    --label). Inpainting (--inpaint IMAGE --mask MASK): -n completions of the image where the mask is
+    white, as a grid plus one file per completion (<out>-1.png ...). Text: -n samples of --length
+    characters after --prompt. Default output:
     reports/samples/<model>-<alias|version|local>.png|.txt. Bad input raises a GenflowError (one
     line: ConfigError for an option, SamplingRequestError for a setting out of range,
     RegistryError or InferenceError for the model) before anything is written.
@@ -126,6 +149,12 @@ def sample_cli(args: Any, root: Path) -> Path:
     for attr, flag in (("steps", "--steps"), ("length", "--length")):
         if _arg(args, attr) is not None and _arg(args, attr) < 1:
             raise ConfigError(f"{flag}: must be at least 1, got {_arg(args, attr)}")
+    if (_arg(args, "inpaint") is None) != (_arg(args, "mask") is None):
+        raise ConfigError("--inpaint IMAGE and --mask MASK go together (mask: white = regenerate, black = keep)")
+    if _arg(args, "inpaint") is None:
+        for attr, flag in (("jump", "--jump"), ("resample", "--resample"), ("resize", "--resize")):
+            if _arg(args, attr):
+                raise ConfigError(f"{flag}: an inpainting setting; use it with --inpaint IMAGE --mask MASK")
     exports = _arg(args, "exports")
     tag = "local" if exports else (alias or version)
     with tempfile.TemporaryDirectory(prefix="genflow-sample-") as tmp:
@@ -139,14 +168,22 @@ def sample_cli(args: Any, root: Path) -> Path:
         engine = load_engine(folder)
         print(f"{name}: onnxruntime on {engine.provider}", flush=True)
         image = engine.kind == "image"
-        out = Path(_arg(args, "out") or root / "reports" / "samples" / f"{name}-{tag}.{'png' if image else 'txt'}")
+        inpaint = _arg(args, "inpaint") is not None
+        stem = f"{name}-{tag}-inpaint" if inpaint else f"{name}-{tag}"
+        out = Path(_arg(args, "out") or root / "reports" / "samples" / f"{stem}.{'png' if image or inpaint else 'txt'}")
         if not out.is_absolute():
             out = root / out
-        want = ".png" if image else ".txt"
+        want = ".png" if image or inpaint else ".txt"
         if out.suffix.lower() != want:
             raise ConfigError(f"--out {out}: {name} makes {'images' if image else 'text'}; "
                               f"give a {want} path")
-        if image:
+        if inpaint:
+            levels = _inpaint(args, engine, count)
+            n_levels = int(engine.config.get("levels", 256))
+            write_png(out, image_grid(levels, n_levels, -(-len(levels) // 8)))
+            for i, one in enumerate(levels):  # each completion at the model's size, as an input would be
+                write_png(out.with_name(f"{out.stem}-{i + 1}.png"), image_grid(one[None], n_levels, 1, 1, 0))
+        elif image:
             levels, n_levels, rows = _sample_images(args, engine, count)
             write_png(out, image_grid(levels, n_levels, rows))
         else:
