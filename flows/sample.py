@@ -60,6 +60,10 @@ def _arg(args: Any, name: str) -> Any:
     return getattr(args, name, None)
 
 
+def _or(value: Any, default: int) -> int:
+    return default if value is None else int(value)
+
+
 def _refuse_options(args: Any, engine: Engine, names: dict[str, str]) -> None:
     for attr, flag in names.items():
         if _arg(args, attr) is not None:
@@ -124,8 +128,8 @@ def _inpaint(args: Any, engine: Engine, count: Optional[int]) -> np.ndarray:
     levels, keep = read_inpaint_inputs(Path(args.inpaint), Path(args.mask), engine.shape,
                                        int(engine.config.get("levels", 256)), resize=bool(_arg(args, "resize")))
     x = engine.inpaint(engine.from_levels(levels), keep, count or 4, _arg(args, "label"), steps=_arg(args, "steps"),
-                       guidance=_arg(args, "guidance"), jump_length=int(_arg(args, "jump") or 1),
-                       jump_n_sample=int(_arg(args, "resample") or 1), seed=int(_arg(args, "seed") or 0))
+                       guidance=_arg(args, "guidance"), jump_length=_or(_arg(args, "jump"), 1),
+                       jump_n_sample=_or(_arg(args, "resample"), 1), seed=int(_arg(args, "seed") or 0))
     return engine.to_levels(x)
 
 
@@ -153,7 +157,7 @@ def sample_cli(args: Any, root: Path) -> Path:
         raise ConfigError("--inpaint IMAGE and --mask MASK go together (mask: white = regenerate, black = keep)")
     if _arg(args, "inpaint") is None:
         for attr, flag in (("jump", "--jump"), ("resample", "--resample"), ("resize", "--resize")):
-            if _arg(args, attr):
+            if _arg(args, attr) not in (None, False):
                 raise ConfigError(f"{flag}: an inpainting setting; use it with --inpaint IMAGE --mask MASK")
     exports = _arg(args, "exports")
     tag = "local" if exports else (alias or version)
