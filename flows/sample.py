@@ -159,6 +159,8 @@ def sample_cli(args: Any, root: Path) -> Path:
         for attr, flag in (("jump", "--jump"), ("resample", "--resample"), ("resize", "--resize")):
             if _arg(args, attr) not in (None, False):
                 raise ConfigError(f"{flag}: an inpainting setting; use it with --inpaint IMAGE --mask MASK")
+    elif _arg(args, "jump") is not None and _arg(args, "resample") is None:
+        raise ConfigError("--jump: sets how far each resampling goes back; give --resample R (R > 1) with it")
     exports = _arg(args, "exports")
     tag = "local" if exports else (alias or version)
     with tempfile.TemporaryDirectory(prefix="genflow-sample-") as tmp:

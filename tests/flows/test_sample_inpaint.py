@@ -146,6 +146,7 @@ def test_resize_is_offered_for_another_size_and_applied_when_asked(exported, tmp
     ({}, dict(label=5), r"^--label: digits-unet knows classes 0\.\.2, got 5$"),
     ({}, dict(jump=10, resample=2, steps=10), r"^--jump: 10 must be below the 10 sampling steps"),
     ({}, dict(resample=0), r"^--resample: must be at least 1"),
+    ({}, dict(jump=3), r"^--jump: sets how far each resampling goes back; give --resample R"),
     ({}, dict(guidance=2.0), r"^--guidance: steers towards a --label"),
     ({}, dict(mask=None), r"^--inpaint IMAGE and --mask MASK go together"),
     ({}, dict(inpaint=None, mask=None, jump=3), r"^--jump: an inpainting setting"),
