@@ -116,11 +116,9 @@ def _inpaint(args: Any, engine: Engine, count: Optional[int]) -> np.ndarray:
     """Completions of --inpaint IMAGE where --mask is white: grey levels (N, C, H, W)."""
     from components.sampling.inpaint import read_inpaint_inputs
 
+    if isinstance(engine, CausalLMEngine) and engine.kind == "image":
+        return _complete_prefix(args, engine, count)
     if not isinstance(engine, DiffusionEngine):
-        if engine.kind == "image":
-            raise ConfigError(f"--inpaint: {engine.name} is an autoregressive model: it writes the pixels in order "
-                              "and cannot condition on later pixels, so it cannot fill a masked region; "
-                              "use a denoising diffusion model (e.g. digits-unet)")
         raise ConfigError(f"--inpaint: {engine.name} is a text model; inpainting takes an image model "
                           "(a denoising diffusion model such as digits-unet)")
     _refuse_options(args, engine, {"prompt": "--prompt", "length": "--length",
@@ -131,6 +129,33 @@ def _inpaint(args: Any, engine: Engine, count: Optional[int]) -> np.ndarray:
                        guidance=_arg(args, "guidance"), jump_length=_or(_arg(args, "jump"), 1),
                        jump_n_sample=_or(_arg(args, "resample"), 1), seed=int(_arg(args, "seed") or 0))
     return engine.to_levels(x)
+
+
+def _complete_prefix(args: Any, engine: CausalLMEngine, count: Optional[int]) -> np.ndarray:
+    """A pixel GPT's --inpaint: only a mask that regenerates every pixel after the first P in raster
+    order (the image's bottom) can be honoured; grey levels (N, 1, H, W)."""
+    from components.sampling.inpaint import read_inpaint_inputs
+
+    for attr, flag in (("jump", "--jump"), ("resample", "--resample"), ("steps", "--steps"),
+                       ("guidance", "--guidance"), ("prompt", "--prompt"), ("length", "--length")):
+        if _arg(args, attr) is not None:
+            raise ConfigError(f"{flag}: {engine.name} is an autoregressive model and has no such setting; drop it")
+    size, n_levels = int(engine.config["image_size"]), int(engine.config["levels"])
+    levels, keep = read_inpaint_inputs(Path(args.inpaint), Path(args.mask), (1, size, size), n_levels,
+                                       resize=bool(_arg(args, "resize")))
+    flat = keep.reshape(-1)
+    first = int(np.argmin(flat))                                     # the first regenerated pixel
+    if flat[first:].any():
+        raise ConfigError(f"--inpaint: {engine.name} is an autoregressive model: it writes the pixels in raster "
+                          "order and cannot condition on later pixels, so it completes only a mask that regenerates "
+                          "every pixel after the first ones (e.g. the bottom rows); use a denoising diffusion "
+                          "model (e.g. digits-unet) for this mask")
+    label = _arg(args, "label")
+    if label is None:
+        raise ConfigError(f"--label: {engine.name} writes a digit of a given class; give --label")
+    return engine.sample_digits(np.full(count or 4, label, dtype=np.int64), temperature=_arg(args, "temperature"),
+                                top_k=_arg(args, "top_k"), seed=int(_arg(args, "seed") or 0),
+                                prefix=levels.reshape(-1)[:first])
 
 
 def sample_cli(args: Any, root: Path) -> Path:

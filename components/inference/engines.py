@@ -299,8 +299,12 @@ class CausalLMEngine(TextEngine):
     # --- digit pixels --------------------------------------------------------
 
     def sample_digits(self, labels: Sequence[int], *, temperature: Optional[float] = None,
-                      top_k: Optional[int] = None, seed: int = 0) -> np.ndarray:
-        """One image per label: [class token] then image_size^2 pixel tokens; returns levels (B,1,H,W) uint8."""
+                      top_k: Optional[int] = None, seed: int = 0, prefix: Optional[np.ndarray] = None) -> np.ndarray:
+        """One image per label: [class token] then image_size^2 pixel tokens; returns levels (B,1,H,W) uint8.
+
+        prefix: the first P pixels in raster order (grey levels, (P,)), kept as given; the model
+        writes the other image_size^2 - P (a completion of the image's top).
+        """
         c, d = self.config, self.defaults
         if self.kind != "image":
             raise InferenceError(f"{self.name}: a text model; it does not draw images")
@@ -313,7 +317,13 @@ class CausalLMEngine(TextEngine):
         check_top_k(top_k, levels, FLAGS, f"the {levels} grey levels")  # sampling runs over the grey levels only
         allowed = np.zeros(self.vocab_size, dtype=bool)  # pixels only: a class token is never a pixel
         allowed[pixel_offset:pixel_offset + levels] = True
-        ids = self.generate((class_offset + y)[:, None], size * size, temperature, top_k, seed=seed, allowed=allowed)
+        start = (class_offset + y)[:, None]                                        # (B, 1)
+        if prefix is not None and len(prefix):
+            prefix = np.asarray(prefix, dtype=np.int64).reshape(-1)
+            if len(prefix) >= size * size or prefix.min() < 0 or prefix.max() >= levels:
+                raise SamplingRequestError(f"prefix: 1..{size * size - 1} grey levels in 0..{levels - 1} expected")
+            start = np.concatenate([start, np.tile(pixel_offset + prefix, (len(y), 1))], axis=1)
+        ids = self.generate(start, size * size + 1 - start.shape[1], temperature, top_k, seed=seed, allowed=allowed)
         pixels = ids[:, 1:] - pixel_offset                                         # (B, H*W) in 0..levels-1
         return pixels.reshape(-1, 1, size, size).astype(np.uint8)
 

@@ -141,8 +141,6 @@ def test_resize_is_offered_for_another_size_and_applied_when_asked(exported, tmp
                            r"convert the image$"),
     (dict(mode="LA"), {}, r"^--inpaint .*: 2 channels \(LA\)"),
     (dict(size=10, mask_size=10), {}, r"^--inpaint .*: 10x10 pixels, the model takes 8x8; .* add --resize$"),
-    ({}, dict(model="digits-gpt"), r"^--inpaint: digits-gpt is an autoregressive model: it writes the pixels "
-                                   r"in order and cannot condition on later pixels"),
     ({}, dict(label=5), r"^--label: digits-unet knows classes 0\.\.2, got 5$"),
     ({}, dict(jump=10, resample=2, steps=10), r"^--jump: 10 must be below the 10 sampling steps"),
     ({}, dict(resample=0), r"^--resample: must be at least 1"),
@@ -191,3 +189,45 @@ print('NO TORCH')
     assert out.returncode == 0, out.stderr[-2000:]
     assert "NO TORCH" in out.stdout
     assert (tmp_path / "reports" / "samples" / "digits-unet-local-inpaint-2.png").is_file()
+
+
+def write_small(folder, keep_rows=2, hole=None):
+    """A 4x4 image in the pixel GPT's 5 levels and a mask: white below the first `keep_rows` rows (or on `hole`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    levels = np.array([[0, 4, 4, 0], [1, 2, 3, 4], [4, 3, 2, 1], [0, 1, 0, 1]], dtype=np.uint8)
+    Image.fromarray((levels.astype(np.int64) * 255 // 4).astype(np.uint8), "L").save(folder / "small.png")
+    m = np.zeros((4, 4), dtype=np.uint8)
+    m[hole if hole is not None else slice(keep_rows, None)] = 255
+    Image.fromarray(m, "L").save(folder / "small-mask.png")
+    return folder / "small.png", folder / "small-mask.png", levels
+
+
+def test_a_pixel_gpt_completes_the_bottom_of_an_image(exported, tmp_path):
+    image, mask, levels = write_small(tmp_path / "in", keep_rows=2)
+    out = sample_cli(args(model="digits-gpt", exports=str(exported / "exports"), inpaint=str(image), mask=str(mask),
+                          label=1, count=3), tmp_path)
+    singles = sorted(out.parent.glob("digits-gpt-local-inpaint-*.png"))
+    assert len(singles) == 3
+    got = [np.rint(np.asarray(Image.open(p), dtype=np.float64) * 4 / 255).astype(np.uint8) for p in singles]
+    assert all(np.array_equal(g[:2], levels[:2]) for g in got)            # the top two rows as given
+    assert all(g.max() <= 4 for g in got)
+    image, mask, _ = write_small(tmp_path / "in2", keep_rows=0)
+    sample_cli(args(model="digits-gpt", exports=str(exported / "exports"), inpaint=str(image), mask=str(mask),
+                    label=0, count=1), tmp_path)                             # all white: a fresh sample
+
+
+@pytest.mark.parametrize("hole, kw, pattern", [
+    ((slice(1, 3), slice(1, 3)), dict(label=1),
+     r"^--inpaint: digits-gpt is an autoregressive model: it writes the pixels in raster order and cannot "
+     r"condition on later pixels, so it completes only a mask that regenerates every pixel after the first ones"),
+    (None, {}, r"^--label: digits-gpt writes a digit of a given class; give --label$"),
+    (None, dict(label=1, steps=5), r"^--steps: digits-gpt is an autoregressive model and has no such setting"),
+    (None, dict(label=7), r"^--label: digits-gpt knows classes 0\.\.2, got 7$"),
+])
+def test_a_pixel_gpt_refuses_a_mask_it_cannot_honour(exported, tmp_path, hole, kw, pattern):
+    image, mask, _ = write_small(tmp_path / "in", hole=hole)
+    with pytest.raises(GenflowError, match=pattern) as e:
+        sample_cli(args(model="digits-gpt", exports=str(exported / "exports"), inpaint=str(image), mask=str(mask),
+                        **kw), tmp_path)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "reports").exists()
