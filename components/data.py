@@ -288,13 +288,25 @@ def _decode_image(path: Path, image_size: int, levels: int) -> tuple:
         reason = str(e).replace(f" '{path}'", "").replace(str(path), "").strip() or type(e).__name__
         reason = reason.splitlines()[0]  # the message stays one line
         return None, None, f"corrupt {fmt} ({reason})"
+    return quantise_grey(square_resize(im, image_size), levels), im.size, None
+
+
+def square_resize(im, image_size: int, resample=None):
+    """A PIL image centre-cropped to a square (a slightly oblong image is not distorted), then
+    resized to image_size x image_size (LANCZOS unless `resample` says otherwise)."""
+    from PIL import Image
+
     w, h = im.size
-    side = min(w, h)  # centre crop to a square, so a slightly oblong image is not distorted
+    side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    im = im.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.Resampling.LANCZOS)
-    grey = np.asarray(im, dtype=np.float64)  # (S, S) in 0..255
-    pixels = np.rint(grey * (levels - 1) / 255.0).astype(np.uint8)
-    return pixels, (w, h), None
+    resample = Image.Resampling.LANCZOS if resample is None else resample
+    return im.crop((left, top, left + side, top + side)).resize((image_size, image_size), resample)
+
+
+def quantise_grey(im, levels: int) -> np.ndarray:
+    """A 0..255 image (PIL or array, (H, W) or (H, W, C)) -> uint8 grey levels 0..levels-1, as the data holds them."""
+    grey = np.asarray(im, dtype=np.float64)
+    return np.rint(grey * (levels - 1) / 255.0).astype(np.uint8)
 
 
 def read_raw_images(name: str, cfg: DatasetConfig, root: str | Path = ".") -> RawImages:

@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-width", type=int, default=None, help="beam search width (--decoding beam)")
     p.add_argument("--exports", default=None, metavar="DIR",
                    help="use a local exports/<model> folder instead of the registry")
+    p.add_argument("--inpaint", default=None, metavar="IMAGE", help="complete this image where --mask is white")
+    p.add_argument("--mask", default=None, metavar="MASK", help="inpainting mask: white = regenerate, black = keep")
+    p.add_argument("--jump", type=int, default=None, metavar="N",
+                   help="inpainting: go back N steps up the chain when resampling (default 1)")
+    p.add_argument("--resample", type=int, default=None, metavar="R",
+                   help="inpainting: denoise each jump R times (default 1: no resampling)")
+    p.add_argument("--resize", action="store_true", help="inpainting: crop and resize the image to the model's size")
 
     p = sub.add_parser("compare", help="build the diffusion-vs-transformer comparison report")
     _common(p)

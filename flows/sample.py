@@ -60,6 +60,10 @@ def _arg(args: Any, name: str) -> Any:
     return getattr(args, name, None)
 
 
+def _or(value: Any, default: int) -> int:
+    return default if value is None else int(value)
+
+
 def _refuse_options(args: Any, engine: Engine, names: dict[str, str]) -> None:
     for attr, flag in names.items():
         if _arg(args, attr) is not None:
@@ -108,12 +112,60 @@ def _sample_texts(args: Any, engine: CausalLMEngine | MaskedLMEngine, count: Opt
     return "\n\n".join(parts) + "\n"
 
 
+def _inpaint(args: Any, engine: Engine, count: Optional[int]) -> np.ndarray:
+    """Completions of --inpaint IMAGE where --mask is white: grey levels (N, C, H, W)."""
+    from components.sampling.inpaint import read_inpaint_inputs
+
+    if isinstance(engine, CausalLMEngine) and engine.kind == "image":
+        return _complete_prefix(args, engine, count)
+    if not isinstance(engine, DiffusionEngine):
+        raise ConfigError(f"--inpaint: {engine.name} is a text model; inpainting takes an image model "
+                          "(a denoising diffusion model such as digits-unet)")
+    _refuse_options(args, engine, {"prompt": "--prompt", "length": "--length",
+                                   "temperature": "--temperature", "top_k": "--top-k"})
+    levels, keep = read_inpaint_inputs(Path(args.inpaint), Path(args.mask), engine.shape,
+                                       int(engine.config.get("levels", 256)), resize=bool(_arg(args, "resize")))
+    x = engine.inpaint(engine.from_levels(levels), keep, count or 4, _arg(args, "label"), steps=_arg(args, "steps"),
+                       guidance=_arg(args, "guidance"), jump_length=_or(_arg(args, "jump"), 1),
+                       jump_n_sample=_or(_arg(args, "resample"), 1), seed=int(_arg(args, "seed") or 0))
+    return engine.to_levels(x)
+
+
+def _complete_prefix(args: Any, engine: CausalLMEngine, count: Optional[int]) -> np.ndarray:
+    """A pixel GPT's --inpaint: only a mask that regenerates every pixel after the first P in raster
+    order (the image's bottom) can be honoured; grey levels (N, 1, H, W)."""
+    from components.sampling.inpaint import read_inpaint_inputs
+
+    for attr, flag in (("jump", "--jump"), ("resample", "--resample"), ("steps", "--steps"),
+                       ("guidance", "--guidance"), ("prompt", "--prompt"), ("length", "--length")):
+        if _arg(args, attr) is not None:
+            raise ConfigError(f"{flag}: {engine.name} is an autoregressive model and has no such setting; drop it")
+    size, n_levels = int(engine.config["image_size"]), int(engine.config["levels"])
+    levels, keep = read_inpaint_inputs(Path(args.inpaint), Path(args.mask), (1, size, size), n_levels,
+                                       resize=bool(_arg(args, "resize")))
+    flat = keep.reshape(-1)
+    first = int(np.argmin(flat))                                     # the first regenerated pixel
+    if flat[first:].any():
+        raise ConfigError(f"--inpaint: {engine.name} is an autoregressive model: it writes the pixels in raster "
+                          "order and cannot condition on later pixels, so it completes only a mask that regenerates "
+                          "every pixel after the first ones (e.g. the bottom rows); use a denoising diffusion "
+                          "model (e.g. digits-unet) for this mask")
+    label = _arg(args, "label")
+    if label is None:
+        raise ConfigError(f"--label: {engine.name} writes a digit of a given class; give --label")
+    return engine.sample_digits(np.full(count or 4, label, dtype=np.int64), temperature=_arg(args, "temperature"),
+                                top_k=_arg(args, "top_k"), seed=int(_arg(args, "seed") or 0),
+                                prefix=levels.reshape(-1)[:first])
+
+
 def sample_cli(args: Any, root: Path) -> Path:
     """`genflow sample MODEL[@alias|:version]`: generate with an exported model; returns the file written.
 
     The model comes from the MLflow registry (alias default 'champion'), or from DIR/<model>/ with
     --exports DIR. Images: a PNG grid, one row per class with -n images each (or -n images of
-    --label). Text: -n samples of --length characters after --prompt. Default output:
+    --label). Inpainting (--inpaint IMAGE --mask MASK): -n completions of the image where the mask is
+    white, as a grid plus one file per completion (<out>-1.png ...). Text: -n samples of --length
+    characters after --prompt. Default output:
     reports/samples/<model>-<alias|version|local>.png|.txt. Bad input raises a GenflowError (one
     line: ConfigError for an option, SamplingRequestError for a setting out of range,
     RegistryError or InferenceError for the model) before anything is written.
@@ -126,6 +178,14 @@ def sample_cli(args: Any, root: Path) -> Path:
     for attr, flag in (("steps", "--steps"), ("length", "--length")):
         if _arg(args, attr) is not None and _arg(args, attr) < 1:
             raise ConfigError(f"{flag}: must be at least 1, got {_arg(args, attr)}")
+    if (_arg(args, "inpaint") is None) != (_arg(args, "mask") is None):
+        raise ConfigError("--inpaint IMAGE and --mask MASK go together (mask: white = regenerate, black = keep)")
+    if _arg(args, "inpaint") is None:
+        for attr, flag in (("jump", "--jump"), ("resample", "--resample"), ("resize", "--resize")):
+            if _arg(args, attr) not in (None, False):
+                raise ConfigError(f"{flag}: an inpainting setting; use it with --inpaint IMAGE --mask MASK")
+    elif _arg(args, "jump") is not None and _arg(args, "resample") is None:
+        raise ConfigError("--jump: sets how far each resampling goes back; give --resample R (R > 1) with it")
     exports = _arg(args, "exports")
     tag = "local" if exports else (alias or version)
     with tempfile.TemporaryDirectory(prefix="genflow-sample-") as tmp:
@@ -139,14 +199,22 @@ def sample_cli(args: Any, root: Path) -> Path:
         engine = load_engine(folder)
         print(f"{name}: onnxruntime on {engine.provider}", flush=True)
         image = engine.kind == "image"
-        out = Path(_arg(args, "out") or root / "reports" / "samples" / f"{name}-{tag}.{'png' if image else 'txt'}")
+        inpaint = _arg(args, "inpaint") is not None
+        stem = f"{name}-{tag}-inpaint" if inpaint else f"{name}-{tag}"
+        out = Path(_arg(args, "out") or root / "reports" / "samples" / f"{stem}.{'png' if image or inpaint else 'txt'}")
         if not out.is_absolute():
             out = root / out
-        want = ".png" if image else ".txt"
+        want = ".png" if image or inpaint else ".txt"
         if out.suffix.lower() != want:
             raise ConfigError(f"--out {out}: {name} makes {'images' if image else 'text'}; "
                               f"give a {want} path")
-        if image:
+        if inpaint:
+            levels = _inpaint(args, engine, count)
+            n_levels = int(engine.config.get("levels", 256))
+            write_png(out, image_grid(levels, n_levels, -(-len(levels) // 8)))
+            for i, one in enumerate(levels):  # each completion at the model's size, as an input would be
+                write_png(out.with_name(f"{out.stem}-{i + 1}.png"), image_grid(one[None], n_levels, 1, 1, 0))
+        elif image:
             levels, n_levels, rows = _sample_images(args, engine, count)
             write_png(out, image_grid(levels, n_levels, rows))
         else:

@@ -112,6 +112,50 @@ class DiffusionEngine(Engine):
                                   timesteps, self.alphas_cumprod, sampler, eta, clip)   # from x_T ~ N(0, I)
         return x.astype(np.float32, copy=False)
 
+    def inpaint(self, image: np.ndarray, keep: np.ndarray, count: int = 1, label: Optional[int] = None, *,
+                sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
+                guidance: Optional[float] = None, jump_length: int = 1, jump_n_sample: int = 1, seed: int = 0,
+                randn: Optional[Randn] = None, clip: bool = True) -> np.ndarray:
+        """`count` completions of one image (C, H, W) in [-1, 1]; returns (count, C, H, W) float32.
+
+        keep (C, H, W) bool: True where the image's pixel stays, False where it is regenerated.
+        With a label the completions are of that class (the model's guidance); without one,
+        unconditional. jump_length / jump_n_sample: RePaint's resampling (1 / 1: none).
+        """
+        d = self.defaults
+        sampler = sampler or d.get("sampler", "ddim")
+        steps = int(steps if steps is not None else d.get("steps", min(50, self.timesteps)))
+        eta = float(eta if eta is not None else d.get("eta", 0.0))
+        if label is None:  # unconditional: the null class alone
+            if guidance is not None:
+                raise SamplingRequestError("--guidance: steers towards a --label; give one, or drop --guidance")
+            guidance = 0.0
+        guidance = float(guidance if guidance is not None else d.get("guidance", 1.0))
+        image = np.asarray(image, dtype=np.float32)
+        keep = np.asarray(keep, dtype=bool)
+        if tuple(image.shape) != self.shape:
+            raise diffusion.InpaintInputError(f"{FLAGS['image']}: shape {tuple(image.shape)}, {self.name} takes "
+                                              f"{self.shape} (channels, height, width)")
+        diffusion.check_inpaint(image.shape, keep, FLAGS)
+        y = np.full(count, 0 if label is None else label, dtype=np.int64)
+        timesteps = self.check(y, sampler, steps, eta, guidance)
+        diffusion.repaint_schedule(len(timesteps), jump_length, jump_n_sample, FLAGS)
+        randn = randn or numpy_randn(seed)
+
+        def noise(shape: tuple) -> np.ndarray:
+            return np.asarray(randn(shape), dtype=np.float32)
+
+        known = np.broadcast_to(image, (count, *self.shape))
+        x = diffusion.inpaint_loop(noise((count, *self.shape)), known, np.broadcast_to(keep, known.shape),
+                                   lambda x, t: self.eps(x, t, y, guidance), noise, timesteps,
+                                   self.alphas_cumprod, sampler, eta, clip, jump_length, jump_n_sample)
+        return x.astype(np.float32, copy=False)
+
+    def from_levels(self, levels: np.ndarray) -> np.ndarray:
+        """Integer grey levels 0..levels-1 -> [-1, 1] float32, as training reads the data."""
+        top = int(self.config.get("levels", 256)) - 1
+        return (np.asarray(levels, dtype=np.float32) / top * 2 - 1).astype(np.float32)
+
     def to_levels(self, x: np.ndarray) -> np.ndarray:
         """[-1, 1] -> integer grey levels 0..levels-1 (the data's quantisation), uint8."""
         levels = int(self.config.get("levels", 256))
@@ -255,8 +299,12 @@ class CausalLMEngine(TextEngine):
     # --- digit pixels --------------------------------------------------------
 
     def sample_digits(self, labels: Sequence[int], *, temperature: Optional[float] = None,
-                      top_k: Optional[int] = None, seed: int = 0) -> np.ndarray:
-        """One image per label: [class token] then image_size^2 pixel tokens; returns levels (B,1,H,W) uint8."""
+                      top_k: Optional[int] = None, seed: int = 0, prefix: Optional[np.ndarray] = None) -> np.ndarray:
+        """One image per label: [class token] then image_size^2 pixel tokens; returns levels (B,1,H,W) uint8.
+
+        prefix: the first P pixels in raster order (grey levels, (P,)), kept as given; the model
+        writes the other image_size^2 - P (a completion of the image's top).
+        """
         c, d = self.config, self.defaults
         if self.kind != "image":
             raise InferenceError(f"{self.name}: a text model; it does not draw images")
@@ -269,7 +317,13 @@ class CausalLMEngine(TextEngine):
         check_top_k(top_k, levels, FLAGS, f"the {levels} grey levels")  # sampling runs over the grey levels only
         allowed = np.zeros(self.vocab_size, dtype=bool)  # pixels only: a class token is never a pixel
         allowed[pixel_offset:pixel_offset + levels] = True
-        ids = self.generate((class_offset + y)[:, None], size * size, temperature, top_k, seed=seed, allowed=allowed)
+        start = (class_offset + y)[:, None]                                        # (B, 1)
+        if prefix is not None and len(prefix):
+            prefix = np.asarray(prefix, dtype=np.int64).reshape(-1)
+            if len(prefix) >= size * size or prefix.min() < 0 or prefix.max() >= levels:
+                raise SamplingRequestError(f"prefix: 1..{size * size - 1} grey levels in 0..{levels - 1} expected")
+            start = np.concatenate([start, np.tile(pixel_offset + prefix, (len(y), 1))], axis=1)
+        ids = self.generate(start, size * size + 1 - start.shape[1], temperature, top_k, seed=seed, allowed=allowed)
         pixels = ids[:, 1:] - pixel_offset                                         # (B, H*W) in 0..levels-1
         return pixels.reshape(-1, 1, size, size).astype(np.uint8)
 

@@ -178,3 +178,105 @@ def sample_loop(x, eps: Callable, randn: Callable, timesteps: Sequence[int], alp
         else:
             x = ddim_step(x, e, abar_t, abar_prev, eta, noise, clip)
     return x
+
+
+# ---------------------------------------------------------------------------
+# Inpainting without retraining (RePaint: Lugmayr et al. 2022)
+# ---------------------------------------------------------------------------
+
+class InpaintInputError(DiffusionInputError):
+    """An inpainting request that cannot be honoured (image, mask, resampling settings)."""
+
+
+def check_inpaint(image_shape: Sequence[int], keep, names: Mapping[str, str] = PARAMS) -> None:
+    """Refuse a mask of another shape than the image, or one that leaves nothing to fill.
+
+    keep: bool array, True where the image's pixel is kept, False where it is regenerated.
+    """
+    if tuple(keep.shape) != tuple(image_shape):
+        raise InpaintInputError(f"{names['mask']}: shape {tuple(keep.shape)} differs from the image's "
+                                f"{tuple(image_shape)}; give a mask of the image's size")
+    if bool(keep.all()):
+        raise InpaintInputError(f"{names['mask']}: nothing to fill (all black: every pixel is kept); "
+                                "paint white where the image should be regenerated")
+
+
+def repaint_schedule(n_steps: int, jump_length: int = 1, jump_n_sample: int = 1,
+                     names: Mapping[str, str] = PARAMS) -> list[int]:
+    """The positions an inpainting run visits, from n_steps (x_T) down to 0 (x_0).
+
+    A step down denoises; with jump_n_sample > 1, every jump_length positions the chain goes
+    back up jump_length positions by re-noising and denoises again, jump_n_sample - 1 times
+    (RePaint's resampling), so the generated region harmonises with the known one.
+    jump_n_sample = 1 is plain replacement: n_steps, n_steps - 1, ..., 0.
+    """
+    if jump_length < 1:
+        raise InpaintInputError(f"{names['jump']}: must be at least 1, got {jump_length}")
+    if jump_n_sample < 1:
+        raise InpaintInputError(f"{names['resample']}: must be at least 1 (1: no resampling), got {jump_n_sample}")
+    if jump_n_sample > 1 and jump_length >= n_steps:
+        raise InpaintInputError(f"{names['jump']}: {jump_length} must be below the {n_steps} sampling steps "
+                                "to jump back within the chain")
+    jumps = {p: jump_n_sample - 1 for p in range(n_steps - jump_length, 0, -jump_length)}
+    path, p = [n_steps], n_steps
+    while p > 0:
+        p -= 1
+        path.append(p)
+        if jumps.get(p, 0) > 0:
+            jumps[p] -= 1
+            for _ in range(jump_length):
+                p += 1
+                path.append(p)
+    return path
+
+
+def q_sample(x0, abar_t: float, noise):
+    """A draw from q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
+    return abar_t ** 0.5 * x0 + (1.0 - abar_t) ** 0.5 * noise
+
+
+def renoise(x, abar_from: float, abar_to: float, noise):
+    """A draw from q(x_to | x_from) for abar_to <= abar_from: one jump back up the chain."""
+    ratio = abar_to / abar_from
+    return ratio ** 0.5 * x + (1.0 - ratio) ** 0.5 * noise
+
+
+def inpaint_loop(x, known, keep, eps: Callable, randn: Callable, timesteps: Sequence[int],
+                 alphas_cumprod: np.ndarray, sampler: str = "ddim", eta: float = 0.0, clip: bool = True,
+                 jump_length: int = 1, jump_n_sample: int = 1):
+    """`sample_loop` that keeps the known pixels: returns x_0 with x_0[keep] == known[keep] exactly.
+
+    known: the image (B, C, H, W) in [-1, 1]; keep: bool, same shape (True: keep the pixel).
+    After every step down to the timestep t, the kept pixels are replaced by a fresh draw of
+    q(x_t | known), on the last one by `known` itself; `repaint_schedule` adds the jumps back up.
+    randn draws, after x_T: per step down the step's noise (if stochastic), then the known pixels'
+    noise (if not the last step); per step up the re-noising draw.
+    """
+    xp = array_module(x)
+    abar, S = alphas_cumprod, len(timesteps)
+
+    def t_at(p: int) -> int:                     # the timestep of position p (0: x_0, no timestep)
+        return timesteps[S - p] if p >= 1 else -1
+
+    def abar_at(p: int) -> float:
+        return float(abar[t_at(p)]) if p >= 1 else 1.0
+
+    def paste(x, p: int):
+        target = known if p == 0 else q_sample(known, abar_at(p), randn(x.shape))
+        return xp.where(keep, target, x)
+
+    path = repaint_schedule(S, jump_length, jump_n_sample)
+    x = paste(x, path[0])
+    for p, q in zip(path, path[1:]):
+        if q == p + 1:
+            x = renoise(x, abar_at(p), abar_at(q), randn(x.shape))
+            continue
+        e = eps(x, t_at(p))
+        stochastic = q >= 1 and (sampler == "ddpm" or eta > 0)
+        noise = randn(x.shape) if stochastic else None
+        if sampler == "ddpm":
+            x = ddpm_step(x, e, abar_at(p), abar_at(q), noise, clip)
+        else:
+            x = ddim_step(x, e, abar_at(p), abar_at(q), eta, noise, clip)
+        x = paste(x, q)
+    return x

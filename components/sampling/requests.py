@@ -14,10 +14,11 @@ from components.errors import ModelError
 PARAMS = {"steps": "sample.steps", "sampler": "sample.sampler", "eta": "sample.eta",
           "guidance": "sample.guidance", "label": "class label", "count": "labels",
           "temperature": "sample.temperature", "top_k": "sample.top_k", "length": "sample.length",
-          "prompt": "prompt"}
+          "prompt": "prompt", "jump": "jump_length", "resample": "jump_n_sample", "image": "image",
+          "mask": "mask"}
 FLAGS = {"steps": "--steps", "sampler": "sampler", "eta": "eta", "guidance": "--guidance", "label": "--label",
          "count": "count", "temperature": "--temperature", "top_k": "--top-k", "length": "--length",
-         "prompt": "--prompt"}
+         "prompt": "--prompt", "jump": "--jump", "resample": "--resample", "image": "--inpaint", "mask": "--mask"}
 
 
 class SamplingRequestError(ModelError):
