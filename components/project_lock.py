@@ -10,8 +10,9 @@ that blocks the next run. Beside it, .genflow/run.lock.json says who holds it (p
 command): information for the refusal message only, rewritten by every holder.
 
 A process started by the holder on the same project (a `genflow stage` run by a flow, `dvc repro`)
-inherits GENFLOW_PROJECT_LOCK and does not take the lock again: nested calls never deadlock. Another
-project (reproduce's temporary worktree) has a lock of its own.
+inherits GENFLOW_PROJECT_LOCK and does not take the lock again: nested calls never deadlock. The
+workers of one torchrun launch share one lock: the first of each node (LOCAL_RANK 0) takes it, the
+others run under it. Another project (reproduce's temporary worktree) has a lock of its own.
 """
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def lock_file(root: Path) -> Path:
 
 def holder_file(root: Path) -> Path:
     return Layout(Path(root).resolve()).state / HOLDER_NAME
+
+
+def _other_rank() -> bool:
+    """A torchrun worker other than its node's first: that one holds the lock for all of them."""
+    return os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def _alive(pid: int) -> bool:
@@ -80,7 +86,7 @@ def project_lock(root: Path, command: str, *, wait: bool = False, can_wait: bool
     until free, calling on_wait(line) when it starts to wait and every report_every_s seconds.
     can_wait: the refusal tells the user about --wait (the commands that have it)."""
     root = Path(root).resolve()
-    if os.environ.get(HELD_ENV) == str(root):   # our parent (or this process) holds it already
+    if os.environ.get(HELD_ENV) == str(root) or _other_rank():
         yield
         return
     path = lock_file(root)

@@ -61,8 +61,8 @@ def start_holder(root: Path, project_root: Path, command: str = "genflow run --q
     return p, lines
 
 
-def try_lock(root: Path, project_root: Path) -> str:
-    r = subprocess.run([sys.executable, "-c", TRY, str(root)], cwd=root, env=env(project_root),
+def try_lock(root: Path, project_root: Path, **extra_env: str) -> str:
+    r = subprocess.run([sys.executable, "-c", TRY, str(root)], cwd=root, env={**env(project_root), **extra_env},
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
@@ -113,6 +113,17 @@ def test_a_child_of_the_holder_on_the_same_project_does_not_deadlock(project, pr
     assert holder.wait(TIMEOUT) == 0
     holder.stdout.close()
     assert "CHILD 0 ACQUIRED" in lines   # inherited the holder's lock: no second acquisition, no wait
+
+
+def test_torchrun_workers_after_the_first_of_a_node_run_under_its_lock(project, project_root):
+    holder, _ = start_holder(project, project_root, "genflow stage train digits-unet")   # as LOCAL_RANK 0 would
+    try:
+        assert try_lock(project, project_root, LOCAL_RANK="1") == "ACQUIRED"
+        assert try_lock(project, project_root, LOCAL_RANK="0").startswith("BUSY")
+    finally:
+        holder.stdin.close()
+        holder.wait(TIMEOUT)
+        holder.stdout.close()
 
 
 def test_cli_refuses_in_one_line_with_exit_3_and_changes_nothing(project, project_root):
