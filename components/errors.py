@@ -33,3 +33,11 @@ class RegistryError(GenflowError, ValueError):
 
 class ServerError(GenflowError, RuntimeError):
     """A service (MLflow, Prefect, a DVC remote, the model server) failed or cannot be reached."""
+
+
+class CheckpointError(ModelError):
+    """A training checkpoint on disk cannot be read (truncated, overwritten, not a checkpoint)."""
+
+
+class ProjectBusyError(GenflowError, RuntimeError):
+    """Another genflow process holds this project's lock (.genflow/run.lock); the CLI exits 3."""

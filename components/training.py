@@ -52,7 +52,7 @@ import torch
 from components import distributed, interrupt
 from components.config import TrainConfig
 from components.device import Placement, cpu_state, resolve, to_device
-from components.errors import ConfigError
+from components.errors import CheckpointError, ConfigError
 from components.files import atomic_file, write_json
 from components.layout import CHECKPOINT_DIR, CHECKPOINT_NAME
 
@@ -182,7 +182,14 @@ def load_resumable(path: Path, fingerprint: str, log: Callable[[str], None]) -> 
     """The checkpoint at `path` if it belongs to this run and is unfinished, else None."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated, overwritten, not a torch file: pickle, zip and EOF errors alike
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}); delete it to "
+                              "train from step 0, or put back a good copy to resume") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a genflow training checkpoint (no step recorded); delete it to "
+                              "train from step 0")
     if state.get("fingerprint") != fingerprint:
         log(f"{path}: written by a run with other settings or data; starting from step 0")
         return None

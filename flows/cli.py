@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from components.config import Params, load_params
-from components.errors import GenflowError
+from components.errors import GenflowError, ProjectBusyError
 
 
 # Error classes of components/ that do not derive from GenflowError yet (other branches convert
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", metavar="MODELS", help="comma-separated model keys, e.g. digits-unet,pydoc-gpt")
     p.add_argument("--quick", action="store_true", help="tiny budgets, same chain: a first look in minutes")
     p.add_argument("--force", action="store_true", help="retrain even when inputs are unchanged")
+    p.add_argument("--wait", action="store_true",
+                   help="if another genflow process holds the project (.genflow/run.lock), wait for it")
 
     p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     _common(p)
@@ -306,6 +308,10 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# The commands that write data/, models/, exports/, reports/ or the registry: one at a time per
+# project (components/project_lock.py); a second one exits 3 at once, or waits with `run --wait`.
+LOCKED = ("run", "stage", "promote", "rollback", "compare", "reproduce")
+
 COMMANDS = {
     "run": cmd_run, "stage": cmd_stage, "models": cmd_models, "promote": cmd_promote,
     "rollback": cmd_rollback, "sample": cmd_sample, "compare": cmd_compare,
@@ -326,7 +332,19 @@ def main(argv: list[str] | None = None) -> int:
 
     interrupt.install()   # Ctrl-C also stops training running in the flow's worker threads
     try:
-        return COMMANDS[args.command](args)
+        if args.command not in LOCKED:
+            return COMMANDS[args.command](args)
+        from components.project_lock import project_lock
+
+        command = " ".join(["genflow", *(sys.argv[1:] if argv is None else argv)])
+        with project_lock(Path.cwd(), command, wait=getattr(args, "wait", False), can_wait=args.command == "run",
+                          on_wait=lambda line: print(f"genflow {args.command}: {line}", file=sys.stderr, flush=True)):
+            return COMMANDS[args.command](args)
+    except ProjectBusyError as e:   # not a failure of this command: it did nothing; a distinct exit code
+        from components.project_lock import BUSY_EXIT
+
+        print(f"genflow {args.command}: {e}", file=sys.stderr)
+        return BUSY_EXIT
     except KeyboardInterrupt:
         print("genflow: interrupted", file=sys.stderr)
         return 130

@@ -29,6 +29,7 @@ from components.config import Params, apply_quick, hash_json, load_params
 from components.errors import ConfigError, ServerError
 from components.families.base import backbone
 from components.files import write_json
+from components.project_lock import project_lock
 from flows import stages
 from flows.preflight import check_prefect_api, preflight, select_models  # noqa: F401  (re-exported)
 
@@ -206,8 +207,15 @@ def retrain(params_path: str = "params.yaml", overrides: Optional[list[str]] = N
 
     Returns the run summary (what reports/last_run.json holds); when a model failed, a Failed
     state whose message names every failure and whose result is that summary."""
-    t0 = time.perf_counter()
     root_p = Path(root).resolve()
+    # `genflow run` holds the project's lock already; a scheduled run takes it here, waiting its turn
+    with project_lock(root_p, "genflow-retrain flow (scheduled)", wait=True, on_wait=print):
+        return _retrain(params_path, overrides, only, quick, force, root_p)
+
+
+def _retrain(params_path: str, overrides: Optional[list[str]], only: Optional[list[str]], quick: bool,
+             force: bool, root_p: Path):
+    t0 = time.perf_counter()
     params = load_params(root_p / params_path, overrides or [])   # an absolute params_path stays as is
     if quick:
         apply_quick(params)

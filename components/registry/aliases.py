@@ -10,9 +10,10 @@ Every alias move is written to the version's tags (``genflow.alias_history.NNN``
 each, numbered, append-only) and to its run's tags (``genflow.alias_history.v<version>.NNN``), so
 history survives later moves.
 
-Alias moves of one model happen under a file lock (<root>/.genflow/locks/<key>.lock), re-read the
-aliases right before moving them and verify them afterwards, so two promotions at once cannot
-leave the registry half-moved.
+Alias moves of one model happen under a file lock (<root>/.genflow/locks/<key>.lock) and, for
+clients on other machines, a lease in the registry itself (`components.registry.lease`); they
+re-read the aliases right before moving them and verify them afterwards, so two promotions at once
+cannot leave the registry half-moved or its history with a hole.
 
 Rollback: the previous champion becomes champion again; the demoted version loses every alias,
 gets the tag ``genflow.rolled_back`` (when, why, which version replaced it), and `previous-champion`
@@ -31,6 +32,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 from components.config import Params
 from components.errors import RegistryError
 from components.layout import Layout
+from components.registry.lease import registry_lease
 from components.registry.lookup import (
     CHALLENGER,
     CHAMPION,
@@ -47,8 +49,9 @@ LOCK_TIMEOUT_S = 120.0
 
 
 @contextmanager
-def alias_lock(root: Path, key: str) -> Iterator[None]:
-    """Exclusive lock on one model's aliases (processes and threads of this machine)."""
+def alias_lock(root: Path, key: str, client: Any = None) -> Iterator[None]:
+    """Exclusive lock on one model's aliases: processes and threads of this machine, and with
+    `client` also every other client of the same registry (its lease)."""
     path = Layout(Path(root).resolve()).state / "locks" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
@@ -64,7 +67,11 @@ def alias_lock(root: Path, key: str) -> Iterator[None]:
                                         "if no genflow command is running") from None
                 time.sleep(0.05)
         try:
-            yield
+            if client is None:
+                yield
+            else:
+                with registry_lease(client, key):
+                    yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -157,7 +164,7 @@ def rollback(key: str, root: Path, reason: Optional[str] = None, params: Optiona
     """
     client = registry_client(root, params)
     require_model(client, key)
-    with alias_lock(root, key):
+    with alias_lock(root, key, client):
         current = current_aliases(client, key)
         prev, champ = current.get(PREVIOUS), current.get(CHAMPION)
         if prev is None:

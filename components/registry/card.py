@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from components.config import Params
+from components.registry.lease import is_lease
 from components.registry.lookup import (
     CHAMPION,
     EVAL_HASH_TAG,
@@ -104,7 +105,8 @@ def models_table(root: Path, params: Optional[Params] = None) -> list[dict]:
     for mv in client.search_model_versions(max_results=10_000):  # one query for every model's versions
         by_model.setdefault(mv.name, []).append(mv)
     rows = []
-    for rm in sorted(client.search_registered_models(max_results=1000), key=lambda m: m.name):
+    for rm in sorted((m for m in client.search_registered_models(max_results=1000) if not is_lease(m.name)),
+                     key=lambda m: m.name):
         versions = by_model.get(rm.name, [])
         aliases = {a: str(v) for a, v in rm.aliases.items()}
         champ = aliases.get(CHAMPION)

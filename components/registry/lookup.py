@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Union
 
 from components.config import Params, PromotionRule
 from components.errors import RegistryError
+from components.registry.lease import is_lease
 from components.tracking.uri import check_tracking
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
@@ -82,7 +83,8 @@ def require_model(client: Any, key: str) -> None:
     try:
         client.get_registered_model(key)
     except MlflowException:
-        known = ", ".join(sorted(m.name for m in client.search_registered_models(max_results=200))) or "none"
+        known = ", ".join(sorted(m.name for m in client.search_registered_models(max_results=200)
+                                 if not is_lease(m.name))) or "none"
         raise RegistryError(f"{key}: no registered model of that name; registered: {known}") from None
 
 

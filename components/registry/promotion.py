@@ -180,7 +180,7 @@ def gate(key: str, version: Union[str, int], params: Params, root: Path,
     keeps its aliases (challenger).
     """
     client = registry_client(root, params)
-    with alias_lock(root, key):
+    with alias_lock(root, key, client):
         mv = get_version(client, key, version)
         d = judge(client, key, mv, params, champion_metrics_on_new_data)
         if d.champion_version == d.version:
@@ -198,7 +198,7 @@ def promote(key: str, version: Union[str, int], reason: Optional[str], params: P
     parity, or that belongs to another model.
     """
     client = registry_client(root, params)
-    with alias_lock(root, key):
+    with alias_lock(root, key, client):
         mv = get_version(client, key, version)
         v = str(mv.version)
         problem = parity_problem(mv.tags, params)

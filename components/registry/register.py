@@ -157,7 +157,7 @@ def register_onnx(key: str, onnx_path: Union[str, Path], run_id: str, metrics: M
         card = card[:MAX_DESCRIPTION - len(note)].rsplit("\n", 1)[0] + note
     client.update_model_version(key, version, description=card)
     client.set_tag(run_id, "genflow.registered_version", version)
-    with alias_lock(root, key):
+    with alias_lock(root, key, client):
         current = current_aliases(client, key)
         set_alias(client, key, CHALLENGER, version, by="register", reason="newly registered", current=current)
         verify_aliases(client, key, {CHALLENGER: version})

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from components.errors import ConfigError, RegistryError
 from components.layout import EXPORT_CONFIG_FILE as CONFIG_FILE
+from components.registry.lease import is_lease
 
 DEFAULT_ALIAS = "champion"
 
@@ -48,7 +49,7 @@ def registry_version(name: str, alias: Optional[str], version: Optional[str], ur
         model = client.get_registered_model(name)
     except MlflowException:
         try:
-            known = sorted(m.name for m in client.search_registered_models())
+            known = sorted(m.name for m in client.search_registered_models() if not is_lease(m.name))
         except MlflowException:
             known = []
         raise RegistryError(f"model {name!r}: not in the MLflow registry at {uri}; registered: "

@@ -190,3 +190,28 @@ def test_a_stop_request_checkpoints_and_the_next_run_resumes(tmp_path):
     resumed_model, resumed = train(make_model(), get_batch, loss_fn, cfg(), tmp_path / "b", items_per_batch=8)
     assert resumed.resumed_from == 8
     assert_same_weights(straight_model, resumed_model)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not a checkpoint \x00\xff" * 50, b"PK\x03\x04 truncated zip"])
+def test_a_corrupt_checkpoint_is_refused_in_one_line_naming_it(tmp_path, garbage):
+    from components.errors import CheckpointError, GenflowError
+
+    ckpt = tmp_path / "ckpt" / CKPT_NAME
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(garbage)
+    with pytest.raises(CheckpointError) as err:
+        train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8)
+    message = str(err.value)
+    assert isinstance(err.value, GenflowError) and "\n" not in message
+    assert str(ckpt) in message and "delete it" in message
+    assert ckpt.read_bytes() == garbage                          # refused, not overwritten
+
+
+def test_a_torch_file_that_is_no_checkpoint_is_refused(tmp_path):
+    from components.errors import CheckpointError
+
+    ckpt = tmp_path / "ckpt" / CKPT_NAME
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"weights": torch.zeros(2)}, ckpt)
+    with pytest.raises(CheckpointError, match="not a genflow training checkpoint"):
+        train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8)

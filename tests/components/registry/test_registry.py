@@ -397,3 +397,62 @@ def test_two_concurrent_promotions_leave_one_champion_and_a_consistent_history(m
                                                                        ("champion", "removed")]
     last_of_v1 = events["1"][-1]
     assert (last_of_v1["alias"], last_of_v1["action"]) == ("previous-champion", "removed")
+
+
+# ---------------------------------------------------------------------------
+# Promotions from several machines: no shared file lock, one registry
+# ---------------------------------------------------------------------------
+
+def test_promotions_from_several_machines_leave_one_champion_and_a_complete_history(model, tmp_path):
+    """Each process has a project folder of its own (its own .genflow/locks, as on another machine)
+    and shares only the SQLite-backed registry: the registry lease alone serialises the moves."""
+    p, key = model.params, model.key
+    registry.gate(key, model.add(1.0), p, tmp_path)
+    racers = [model.add(0.9 - i / 10) for i in range(4)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(racers)), ctx.Queue()
+    procs = [ctx.Process(target=_promote_in_child, args=(key, v, tmp_path / f"machine-{v}", p, barrier, results))
+             for v in racers]
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = [results.get(timeout=300) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    assert all(status == "ok" for _, status, _ in outcomes), outcomes
+
+    aliases = model.aliases()
+    assert aliases["champion"] in racers and "challenger" not in aliases
+    events = {v: registry.alias_history(key, v, tmp_path) for v in ["1", *racers]}
+    for v, history in events.items():   # numbered events, none lost or overwritten by another machine
+        tags = client().get_model_version(key, v).tags
+        numbers = sorted(int(k.rsplit(".", 1)[1]) for k in tags if k.startswith("genflow.alias_history."))
+        assert numbers == list(range(1, len(history) + 1)), (v, history)
+    # the champion moves form one chain: v1, then each racer once, each replacing the one before
+    moves = {e["version"]: e["previous_holder"] for h in events.values() for e in h
+             if e["alias"] == "champion" and e["action"] == "set"}
+    assert len(moves) == 1 + len(racers) and moves["1"] is None
+    chain, at = [], aliases["champion"]
+    while at is not None:
+        chain.append(at)
+        at = moves[at]
+    assert sorted(chain) == sorted(["1", *racers]) and chain[-1] == "1"
+    assert aliases["previous-champion"] == chain[1]
+    assert not [m.name for m in client().search_registered_models() if m.name.startswith("genflow-lease.")]
+
+
+def test_a_lease_left_by_a_dead_client_is_taken_over_once_expired(model, tmp_path):
+    from components.registry.lease import lease_name
+
+    p, key = model.params, model.key
+    registry.gate(key, model.add(1.0), p, tmp_path)
+    v2 = model.add(0.5)
+    client().create_registered_model(lease_name(key), tags={"genflow.lease.owner": "gone:1:x",
+                                                            "genflow.lease.expires": "1"})   # expired long ago
+    assert lease_name(key) not in [r["model"] for r in registry.models_table(tmp_path, p)]   # not a model
+    assert registry.promote(key, v2, "after a crash", p, tmp_path).promoted
+    assert model.aliases()["champion"] == v2
+    assert not client().search_registered_models(f"name='{lease_name(key)}'")
