@@ -89,12 +89,12 @@ def main() -> None:
                 best = max(med.values())
                 chosen = med[choice.name]
                 print(f"\n{key}, {condition}" + (f" ({len(procs)} CPU-bound neighbours)" if procs else ""))
-                print(f"| {'configuration':<34} | items/s | vs best |")
-                print(f"|{'-' * 36}|--------:|--------:|")
+                print(f"| {'configuration':<40} | items/s | vs best |")
+                print(f"|{'-' * 42}|--------:|--------:|")
                 for name, v in med.items():
-                    print(f"| {name:<34} | {v:7.0f} | {v / best:6.2f}x |", flush=True)
+                    print(f"| {name:<40} | {v:7.0f} | {v / best:6.2f}x |", flush=True)
                 label = f"genflow's choice: {choice.name}"
-                print(f"| {label:<34} | {chosen:7.0f} | {chosen / best:6.2f}x |", flush=True)
+                print(f"| {label:<40} | {chosen:7.0f} | {chosen / best:6.2f}x |", flush=True)
                 summary.append((key, condition, choice.name, chosen / best))
         finally:
             for p in procs:
