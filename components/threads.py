@@ -9,8 +9,9 @@ thread). So the CLI chooses before importing torch:
     choice.apply()                                        # OMP_WAIT_POLICY and GENFLOW_THREADS set
 
 Each candidate (1 thread; all cores, PASSIVE; all cores, spinning) runs the first model's own
-training step (components.families.base.probe_train_step) in child processes (two alternating
-rounds of a second each, the better kept), and the fastest wins. The result is cached in
+training step (components.families.base.probe_train_step) in child processes (alternating
+rounds of a second each: two, the better kept, on a quiet machine; five, their median, on a busy
+one), and the fastest wins. The result is cached in
 .genflow/threads.json per machine, library versions, network shape and *load class*: the cores
 other processes keep busy right now (read from /proc/stat over 0.3 s, before anything of ours
 runs), rounded. So a quiet machine and a
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +40,7 @@ CACHE_FILE = Path(".genflow") / "threads.json"
 CACHE_DAYS = 7
 PROBE_SECONDS = 2.0          # timed seconds per candidate, over ROUNDS children
 ROUNDS = 2
+BUSY_ROUNDS = 5                # on a busy machine: more rounds, their median
 BATCH = {"image": 64, "text": 16}   # the default models' batch sizes (probe only)
 POLICY_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
@@ -168,14 +171,19 @@ def choose(root: Path, params: Any, keys: list[str], log: Any = print) -> Option
         return Choice(int(hit["threads"]), str(hit["wait"]), "cached", dict(hit.get("rates", {})), busy)
     log(f"thread policy: measuring {', '.join(candidate_name(*c) for c in candidates(cores))} on "
         f"{keys[0]}'s training step ({busy:.1f} of {cores} cores busy elsewhere) ...")
-    rates: dict[str, float] = {}
-    for _ in range(ROUNDS):   # alternating, the best round kept: a burst of other work hits one round
+    # Alternating rounds. Quiet: the best round (a burst of other work hits one round). Busy: the
+    # median of more rounds, since the neighbours' share of the cores moves from second to second
+    # and a lucky round would rank close candidates wrongly.
+    rounds = ROUNDS if load_class == 0 else BUSY_ROUNDS
+    seen: dict[str, list[float]] = {}
+    for _ in range(rounds):
         for threads, wait in candidates(cores):
             name = candidate_name(threads, wait)
             try:
-                rates[name] = max(rates.get(name, 0.0), measure(config, threads, wait, PROBE_SECONDS / ROUNDS))
+                seen.setdefault(name, []).append(measure(config, threads, wait, PROBE_SECONDS / ROUNDS))
             except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
                 log(f"thread policy: {e}")
+    rates = {name: (max(v) if load_class == 0 else statistics.median(v)) for name, v in seen.items() if v}
     if not rates:
         return Choice(1, "PASSIVE", "measured (every probe failed: the safe choice)", {}, busy)
     best = max(rates, key=lambda k: rates[k])
