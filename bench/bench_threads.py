@@ -37,19 +37,6 @@ def configurations(cores: int) -> dict[str, tuple[int, str, dict]]:
     return out
 
 
-def run_child(config: dict, threads_: int, wait: str, env: dict, seconds: float) -> float:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return threads.measure(config, threads_, wait, seconds)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def neighbours(n: int) -> list[subprocess.Popen]:
     """n CPU-bound processes (a busy loop each), as another job on a shared machine would be."""
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
@@ -84,7 +71,7 @@ def main() -> None:
                 rates = {name: [] for name in configs}
                 for _ in range(args.repeats):
                     for name, (n, wait, env) in configs.items():
-                        rates[name].append(run_child(config, n, wait, env, args.seconds))
+                        rates[name].append(threads.measure(config, n, wait, args.seconds, extra_env=env))
                 med = {name: statistics.median(v) for name, v in rates.items()}
                 best = max(med.values())
                 chosen = med[choice.name]

@@ -49,7 +49,7 @@ POLICY_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 class Choice:
     threads: int                     # torch intra-op threads for training
     wait: str                        # "PASSIVE" | "spinning" (OpenMP's default)
-    source: str                      # measured | cached | environment | train.threads | replay | one core
+    source: str                      # measured | cached | one core
     rates: dict[str, float] = field(default_factory=dict)   # candidate -> items/s (measured or cached)
     busy_cores: float = 0.0          # what other processes kept busy when it was chosen
 
@@ -68,7 +68,7 @@ class Choice:
         os.environ["GENFLOW_THREAD_POLICY"] = self.describe()
         if self.wait == "PASSIVE":
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        elif self.source != "environment":
+        else:
             os.environ.pop("OMP_WAIT_POLICY", None)
 
 
@@ -135,9 +135,11 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def measure(config: dict, threads: int, wait: str, seconds: float = PROBE_SECONDS) -> float:
-    """items/s of the network's training step in a child process with this policy."""
+def measure(config: dict, threads: int, wait: str, seconds: float = PROBE_SECONDS,
+            extra_env: Optional[dict] = None) -> float:
+    """items/s of the network's training step in a child process with this policy (and `extra_env`)."""
     env = {k: v for k, v in os.environ.items() if k not in POLICY_ENV}
+    env.update(extra_env or {})
     if wait == "PASSIVE":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     out = subprocess.run([sys.executable, "-m", "components.threads", json.dumps(config), str(threads), str(seconds)],
