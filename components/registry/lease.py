@@ -46,7 +46,10 @@ def _take(client: Any, name: str, token: str) -> bool:
                                        description="genflow: held while the aliases of a model move; not a model")
         return True
     except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+        # RESOURCE_DOES_NOT_EXIST: the SQL store answers a name clash by reading the existing model
+        # for its error message; when its holder dropped it in between, that read fails instead.
+        # Either way the lease was held a moment ago: not taken, try again.
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
             raise
         return False
 

@@ -456,3 +456,29 @@ def test_a_lease_left_by_a_dead_client_is_taken_over_once_expired(model, tmp_pat
     assert registry.promote(key, v2, "after a crash", p, tmp_path).promoted
     assert model.aliases()["champion"] == v2
     assert not client().search_registered_models(f"name='{lease_name(key)}'")
+
+
+def test_a_lease_dropped_while_a_waiter_learns_of_the_clash_is_retried_not_raised(model, monkeypatch):
+    """The SQL store answers a name clash by reading the existing model for its message; when the
+    holder drops the lease in that window the read fails with RESOURCE_DOES_NOT_EXIST (seen in a
+    four-machine race). The waiter must take that as 'held a moment ago' and try again."""
+    from components.registry import lease
+
+    c = client()
+    name = lease.lease_name(model.key)
+    c.create_registered_model(name, tags={"genflow.lease.owner": "other:1:x", "genflow.lease.expires": "9e12"})
+    store = c._get_registry_client().store
+    real_get = type(store).get_registered_model
+    dropped = []
+
+    def get_after_the_holder_dropped_it(self, n):   # the holder's delete lands inside the clash handling
+        if n == name and not dropped:
+            dropped.append(n)
+            c.delete_registered_model(n)
+        return real_get(self, n)
+
+    monkeypatch.setattr(type(store), "get_registered_model", get_after_the_holder_dropped_it)
+    with lease.registry_lease(c, model.key):
+        assert c.get_registered_model(name).tags["genflow.lease.owner"] != "other:1:x"
+    assert dropped == [name]
+    assert not c.search_registered_models(f"name='{name}'")
