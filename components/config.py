@@ -56,10 +56,24 @@ class PairValidationConfig:
 
 
 @dataclass
+class CaptionConfig:
+    """builtin:digits-captions: how captions are composed from the label and the measured pixels."""
+    phrasings: int = 3        # captions per image (the first names every measured property)
+    seed: int = 0             # the phrasings of image i are drawn from (seed, i)
+
+
+@dataclass
+class CaptionValidationConfig:
+    max_chars: int = 64       # a longer caption is refused, naming its line (the text encoder's context)
+    min_images: int = 20      # fewer captioned images than this are refused
+
+
+@dataclass
 class DatasetConfig:
-    source: str = ""          # builtin:digits | builtin:pydoc | builtin:pydoc-pairs | imagefolder:PATH |
-    #                           textfile:PATH | pairs:PATH
-    kind: Literal["image", "text", "pairs"] = "image"
+    source: str = ""          # builtin:digits | builtin:pydoc | builtin:pydoc-pairs | builtin:digits-captions |
+    #                           imagefolder:PATH | textfile:PATH | pairs:PATH
+    # captions: images with text; imagefolder:PATH then holds metadata.jsonl or metadata.csv
+    kind: Literal["image", "text", "pairs", "captions"] = "image"
     image_size: int = 8       # images are resized to image_size x image_size
     levels: int = 17          # grey levels images are quantised to (digits: 0..16)
     min_doc_chars: int = 40   # text: documents shorter than this are dropped
@@ -67,6 +81,8 @@ class DatasetConfig:
     image_validation: ImageValidationConfig = field(default_factory=ImageValidationConfig)
     text_validation: TextValidationConfig = field(default_factory=TextValidationConfig)
     pair_validation: PairValidationConfig = field(default_factory=PairValidationConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    caption_validation: CaptionValidationConfig = field(default_factory=CaptionValidationConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -113,6 +129,17 @@ class EncDecConfig:
     dropout: float = 0.0
     bias: bool = False
     truncate_source: bool = False   # a source longer than source_len: refused (false) or cut (true)
+
+
+@dataclass
+class TextEncoderConfig:
+    """The prompt encoder's shape (components/models/textenc.py): characters -> (B, L, D) states."""
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    context: int = 65          # positions: the start token + up to context - 1 prompt characters
+    dropout: float = 0.0
+    bias: bool = False
 
 
 @dataclass
@@ -416,8 +443,8 @@ def _check_links(params: Params) -> None:
     for name, d in params.datasets.items():
         if ":" not in d.source:
             raise ParamsError(f"datasets.{name}.source: {d.source!r} is not KIND:VALUE "
-                              "(builtin:digits, builtin:pydoc, builtin:pydoc-pairs, imagefolder:PATH, "
-                              "textfile:PATH, pairs:PATH)")
+                              "(builtin:digits, builtin:pydoc, builtin:pydoc-pairs, builtin:digits-captions, "
+                              "imagefolder:PATH, textfile:PATH, pairs:PATH)")
         s = d.split
         if not (0 <= s.val < 1 and 0 < s.test < 1 and s.val + s.test < 1):
             raise ParamsError(f"datasets.{name}.split: val and test must be shares in [0, 1) "

@@ -6,7 +6,12 @@ Sources (params.yaml ``datasets.<name>.source``):
     builtin:pydoc      docstrings of the Python standard library's modules, classes and functions
     builtin:pydoc-pairs  one (source, target) pair per public standard-library function or method:
                        source = qualified name + signature, target = its docstring's first sentence
-    imagefolder:PATH   one sub-folder per class (folder name = class name) holding PNG or JPEG files
+    builtin:digits-captions  the digits, each with captions composed from its label and properties
+                       measured from its pixels (ink, slant, width; components/captions.py); kind captions
+    imagefolder:PATH   one sub-folder per class (folder name = class name) holding PNG or JPEG files;
+                       with kind captions: images anywhere under PATH and a metadata.jsonl
+                       ({"file_name": ..., "text": ...} per line) or metadata.csv (columns file_name,
+                       text) naming each image's caption (Hugging Face's imagefolder convention)
     textfile:PATH      a UTF-8 file (documents separated by blank lines; without blank lines, one
                        document) or a folder of .txt files (one document per file); see textsource
     pairs:PATH         a JSONL file ({"source": ..., "target": ...} per line, optional "group") or a
@@ -19,7 +24,7 @@ Stages (every function takes the project ``root``; paths below are relative to i
     prepare(name, cfg, root)  data/prepared/<name>/  deterministic train/val/test files + manifest.json
 
 Prepared-data API used by the other components: ``load_manifest``, ``load_images``, ``load_text``,
-``load_pairs``.
+``load_pairs``, ``load_captions``.
 Both stages build their folder beside the target and swap it in only when complete, so a failure
 leaves data/raw and data/prepared as they were.
 """
@@ -37,6 +42,7 @@ from typing import Optional
 
 import numpy as np
 
+from components.captions import PROPERTIES, caption_records, measure
 from components.config import DatasetConfig, SplitConfig
 from components.errors import DataError
 from components.files import replaced_dir, write_json
@@ -53,6 +59,8 @@ PAIRS_FILE = "pairs.jsonl"  # builtin:pydoc-pairs snapshot ({"group", "source", 
 # builtin:pydoc-pairs keeps pairs up to these lengths (fixed, so the snapshot depends on the Python
 # version only; ~88% of the harvest): its pair_validation bounds must be at least these
 PYDOC_PAIRS_MAX_SOURCE, PYDOC_PAIRS_MAX_TARGET = 80, 96
+CAPTIONS_FILE = "captions.jsonl"    # builtin:digits-captions snapshot: line i holds image i's captions
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")   # a captioned imagefolder's captions (one of them)
 
 
 # DataError (components.errors) is the error of this module: a dataset that cannot be read or prepared.
@@ -108,7 +116,7 @@ def display_path(path: Path, root: str | Path) -> str:
 # Sources
 # ---------------------------------------------------------------------------
 
-BUILTINS = {"digits": "image", "pydoc": "text", "pydoc-pairs": "pairs"}
+BUILTINS = {"digits": "image", "pydoc": "text", "pydoc-pairs": "pairs", "digits-captions": "captions"}
 SOURCE_KINDS = {"imagefolder": "image", "textfile": "text", "pairs": "pairs"}
 PAIR_SUFFIXES = {".jsonl": "jsonl", ".tsv": "tsv"}
 
@@ -126,9 +134,11 @@ def parse_source(name: str, cfg: DatasetConfig, root: str | Path = ".") -> tuple
         if not value:
             raise DataError(f"{where}: {cfg.source} names no path; use {kind}:PATH")
         want = SOURCE_KINDS[kind]
+        if kind == "imagefolder" and cfg.kind == "captions":
+            want = "captions"   # the same folder convention, with a metadata file of captions
     else:
         raise DataError(f"{where}: {cfg.source!r} is not one of builtin:digits, builtin:pydoc, "
-                        "builtin:pydoc-pairs, imagefolder:PATH, textfile:PATH, pairs:PATH")
+                        "builtin:pydoc-pairs, builtin:digits-captions, imagefolder:PATH, textfile:PATH, pairs:PATH")
     if cfg.kind != want:
         raise DataError(f"datasets.{name}.kind: {cfg.kind}, but {cfg.source} holds {want} data; set kind: {want}")
     if kind == "builtin":
@@ -145,7 +155,21 @@ def parse_source(name: str, cfg: DatasetConfig, root: str | Path = ".") -> tuple
                         '{"source": ..., "target": ...} or two tab-separated columns')
     if kind == "imagefolder" and not path.is_dir():
         raise DataError(f"{where}: {cfg.source} is a file; imagefolder needs a folder with one sub-folder per class")
+    if want == "captions":
+        metadata_file(name, cfg, path)   # exactly one metadata file, or one line saying what to add
     return kind, path
+
+
+def metadata_file(name: str, cfg: DatasetConfig, folder: Path) -> Path:
+    """The metadata.jsonl or metadata.csv at the top of a captioned imagefolder (exactly one)."""
+    found = [folder / m for m in METADATA_FILES if (folder / m).is_file()]
+    if not found:
+        raise DataError(f"datasets.{name}.source: {cfg.source} has no metadata.jsonl or metadata.csv; add one "
+                        'naming each image\'s caption: a line {"file_name": "a.png", "text": "a thick seven"} '
+                        "per image (or a CSV with columns file_name,text)")
+    if len(found) > 1:
+        raise DataError(f"datasets.{name}.source: {cfg.source} has both metadata.jsonl and metadata.csv; keep one")
+    return found[0]
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -169,6 +193,7 @@ def ingest(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
     """
     kind, value = parse_source(name, cfg, root)
     target = raw_dir(name, root)
+    extra: dict = {}
     with replaced_dir(target) as tmp:
         if kind == "builtin" and value == "digits":
             images, labels, classes = load_digits_arrays()
@@ -186,6 +211,18 @@ def ingest(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
                      if len(s) <= PYDOC_PAIRS_MAX_SOURCE and len(t) <= PYDOC_PAIRS_MAX_TARGET]
             (tmp / PAIRS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
             layout = "pairs"
+        elif kind == "builtin" and value == "digits-captions":
+            images, labels, classes = load_digits_arrays()
+            save_npz(tmp / "images.npz", images=images, labels=labels, classes=np.array(classes),
+                     levels=np.array(DIGITS_LEVELS))
+            records, cuts = caption_records(images, labels, DIGITS_LEVELS, seed=cfg.captions.seed,
+                                            phrasings=cfg.captions.phrasings)
+            lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in records]
+            (tmp / CAPTIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+            layout, extra = "captions-npz", {"thresholds": cuts}   # the tercile cuts the words were chosen by
+        elif kind == "imagefolder" and cfg.kind == "captions":
+            layout = "captions"
+            _copy_captioned_folder(name, cfg, Path(value), tmp)
         elif kind == "pairs":
             layout = "pairs"
             if Path(value).name == SNAPSHOT:
@@ -196,7 +233,7 @@ def ingest(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
             _copy_imagefolder(name, cfg, Path(value), tmp)
         else:
             layout = _copy_textfile(name, cfg, Path(value), tmp)
-        write_json(tmp / SNAPSHOT, {"layout": layout})
+        write_json(tmp / SNAPSHOT, {"layout": layout, **extra})
     return target
 
 
@@ -216,6 +253,18 @@ def _copy_imagefolder(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> No
                 out = dst / class_dir.name / f.relative_to(class_dir)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, out)
+
+
+def _copy_captioned_folder(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> None:
+    """The metadata file and every image under src (sub-folders kept), byte for byte."""
+    meta = metadata_file(name, cfg, src)
+    shutil.copyfile(meta, dst / meta.name)
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in rel.parts):
+            out = dst / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, out)
 
 
 def _copy_textfile(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> str:
@@ -314,22 +363,7 @@ def read_raw_images(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Ra
     folder = raw_dir(name, root)
     layout = snapshot_layout(name, root)
     if layout == "npz":
-        path = folder / "images.npz"
-        where = display_path(path, root)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                images, labels = np.asarray(z["images"]), np.asarray(z["labels"])
-                classes = [str(c) for c in z["classes"]]
-                levels = int(z["levels"]) if "levels" in z.files else cfg.levels
-        except Exception as e:
-            raise DataError(f"{where}: cannot read ({type(e).__name__}: {e}); "
-                            f"run `genflow stage ingest {name}` again") from None
-        if images.ndim != 3 or labels.shape != (len(images),):
-            raise DataError(f"{where}: images must be (N, H, W) with one label each, "
-                            f"got images {images.shape} and labels {labels.shape}")
-        items = [RawImage(f"{where}[{i}]", int(labels[i]), images[i], (images.shape[2], images.shape[1]))
-                 for i in range(len(images))]
-        return RawImages(classes, [where] * len(classes), items, resized=False, source_levels=levels)
+        return _read_npz_images(folder / "images.npz", name, cfg, root)
     if layout != "imagefolder":
         raise DataError(f"datasets.{name}: data/raw/{name} holds {layout} data, not images; "
                         f"run `genflow stage ingest {name}` again")
@@ -343,6 +377,25 @@ def read_raw_images(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Ra
             items.append(RawImage(display_path(f, root), label, pixels, size, error))
     return RawImages([d.name for d in class_dirs], [display_path(d, root) for d in class_dirs], items,
                      resized=True, source_levels=cfg.levels)
+
+
+def _read_npz_images(path: Path, name: str, cfg: DatasetConfig, root) -> RawImages:
+    """A builtin's images.npz (images, labels, classes, levels) as RawImages."""
+    where = display_path(path, root)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = np.asarray(z["images"]), np.asarray(z["labels"])
+            classes = [str(c) for c in z["classes"]]
+            levels = int(z["levels"]) if "levels" in z.files else cfg.levels
+    except Exception as e:
+        raise DataError(f"{where}: cannot read ({type(e).__name__}: {e}); "
+                        f"run `genflow stage ingest {name}` again") from None
+    if images.ndim != 3 or labels.shape != (len(images),):
+        raise DataError(f"{where}: images must be (N, H, W) with one label each, "
+                        f"got images {images.shape} and labels {labels.shape}")
+    items = [RawImage(f"{where}[{i}]", int(labels[i]), images[i], (images.shape[2], images.shape[1]))
+             for i in range(len(images))]
+    return RawImages(classes, [where] * len(classes), items, resized=False, source_levels=levels)
 
 
 def image_array(item: RawImage, raw: RawImages, levels: int) -> np.ndarray:
@@ -468,6 +521,136 @@ def pair_splits(rows: list[PairRow], split: SplitConfig) -> list[str]:
     return [split_of[r.group] for r in rows]
 
 
+@dataclass
+class CaptionLine:
+    where: str                  # data/raw/mine/metadata.jsonl:12 (or data/raw/.../captions.jsonl:12), as users see it
+    file_name: Optional[str]    # the image it names, relative to the folder (builtin: its index); None: unreadable
+    texts: list[str]            # its captions: one per line of a user's metadata, every phrasing for the builtin
+    error: Optional[str] = None
+    record: Optional[dict] = None   # builtin: the measured properties and the words the captions were made from
+
+
+@dataclass
+class RawCaptions:
+    images: RawImages           # every image of the snapshot, captioned or not
+    keys: list[str]             # each image's file_name (relative posix path; builtin: its index)
+    lines: list[CaptionLine]
+    metadata: str               # the captions file, as users see it
+    thresholds: Optional[dict] = None   # builtin: the tercile cuts its words were chosen by
+
+
+def read_raw_captions(name: str, cfg: DatasetConfig, root: str | Path = ".") -> RawCaptions:
+    """Decode a captions snapshot: its images (broken ones keep their error) and its caption lines
+    (unreadable ones keep theirs), not yet matched: validation and prepare name what does not match."""
+    folder = raw_dir(name, root)
+    layout = snapshot_layout(name, root)
+    if layout == "captions-npz":
+        images = _read_npz_images(folder / "images.npz", name, cfg, root)
+        path = folder / CAPTIONS_FILE
+        snapshot = json.loads((folder / SNAPSHOT).read_text())
+        return RawCaptions(images, [str(i) for i in range(len(images.items))], _read_caption_lines(path, root),
+                           display_path(path, root), snapshot.get("thresholds"))
+    if layout != "captions":
+        raise DataError(f"datasets.{name}: data/raw/{name} holds {layout} data, not captioned images; "
+                        f"run `genflow stage ingest {name}` again")
+    path = next(folder / m for m in METADATA_FILES if (folder / m).is_file())
+    files = [f for f in sorted(folder.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    items = [RawImage(display_path(f, root), -1, *_decode_image(f, cfg.image_size, cfg.levels)) for f in files]
+    images = RawImages([], [], items, resized=True, source_levels=cfg.levels)
+    return RawCaptions(images, [f.relative_to(folder).as_posix() for f in files],
+                       _read_metadata(path, root), display_path(path, root))
+
+
+def _read_caption_lines(path: Path, root) -> list[CaptionLine]:
+    """builtin:digits-captions' captions.jsonl: {"index", "texts", "label", properties, "words"} per line."""
+    where = display_path(path, root)
+    text, error = decode_utf8(path.read_bytes())
+    if error:
+        return [CaptionLine(where, None, [], error)]
+    out = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            texts, index = rec["texts"], rec["index"]
+            if not isinstance(index, int) or not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise TypeError
+            out.append(CaptionLine(f"{where}:{i}", str(index), [t.strip() for t in texts], record=rec))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            out.append(CaptionLine(f"{where}:{i}", None, [], 'not a JSON line {"index": ..., "texts": [...]}'))
+    return out
+
+
+def _read_metadata(path: Path, root) -> list[CaptionLine]:
+    """A user's metadata.jsonl ({"file_name", "text"} per line; other keys ignored) or metadata.csv
+    (a header with file_name and text; other columns ignored), one CaptionLine per row."""
+    import csv
+    from pathlib import PurePosixPath
+
+    where = display_path(path, root)
+    text, error = decode_utf8(path.read_bytes())
+    if error:
+        return [CaptionLine(where, None, [], error)]
+
+    def line(at: str, file_name, caption) -> CaptionLine:
+        if not isinstance(file_name, str) or not file_name.strip() or not isinstance(caption, str):
+            return CaptionLine(at, None, [], "needs a file_name and a text (both strings)")
+        return CaptionLine(at, PurePosixPath(file_name.strip()).as_posix(), [caption.strip()])
+
+    out = []
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        missing = [c for c in ("file_name", "text") if c not in (reader.fieldnames or [])]
+        if missing:
+            return [CaptionLine(f"{where}:1", None, [], f"the header has no {' or '.join(missing)} column; "
+                                "the first line must name the columns, e.g. file_name,text")]
+        try:
+            for row in reader:
+                if any(v for v in row.values() if isinstance(v, str) and v.strip()):
+                    out.append(line(f"{where}:{reader.line_num}", row.get("file_name"), row.get("text")))
+        except csv.Error as e:
+            out.append(CaptionLine(f"{where}:{reader.line_num}", None, [], f"not valid CSV ({e})"))
+        return out
+    for i, raw_line in enumerate(text.split("\n"), 1):
+        if not raw_line.strip():
+            continue
+        try:
+            obj = json.loads(raw_line)
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            out.append(CaptionLine(f"{where}:{i}", None, [], 'not a JSON line {"file_name": "...", "text": "..."}'))
+        else:
+            out.append(line(f"{where}:{i}", obj.get("file_name"), obj.get("text")))
+    return out
+
+
+def caption_problems(raw: RawCaptions, max_chars: int) -> list[str]:
+    """Every reason the snapshot cannot be prepared, one line each (the suite's rules, plainly)."""
+    problems = [f"{it.file}: {it.error}" for it in raw.images.items if it.error]
+    known = set(raw.keys)
+    captioned = set()
+    for ln in raw.lines:
+        if ln.error:
+            problems.append(f"{ln.where}: {ln.error}")
+            continue
+        if ln.file_name not in known:
+            problems.append(f"{ln.where}: file_name {ln.file_name!r} not found in the folder")
+        captioned.add(ln.file_name)
+        if not ln.texts:
+            problems.append(f"{ln.where}: empty text for {ln.file_name!r}")
+        for t in ln.texts:
+            if not t:
+                problems.append(f"{ln.where}: empty text for {ln.file_name!r}")
+            elif len(t) > max_chars:
+                problems.append(f"{ln.where}: text of {len(t)} characters, more than caption_validation.max_chars="
+                                f"{max_chars}")
+    problems += [f"{it.file}: no caption in {raw.metadata}" for k, it in zip(raw.keys, raw.images.items)
+                 if k not in captioned]
+    return problems
+
+
 # ---------------------------------------------------------------------------
 # Splits
 # ---------------------------------------------------------------------------
@@ -516,6 +699,8 @@ def prepare(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
             manifest.update(_prepare_images(name, cfg, root, tmp))
         elif cfg.kind == "pairs":
             manifest.update(_prepare_pairs(name, cfg, root, tmp))
+        elif cfg.kind == "captions":
+            manifest.update(_prepare_captions(name, cfg, root, tmp))
         else:
             manifest.update(_prepare_text(name, cfg, root, tmp))
         manifest["files"] = tree_md5s(tmp)
@@ -635,6 +820,51 @@ def _prepare_pairs(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
                              for s in ("val", "test")}}
 
 
+def _prepare_captions(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
+    """{split}.npz (x, y as for images; y = -1 without classes) and {split}.jsonl: line i describes
+    image i of the npz ({"file", "label", "texts", "ink", "slant", "width"} + the builtin's "words")."""
+    raw = read_raw_captions(name, cfg, root)
+    problems = caption_problems(raw, cfg.caption_validation.max_chars)
+    if problems:
+        _refuse(name, problems)
+    if not raw.images.items:
+        raise DataError(f"datasets.{name}: data/raw/{name} holds no images")
+    texts: dict[str, list[str]] = {}
+    words: dict[str, dict] = {}
+    for ln in raw.lines:   # a file named on several lines gets every caption, in line order
+        texts.setdefault(ln.file_name, []).extend(ln.texts)
+        if ln.record and "words" in ln.record:
+            words[ln.file_name] = ln.record["words"]
+    x = np.stack([image_array(it, raw.images, cfg.levels) for it in raw.images.items])   # (N, S, S) uint8
+    y = np.array([it.label for it in raw.images.items], dtype=np.int64)                    # (N,); -1: no class
+    props = measure(x, cfg.levels)   # from the pixels training sees: the values saved beside the captions
+    labelled = bool(raw.images.classes)
+    idx = split_indices(len(y), cfg.split, labels=y if labelled else None)
+    _check_nonempty(name, idx, cfg.split, "captioned images")
+    builtin = snapshot_layout(name, root) == "captions-npz"
+    for s in SPLITS:
+        save_npz(out / f"{s}.npz", x=x[idx[s]], y=y[idx[s]])
+        lines = []
+        for i in idx[s].tolist():
+            key = raw.keys[i]
+            rec = {"file": f"images.npz[{key}]" if builtin else key, "label": int(y[i]), "texts": texts[key],
+                   **{k: float(props[k][i]) for k in PROPERTIES}}
+            if key in words:
+                rec["words"] = words[key]
+            lines.append(json.dumps(rec, ensure_ascii=False, sort_keys=True))
+        (out / f"{s}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    split_texts = {s: [t for i in idx[s].tolist() for t in texts[raw.keys[i]]] for s in SPLITS}
+    vocab = "".join(sorted(set("".join(split_texts["train"]))))
+    return {"counts": {s: int(len(idx[s])) for s in SPLITS},
+            "captions": {s: len(split_texts[s]) for s in SPLITS},
+            "image_size": cfg.image_size, "levels": cfg.levels, "classes": raw.images.classes,
+            "vocab": vocab, "max_caption_chars": max(len(t) for ts in split_texts.values() for t in ts),
+            "unseen_chars": {s: "".join(sorted(set("".join(split_texts[s])) - set(vocab))) for s in ("val", "test")},
+            "caption_thresholds": raw.thresholds,
+            "class_histogram": {s: np.bincount(y[idx[s]], minlength=len(raw.images.classes)).tolist()
+                                for s in SPLITS} if labelled else None}
+
+
 def _check_nonempty(name: str, idx: dict[str, np.ndarray], split: SplitConfig, what: str) -> None:
     total = sum(len(i) for i in idx.values())
     for s in SPLITS:
@@ -673,6 +903,13 @@ def load_images(name: str, split: str, root: str | Path = ".") -> tuple[np.ndarr
 def load_text(name: str, split: str, root: str | Path = ".") -> str:
     """One split's documents joined by blank lines."""
     return _split_path(name, split, root, ".txt").read_text(encoding="utf-8")
+
+
+def load_captions(name: str, split: str, root: str | Path = ".") -> list[dict]:
+    """One split's caption records; record i describes image i of ``load_images(name, split)``:
+    {"file", "label", "texts": [...], "ink", "slant", "width"} (+ "words" for builtin:digits-captions)."""
+    lines = _split_path(name, split, root, ".jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def load_pairs(name: str, split: str, root: str | Path = ".") -> list[tuple[str, str]]:
