@@ -19,6 +19,10 @@ Rules (the ``rule`` of each expectation; params.yaml keys in brackets):
     pairs   readable (UTF-8, a JSON line or two TSV columns), not_empty (source and target),
             no_control_chars, length_bounds [pair_validation.max_source_chars, max_target_chars],
             train_test_overlap (no exact pair in both train and test), min_pairs [pair_validation.min_pairs]
+    captions  readable (UTF-8; a JSON line {"file_name", "text"} or a CSV row), file_present (every
+            caption names an image in the folder), caption_present (every image has a caption),
+            decodable, image_size, not_empty, length_bound [caption_validation.max_chars],
+            no_control_chars (a caption is one line), min_images [caption_validation.min_images]
 
 great_expectations is imported only inside ``validate`` (it takes seconds to import).
 """
@@ -36,12 +40,14 @@ from components.data import (
     MAX_ASPECT,
     DataError,
     PairRow,
+    RawCaptions,
     RawImages,
     RawText,
     display_path,
     image_array,
     pair_splits,
     raw_dir,
+    read_raw_captions,
     read_raw_images,
     read_raw_pairs,
     read_raw_text,
@@ -83,6 +89,8 @@ def validate(name: str, cfg: DatasetConfig, root: str | Path = ".", *, docs: boo
     """
     if cfg.kind == "image":
         rows, columns, expectations, explain = _image_table(cfg, read_raw_images(name, cfg, root))
+    elif cfg.kind == "captions":
+        rows, columns, expectations, explain = _captions_table(name, cfg, read_raw_captions(name, cfg, root), root)
     elif cfg.kind == "pairs":
         rows, columns, expectations, explain = _pairs_table(name, cfg, read_raw_pairs(name, root), root)
     else:
@@ -176,21 +184,7 @@ def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[s
         expectation.meta = {"rule": name}
         return expectation
 
-    if raw.resized:
-        size_checks = [
-            gxe.ExpectColumnValuesToBeBetween(column="width", min_value=S,
-                                              description=f"images are at least {S} pixels wide"),
-            gxe.ExpectColumnValuesToBeBetween(column="height", min_value=S,
-                                              description=f"images are at least {S} pixels high"),
-            gxe.ExpectColumnValuesToBeBetween(column="aspect", max_value=MAX_ASPECT,
-                                              description="images are square within 10% (they are resized)"),
-        ]
-        size_rule = f"expected at least {S}x{S} and square within 10% (images are resized to {S}x{S})"
-    else:
-        size_checks = [gxe.ExpectColumnValuesToBeBetween(column=c, min_value=S, max_value=S,
-                                                         description=f"images are {S}x{S} (datasets.*.image_size)")
-                       for c in ("width", "height")]
-        size_rule = f"expected {S}x{S} (image_size)"
+    size_checks, size_rule = _size_expectations(S, raw.resized)
     share = iv.max_duplicate_share
     expectations = [
         rule("decodable", gxe.ExpectColumnValuesToBeInSet(column="decoded", value_set=[True],
@@ -242,6 +236,24 @@ def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[s
         return list(dict.fromkeys(out))  # one line per file even if two size checks flag it
 
     return rows, columns, expectations, explain
+
+
+def _size_expectations(S: int, resized: bool) -> tuple[list, str]:
+    """The image_size rule's expectations on the width, height and aspect columns, and its wording."""
+    import great_expectations.expectations as gxe
+
+    if resized:
+        return [
+            gxe.ExpectColumnValuesToBeBetween(column="width", min_value=S,
+                                              description=f"images are at least {S} pixels wide"),
+            gxe.ExpectColumnValuesToBeBetween(column="height", min_value=S,
+                                              description=f"images are at least {S} pixels high"),
+            gxe.ExpectColumnValuesToBeBetween(column="aspect", max_value=MAX_ASPECT,
+                                              description="images are square within 10% (they are resized)"),
+        ], f"expected at least {S}x{S} and square within 10% (images are resized to {S}x{S})"
+    return [gxe.ExpectColumnValuesToBeBetween(column=c, min_value=S, max_value=S,
+                                              description=f"images are {S}x{S} (datasets.*.image_size)")
+            for c in ("width", "height")], f"expected {S}x{S} (image_size)"
 
 
 # ---------------------------------------------------------------------------
@@ -393,6 +405,121 @@ def _pairs_table(name: str, cfg: DatasetConfig, raw: list[PairRow], root) -> tup
                                    f"{limit}")
             elif rule_name == "train_test_overlap":
                 out.append(f"{f}: test pair identical to train pair {row['in_train']}")
+        return list(dict.fromkeys(out))
+
+    return rows, columns, expectations, explain
+
+
+# ---------------------------------------------------------------------------
+# Captions: one row per caption line, and one per image that no line names
+# ---------------------------------------------------------------------------
+
+CAPTION_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")   # a caption is one line: no tab or newline either
+
+
+def _captions_table(name: str, cfg: DatasetConfig, raw: RawCaptions, root) -> tuple[list[dict], dict[str, str], list,
+                                                                                     Callable]:
+    """Rows, their column dtypes, the captions suite's expectations, and explain. The images join the
+    lines on file_name: an image's columns sit on the first line naming it (or on a row of its own,
+    has_caption false, when none does), so each image is checked once and each line once."""
+    import great_expectations.expectations as gxe
+
+    S, cv = cfg.image_size, cfg.caption_validation
+    image_of = dict(zip(raw.keys, raw.images.items))
+    first_line = {}
+    for ln in raw.lines:
+        if ln.error is None and ln.file_name in image_of:
+            first_line.setdefault(ln.file_name, ln.where)
+
+    def image_columns(it) -> dict:
+        if it.error is not None:
+            return {"decoded": False}
+        w, h = it.size
+        return {"decoded": True, "width": w, "height": h, "aspect": max(w, h) / max(min(w, h), 1)}
+
+    rows, by_id = [], {}
+    for ln in raw.lines:
+        row = {"file": ln.where, "readable": ln.error is None, "has_caption": True, "has_file": None,
+               "decoded": None, "width": None, "height": None, "aspect": None,
+               "min_chars": None, "max_chars": None, "control_chars": None, "usable": 0}
+        if ln.error is None:
+            lengths = [len(t) for t in ln.texts] or [0]
+            it = image_of.get(ln.file_name)
+            row.update(has_file=it is not None, min_chars=min(lengths), max_chars=max(lengths),
+                       control_chars=sum(len(CAPTION_CONTROL_CHARS.findall(t)) for t in ln.texts))
+            if it is not None and first_line[ln.file_name] == ln.where:
+                row.update(image_columns(it))
+                row["image"] = it.file
+                row["usable"] = int(it.error is None and min(lengths) > 0 and max(lengths) <= cv.max_chars)
+        rows.append(row)
+        by_id[ln.where] = (row, ln)
+    for key, it in image_of.items():
+        if key not in first_line:
+            row = {"file": it.file, "readable": True, "has_caption": False, "has_file": True,
+                   "image": it.file, "usable": 0, **image_columns(it)}
+            rows.append(row)
+            by_id[it.file] = (row, None)
+    columns = {"file": "string", "readable": "boolean", "has_caption": "boolean", "has_file": "boolean",
+               "decoded": "boolean", "width": "Int64", "height": "Int64", "aspect": "Float64",
+               "min_chars": "Int64", "max_chars": "Int64", "control_chars": "Int64", "usable": "Int64"}
+
+    def rule(name_: str, expectation):
+        expectation.meta = {"rule": name_}
+        return expectation
+
+    size_checks, size_rule = _size_expectations(S, raw.images.resized)
+    expectations = [
+        rule("readable", gxe.ExpectColumnValuesToBeInSet(
+            column="readable", value_set=[True],
+            description="every caption line is UTF-8 and names a file and a text")),
+        rule("file_present", gxe.ExpectColumnValuesToBeInSet(
+            column="has_file", value_set=[True], description="every caption names an image in the folder")),
+        rule("caption_present", gxe.ExpectColumnValuesToBeInSet(
+            column="has_caption", value_set=[True], description="every image has a caption")),
+        rule("decodable", gxe.ExpectColumnValuesToBeInSet(column="decoded", value_set=[True],
+                                                          description="every image decodes")),
+        *[rule("image_size", e) for e in size_checks],
+        rule("not_empty", gxe.ExpectColumnValuesToBeBetween(column="min_chars", min_value=1,
+                                                            description="no empty caption")),
+        rule("length_bound", gxe.ExpectColumnValuesToBeBetween(
+            column="max_chars", max_value=cv.max_chars,
+            description=f"captions of at most {cv.max_chars} characters (caption_validation.max_chars)")),
+        rule("no_control_chars", gxe.ExpectColumnValuesToBeBetween(
+            column="control_chars", max_value=0, description="captions are one line, without control characters")),
+        rule("min_images", gxe.ExpectColumnSumToBeBetween(
+            column="usable", min_value=cv.min_images,
+            description=f"at least {cv.min_images} captioned images (caption_validation.min_images)")),
+    ]
+    folder = display_path(raw_dir(name, root), root)
+    items_by_file = {it.file: it for it in raw.images.items}
+
+    def explain(rule_name: str, files: list[str]) -> list[str]:
+        if rule_name == "min_images":
+            usable = sum(r["usable"] for r in rows)
+            return [f"{folder}: {_count(usable, 'usable captioned image')}, need at least {cv.min_images} "
+                    "(caption_validation.min_images)"]
+        out = []
+        for f in files:
+            row, ln = by_id[f]
+            if rule_name == "readable":
+                out.append(f"{f}: {ln.error}")
+            elif rule_name == "file_present":
+                out.append(f"{f}: file_name {ln.file_name!r} not found in the folder; fix the name or add the image")
+            elif rule_name == "caption_present":
+                out.append(f"{f}: no caption in {raw.metadata}; add a line for it "
+                           "(or remove the image)")
+            elif rule_name == "decodable":
+                out.append(f"{row['image']}: {items_by_file[row['image']].error}")
+            elif rule_name == "image_size":
+                out.append(f"{row['image']}: {row['width']}x{row['height']} pixels, {size_rule}")
+            elif rule_name == "not_empty":
+                out.append(f"{f}: empty text for {ln.file_name!r}")
+            elif rule_name == "length_bound":
+                out.append(f"{f}: text of {row['max_chars']} characters, more than caption_validation.max_chars="
+                           f"{cv.max_chars}")
+            elif rule_name == "no_control_chars":
+                out.append(f"{f}: {_count(row['control_chars'], 'control character')}; a caption is one line of "
+                           "text (no newline or tab)")
         return list(dict.fromkeys(out))
 
     return rows, columns, expectations, explain
