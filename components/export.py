@@ -20,6 +20,9 @@ Graphs, one per backbone kind (dynamic axes named, example sizes >= 2 so none is
       The cross-attention keys/values are computed once per source by the encoder graph and fed to
       every step; model.onnx is the step so that registration logs it as the model and the encoder
       goes along as an extra file (components/registry/register.py, unchanged).
+    text_encoder  prompt_ids [B,L] i64 -> states [B,L,D] f32, prompt_mask [B,L] bool     textenc
+      The prompt encoder of prompt-conditioned models (components/models/textenc.py), exported
+      beside their own graph by ``export_text_encoder`` (TorchScript, like the encoder above).
 
 The GPT has one graph for prefill and decoding: onnxruntime accepts an empty past (P = 0), so
 generation is prefill(prompt, empty past) then decode(token, past), with no second file.
@@ -129,7 +132,21 @@ def _wrap(kind: str, net: Any) -> Any:
             return self.net.decode(input_ids, cross_kv, src_mask, past_kv)
 
     return {"denoiser": lambda n: n, "causal_lm": CausalLMGraph, "masked_lm": MaskedLMGraph,
-            "encoder": EncoderGraph, "encoder_decoder": DecoderStepGraph}[kind](net)
+            "encoder": EncoderGraph, "encoder_decoder": DecoderStepGraph, "text_encoder": lambda n: n}[kind](net)
+
+
+def text_encoder_spec(net: Any, tokenizer: Any) -> GraphSpec:
+    """The text encoder's graph; its info holds what a torch-free caller needs to tokenize prompts."""
+    import torch
+
+    c = net.config
+    info = dict(vocab=tokenizer.vocab, vocab_size=int(net.vocab_size), context=int(c.context), n_embd=c.n_embd,
+                start_id=tokenizer.start_id, pad_id=tokenizer.pad_id)
+    ids = torch.full((2, min(5, c.context)), tokenizer.start_id, dtype=torch.long)
+    return GraphSpec("text_encoder", _wrap("text_encoder", net), (ids,), ["prompt_ids"], ["states", "prompt_mask"],
+                     {"prompt_ids": {0: "batch", 1: "prompt"}, "states": {0: "batch", 1: "prompt"},
+                      "prompt_mask": {0: "batch", 1: "prompt"}},
+                     {"batch": (1, None), "prompt": (1, c.context)}, info)
 
 
 def encoder_decoder_spec(net: Any, ms: ModelSpec, sample: dict) -> GraphSpec:
@@ -335,10 +352,35 @@ def _encoder_decoder_checks(spec: GraphSpec, net: Any, session: Any, encoder: An
     return checks
 
 
+def _text_encoder_checks(spec: GraphSpec, net: Any, session: Any) -> list[dict]:
+    """Prompts of random characters and lengths, padded to the batch's length (the null prompt, the
+    start id alone, in every batch), against PyTorch."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    n_chars, start, pad, ctx = len(spec.info["vocab"]), spec.info["start_id"], spec.info["pad_id"], spec.info["context"]
+    checks = []
+    with torch.no_grad():
+        for B, L in ((1, 1), (3, min(7, ctx)), (2, ctx)):
+            ids = rng.integers(0, n_chars, (B, L)).astype(np.int64)
+            ids[:, 0] = start
+            lengths = rng.integers(1, L + 1, B)
+            lengths[-1] = 1   # the null prompt
+            ids[np.arange(L)[None, :] >= lengths[:, None]] = pad
+            states, mask = net(torch.from_numpy(ids))
+            got_states, got_mask = session.run(["states", "prompt_mask"], {"prompt_ids": ids})
+            checks.append(_compare(f"batch={B} len={L}", "states", got_states, states.numpy()))
+            checks.append(_compare(f"batch={B} len={L}", "prompt_mask", got_mask.astype(np.float32),
+                                   mask.numpy().astype(np.float32)))
+    return checks
+
+
 def _parity_checks(spec: GraphSpec, net: Any, session: Any, companions: Optional[dict] = None) -> list[dict]:
     """onnxruntime against PyTorch eager on fixed random inputs; one dict per (case, output)."""
     import torch
 
+    if spec.kind == "text_encoder":
+        return _text_encoder_checks(spec, net, session)
     if spec.kind == "encoder_decoder":
         return _encoder_decoder_checks(spec, net, session, (companions or {})["encoder"])
     rng = np.random.default_rng(0)
@@ -389,9 +431,11 @@ def _parity_checks(spec: GraphSpec, net: Any, session: Any, companions: Optional
     return checks
 
 
-def check_parity(spec: GraphSpec, net: Any, onnx_path: Path, export_cfg: ExportConfig) -> dict:
+def check_parity(spec: GraphSpec, net: Any, onnx_path: Path, export_cfg: ExportConfig,
+                 record_file: Optional[str] = None) -> dict:
     """Run the checks on `onnx_path` (and its companion graphs beside it, <name>.onnx) and apply the
-    gate: max_abs <= parity_atol and max_rel <= parity_rtol.
+    gate: max_abs <= parity_atol and max_rel <= parity_rtol. The first call's inputs and outputs are
+    kept beside the graph in `record_file` (parity_inputs.npz unless told otherwise).
 
     max_rel is relative to the output's scale: max |ort - torch| / max |torch|, per check.
     """
@@ -409,7 +453,7 @@ def check_parity(spec: GraphSpec, net: Any, onnx_path: Path, export_cfg: ExportC
     atol, rtol = float(export_cfg.parity_atol), float(export_cfg.parity_rtol)
     result = {"passed": bool(max_abs <= atol and max_rel <= rtol), "max_abs": max_abs, "max_rel": max_rel,
               "atol": atol, "rtol": rtol, "checks": checks}
-    save_record(Path(onnx_path).parent / PARITY_INPUTS_FILE, session.record, atol)
+    save_record(Path(onnx_path).parent / (record_file or PARITY_INPUTS_FILE), session.record, atol)
     if not max_abs <= atol:  # NaN and inf fail here too
         result["reason"] = (f"max abs error {max_abs:.3g} ({worst_abs['output']}, {worst_abs['name']}) "
                             f"above export.parity_atol {atol:g}")
@@ -422,6 +466,31 @@ def check_parity(spec: GraphSpec, net: Any, onnx_path: Path, export_cfg: ExportC
 # ---------------------------------------------------------------------------
 # The whole export
 # ---------------------------------------------------------------------------
+
+def export_text_encoder(net: Any, tokenizer: Any, path: Path, export_cfg: ExportConfig, *,
+                        exporter: str = "torchscript", opset: Optional[int] = None) -> dict:
+    """Write a text encoder (components/models/textenc.py) to `path` (e.g. exports/<key>/text_encoder.onnx),
+    check it with onnx.checker and its parity against PyTorch; returns check_parity's dict plus
+    "opset", "exporter" and "info" (vocab, context, start and pad ids: what config.json needs)."""
+    opset = int(opset if opset is not None else export_cfg.opset)
+    if exporter == "torchscript" and opset > TORCHSCRIPT_MAX_OPSET:
+        exporter = "dynamo"
+    was_training = net.training
+    net.eval()
+    try:
+        spec = text_encoder_spec(net, tokenizer)
+        try:
+            _export_graph(spec, Path(path), exporter, opset)
+            file_opset = check_onnx(Path(path))
+        except Exception as e:
+            raise ExportError(f"text encoder: the {exporter} ONNX export at opset {opset} failed "
+                              f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]})") from e
+        # its own record file: the model's parity_inputs.npz beside it stays the model's
+        parity = check_parity(spec, net, Path(path), export_cfg, record_file=f"{Path(path).stem}_parity_inputs.npz")
+    finally:
+        net.train(was_training)
+    return {**parity, "opset": file_opset, "exporter": exporter, "info": spec.info}
+
 
 def _json_safe(obj: Any) -> Any:
     """inf/NaN as strings: strict JSON has no such numbers."""

@@ -9,6 +9,13 @@ decodes with the vocabulary it was trained on. Characters outside it map to ``un
     ids = tok.encode("Return the")          # np.ndarray int64
     tok.decode(ids) == "Return the"
     tok.unknown_chars("naïve")              # {'ï': 1} when 'ï' was not in the train split
+
+Prompts of a text encoder (captions of images) have their own: ``PromptTokenizer`` refuses what
+it cannot encode instead of mapping it to ``unk_id``, and gives every prompt a start id, so the
+empty prompt is a sequence of its own (the null condition of classifier-free guidance):
+
+    tok = PromptTokenizer(manifest["vocab"], context=65)
+    ids, mask = tok.batch(["a thick seven", ""])    # (2, 14) int64 and bool; row 1 is the null prompt
 """
 from __future__ import annotations
 
@@ -23,6 +30,10 @@ UNK_CHAR = "\ufffd"  # what an unknown id decodes to (the Unicode replacement ch
 
 class UnknownCharactersError(ModelError):
     """Text holds characters the model never saw in training (strict encoding)."""
+
+
+class PromptError(ModelError):
+    """A prompt the text encoder cannot take: empty where one is required, or longer than its context."""
 
 
 class CharTokenizer:
@@ -115,3 +126,68 @@ class PairTokenizer(CharTokenizer):
         if self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
         return self.decode([i for i in ids if i <= self.unk_id])
+
+
+class PromptTokenizer(CharTokenizer):
+    """Characters of a captions dataset plus three ids after the unknown id:
+
+        0..n-1 characters, n unknown (never produced: unknown characters are refused),
+        n+1 start (first id of every prompt; alone, the empty prompt: the null condition),
+        n+2 padding (after a prompt, up to the batch's length; masked out by the encoder)
+
+    ``context`` counts positions, the start id included: a prompt has at most context - 1 characters.
+    """
+
+    def __init__(self, vocab: str, context: int):
+        super().__init__(vocab)
+        if context < 1:
+            raise ModelError(f"context: must be at least 1 position (the start id), got {context}")
+        self.context = int(context)
+
+    @property
+    def start_id(self) -> int:
+        return len(self.vocab) + 1
+
+    @property
+    def pad_id(self) -> int:
+        return len(self.vocab) + 2
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab) + 3
+
+    @property
+    def max_chars(self) -> int:
+        return self.context - 1
+
+    def encode_prompt(self, text: str, *, required: bool = False) -> np.ndarray:
+        """[start] + one id per character (int64). The empty prompt is [start], the null condition;
+        with ``required=True`` it is refused. Unknown characters and prompts longer than
+        ``max_chars`` are refused with one line (UnknownCharactersError, PromptError)."""
+        if required and not text.strip():
+            raise PromptError("prompt: empty; give a caption to condition on (the empty prompt is the null "
+                              "condition, used only for guidance)")
+        unknown = self.unknown_chars(text)
+        if unknown:
+            shown = ", ".join(repr(c) for c in list(unknown)[:10])
+            known = self.vocab if len(self.vocab) <= 60 else self.vocab[:60] + "..."
+            raise UnknownCharactersError(f"prompt: {sum(unknown.values())} character(s) the text encoder does not "
+                                         f"know: {shown}; use only the characters of its captions: {known!r}")
+        if len(text) > self.max_chars:
+            raise PromptError(f"prompt: {len(text)} characters, longer than the text encoder's context of "
+                              f"{self.max_chars}; shorten it")
+        return np.concatenate([np.array([self.start_id], dtype=np.int64), self.encode(text)])
+
+    def batch(self, prompts: list[str], length: int | None = None, *,
+              required: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (B, L) int64, mask (B, L) bool, True at real positions) of prompts padded to L: the
+        longest prompt's length + 1, or ``length`` (at most ``context``) for a fixed shape."""
+        rows = [self.encode_prompt(p, required=required) for p in prompts]
+        longest = max((len(r) for r in rows), default=1)
+        L = longest if length is None else int(length)
+        if not longest <= L <= self.context:
+            raise PromptError(f"length: {L}, expected {longest}..{self.context} (the longest prompt + 1 .. context)")
+        ids = np.full((len(rows), L), self.pad_id, dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+        return ids, ids != self.pad_id

@@ -47,7 +47,8 @@ from components.models.gpt import (
     rotary,
 )
 
-__all__ = ["EncDec", "EncDecConfig", "CrossAttention", "DecoderBlock", "ContextLengthError", "SamplingError"]
+__all__ = ["EncDec", "EncDecConfig", "CrossAttention", "DecoderBlock", "ContextLengthError", "SamplingError",
+           "run_encoder", "key_mask"]
 
 Cache = Literal["full", "self", "none"]
 
@@ -65,6 +66,19 @@ def block_config(c: EncDecConfig) -> GPTConfig:
 # ---------------------------------------------------------------------------
 # Blocks (self-attention and MLP are GPT's)
 # ---------------------------------------------------------------------------
+
+def key_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, S) bool -> (B, 1, 1, S): every query may look at the real (not padding) positions only."""
+    return None if mask is None else mask[:, None, None, :]
+
+
+def run_encoder(blocks: nn.ModuleList, ln: nn.Module, x: torch.Tensor, rope, mask: Optional[torch.Tensor]):
+    """The encoder stack: non-causal GPT blocks over x (B*S, C), then the final LayerNorm; mask is
+    key_mask's (B, 1, 1, S). The text encoder (components/models/textenc.py) runs the same stack."""
+    for block in blocks:
+        x, _, _ = block(x, rope, None, mask)   # not causal: every position sees every other
+    return ln(x)
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention of the decoder's positions (queries) over the encoder's (keys, values)."""
@@ -137,10 +151,7 @@ class EncDec(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(config.n_embd // config.n_head), persistent=False)
         init_gpt2_weights(self, bc.n_layer)
 
-    @staticmethod
-    def key_mask(src_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """(B, S) bool -> (B, 1, 1, S): every query may look at the real source positions only."""
-        return None if src_mask is None else src_mask[:, None, None, :]
+    key_mask = staticmethod(key_mask)
 
     def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The cross-attention cache of a source batch: (n_layer_dec, 2, B, n_head, S, head_dim)."""
@@ -151,9 +162,7 @@ class EncDec(nn.Module):
         rope = rotary(torch.arange(S, device=src.device), self.inv_freq)
         mask = self.key_mask(src_mask)
         x = self.drop(self.wte(src.reshape(-1)))   # (B*S, C)
-        for block in self.encoder:
-            x, _, _ = block(x, rope, None, mask)   # not causal: every source position sees every other
-        memory = self.ln_enc(x).view(B, S, -1)     # (B, S, C)
+        memory = run_encoder(self.encoder, self.ln_enc, x, rope, mask).view(B, S, -1)   # (B, S, C)
         return torch.stack([blk.cross.memory_kv(memory) for blk in self.decoder])
 
     def decode(self, tgt: torch.Tensor, cross_kv: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
