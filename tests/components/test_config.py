@@ -81,3 +81,15 @@ def test_section_hash_changes_with_its_section_only(params_file):
     b = load_params(params_file, ["models.digits-unet.train.max_steps=7"])
     assert a.section_hash("models", "digits-unet") != b.section_hash("models", "digits-unet")
     assert a.section_hash("models", "pydoc-gpt") == b.section_hash("models", "pydoc-gpt")
+
+
+def test_digits_captions_is_declared_but_a_plain_run_does_not_prepare_it(params_file):
+    from flows.preflight import select_models
+
+    params = load_params(params_file)
+    dc = params.dataset("digits-captions")
+    assert dc.source == "builtin:digits-captions" and dc.kind == "captions"
+    assert dc.caption_validation.max_chars == 64 and dc.captions.phrasings == 3
+    # the retrain flow prepares the datasets of the models it runs (flows/retrain.prepare_datasets)
+    used = {params.model(k).dataset for k in select_models(params, None)}
+    assert "digits-captions" not in used and {"digits", "pydoc"} <= used
