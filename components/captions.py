@@ -8,8 +8,9 @@ is not named). `compose` writes several phrasings per image, deterministic for (
 
     props = measure(images, levels=17)                 # {"ink": (N,), "slant": (N,), "width": (N,)}
     cuts = tercile_thresholds(props)                   # {"ink": [lo, hi], ...}
-    compose(7, buckets(props, cuts, i), seed=0, index=i, phrasings=3)
-    # ['a wide, thick, upright seven', 'the digit seven, thick and wide', 'seven, upright']
+    compose(7, buckets(props, cuts, 7), seed=0, index=7, phrasings=3)   # image 7 of the digits:
+    # ['a wide, thin, right-slanted seven', 'a handwritten seven that is thin, wide and right-slanted',
+    #  'seven, right-slanted, wide']
     parse_caption("a thick, right-slanted seven")     # {"digit": 7, "ink": 2, "slant": 2, "width": None}
 
 `measure` is the one definition of the properties: the prepared data saves its values beside each

@@ -144,6 +144,20 @@ class PromptTokenizer(CharTokenizer):
             raise ModelError(f"context: must be at least 1 position (the start id), got {context}")
         self.context = int(context)
 
+    @classmethod
+    def for_dataset(cls, manifest: dict, context: int, where: str = "textenc.context") -> "PromptTokenizer":
+        """The tokenizer of a prepared captions dataset (its manifest's vocab) for an encoder of
+        `context` positions; refused in one line when the dataset's longest caption does not fit."""
+        longest = int(manifest.get("max_caption_chars") or 0)
+        if "vocab" not in manifest or longest == 0:
+            raise ModelError(f"datasets.{manifest.get('name')}: its manifest has no captions (kind "
+                             f"{manifest.get('kind')!r}); a text encoder needs a captions dataset")
+        if longest > context - 1:
+            raise ModelError(f"{where}: {context} positions hold captions of up to {context - 1} characters, but "
+                             f"datasets.{manifest.get('name')} has one of {longest}; raise {where} to at least "
+                             f"{longest + 1} (or lower caption_validation.max_chars)")
+        return cls(manifest["vocab"], context)
+
     @property
     def start_id(self) -> int:
         return len(self.vocab) + 1

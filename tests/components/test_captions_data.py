@@ -172,7 +172,10 @@ def test_empty_and_too_long_captions_are_named_with_their_lines(tmp_path):
     rows = list(CAPTIONS.items())
     rows[1] = ("b.png", "   ")
     rows[3] = ("d.jpg", "a very wide and rather thick two, drawn slowly")
+    rows[4] = ("e.png", "a narrow\tfour")
     msg = failure(tmp_path, rows)
+    assert ("data/raw/bad/metadata.jsonl:5: 1 control character; a caption is one line of text (no newline or "
+            "tab) [no_control_chars]") in msg
     assert "data/raw/bad/metadata.jsonl:2: empty text for 'b.png' [not_empty]" in msg
     assert ("data/raw/bad/metadata.jsonl:4: text of 46 characters, more than caption_validation.max_chars=30 "
             "[length_bound]") in msg
@@ -211,3 +214,13 @@ def test_a_captions_folder_without_metadata_is_refused_before_ingest(tmp_path):
         data.parse_source("plain", folder_cfg(folder), tmp_path)
     with pytest.raises(DataError, match="set kind: captions"):
         data.parse_source("dc", DatasetConfig(source="builtin:digits-captions", kind="image"), tmp_path)
+
+
+def test_a_corrupt_image_in_a_captions_folder_is_named(tmp_path):
+    folder = make_folder(tmp_path, "jsonl", list(CAPTIONS.items()))
+    (folder / "e.png").write_bytes(b"not a png at all")
+    cfg = folder_cfg(folder)
+    data.ingest("bad", cfg, tmp_path)
+    with pytest.raises(validation.DataValidationError) as e:
+        validation.validate("bad", cfg, tmp_path, docs=False)
+    assert "data/raw/bad/e.png: corrupt PNG (cannot identify image file) [decodable]" in str(e.value)

@@ -131,3 +131,15 @@ def test_onnx_export_matches_pytorch_on_onnxruntime(tmp_path):
         want, _ = enc(torch.from_numpy(ids))
     np.testing.assert_array_equal(got_mask, mask)
     np.testing.assert_allclose(states, want.numpy(), rtol=0, atol=1e-4)
+
+
+def test_the_tokenizer_of_a_captions_dataset_must_fit_its_longest_caption():
+    manifest = {"name": "digits-captions", "kind": "captions", "vocab": VOCAB, "max_caption_chars": 59}
+    tok = PromptTokenizer.for_dataset(manifest, 65)
+    assert tok.vocab == VOCAB and tok.max_chars == 64
+    with pytest.raises(ModelError, match=r"^textenc.context: 40 positions hold captions of up to 39 characters, "
+                                         r"but datasets.digits-captions has one of 59; raise textenc.context to "
+                                         r"at least 60"):
+        PromptTokenizer.for_dataset(manifest, 40)
+    with pytest.raises(ModelError, match="needs a captions dataset"):
+        PromptTokenizer.for_dataset({"name": "digits", "kind": "image"}, 65)
