@@ -131,8 +131,16 @@ def _wrap(kind: str, net: Any) -> Any:
         def forward(self, input_ids, past_kv, cross_kv, src_mask):
             return self.net.decode(input_ids, cross_kv, src_mask, past_kv)
 
+    class TextEncoderGraph(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, prompt_ids):
+            return self.net(prompt_ids)
+
     return {"denoiser": lambda n: n, "causal_lm": CausalLMGraph, "masked_lm": MaskedLMGraph,
-            "encoder": EncoderGraph, "encoder_decoder": DecoderStepGraph, "text_encoder": lambda n: n}[kind](net)
+            "encoder": EncoderGraph, "encoder_decoder": DecoderStepGraph, "text_encoder": TextEncoderGraph}[kind](net)
 
 
 def text_encoder_spec(net: Any, tokenizer: Any) -> GraphSpec:

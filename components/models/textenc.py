@@ -56,7 +56,9 @@ class TextEncoder(nn.Module):
         mask = ids != self.pad_id                                            # (B, L)
         rope = rotary(torch.arange(L, device=ids.device), self.inv_freq)
         x = self.drop(self.wte(ids.reshape(-1)))                             # (B*L, C)
-        x = run_encoder(self.blocks, self.ln_f, x, rope, key_mask(mask)).view(B, L, -1)   # (B, L, C)
+        # (B, 1, L, L): onnxruntime's Attention op (opset 23) wants one mask row per query, no broadcast
+        keys = key_mask(mask).expand(-1, -1, L, -1)
+        x = run_encoder(self.blocks, self.ln_f, x, rope, keys).view(B, L, -1)   # (B, L, C)
         return x * mask.unsqueeze(-1).to(x.dtype), mask
 
     def num_params(self) -> int:

@@ -114,13 +114,15 @@ def test_the_encoder_stack_is_the_encoder_decoders():
 # ONNX
 # ---------------------------------------------------------------------------
 
-def test_onnx_export_matches_pytorch_on_onnxruntime(tmp_path):
+@pytest.mark.parametrize("exporter, opset", [("torchscript", 20), ("dynamo", 23)])   # 23: the fused Attention op
+def test_onnx_export_matches_pytorch_on_onnxruntime(tmp_path, exporter, opset):
     import onnxruntime as ort
 
     tok, enc = tiny()
     path = tmp_path / "text_encoder.onnx"
-    result = export_text_encoder(enc, tok, path, ExportConfig())
+    result = export_text_encoder(enc, tok, path, ExportConfig(), exporter=exporter, opset=opset)
     assert result["passed"], result.get("reason")
+    assert result["exporter"] == exporter and result["opset"] == opset
     assert result["max_abs"] < 1e-4 and result["info"]["pad_id"] == tok.pad_id
     assert (tmp_path / "text_encoder_parity_inputs.npz").exists() and not (tmp_path / "parity_inputs.npz").exists()
     # a batch of real prompts, the null one included, on onnxruntime alone
