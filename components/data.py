@@ -626,28 +626,32 @@ def _read_metadata(path: Path, root) -> list[CaptionLine]:
     return out
 
 
-def caption_problems(raw: RawCaptions, max_chars: int) -> list[str]:
-    """Every reason the snapshot cannot be prepared, one line each (the suite's rules, plainly)."""
-    problems = [f"{it.file}: {it.error}" for it in raw.images.items if it.error]
+def caption_problems(raw: RawCaptions, max_chars: int) -> list[tuple[str, str, str]]:
+    """Every reason the snapshot cannot be prepared: (rule, where, one line naming file and line and
+    what to do), where = the caption line (data/raw/mine/metadata.jsonl:12) or the image. The
+    captions suite (components/validation.py) words its failures with these same lines."""
+    problems = [("decodable", it.file, f"{it.file}: {it.error}") for it in raw.images.items if it.error]
     known = set(raw.keys)
     captioned = set()
     for ln in raw.lines:
+        at = ln.where
         if ln.error:
-            problems.append(f"{ln.where}: {ln.error}")
+            problems.append(("readable", at, f"{at}: {ln.error}"))
             continue
         if ln.file_name not in known:
-            problems.append(f"{ln.where}: file_name {ln.file_name!r} not found in the folder")
+            problems.append(("file_present", at, f"{at}: file_name {ln.file_name!r} not found in the folder; "
+                                                  "fix the name or add the image"))
         captioned.add(ln.file_name)
-        if not ln.texts:
-            problems.append(f"{ln.where}: empty text for {ln.file_name!r}")
-        for t in ln.texts:
-            if not t:
-                problems.append(f"{ln.where}: empty text for {ln.file_name!r}")
-            elif len(t) > max_chars:
-                problems.append(f"{ln.where}: text of {len(t)} characters, more than caption_validation.max_chars="
-                                f"{max_chars}")
-    problems += [f"{it.file}: no caption in {raw.metadata}" for k, it in zip(raw.keys, raw.images.items)
-                 if k not in captioned]
+        if not ln.texts or not all(ln.texts):
+            problems.append(("not_empty", at, f"{at}: empty text for {ln.file_name!r}; write its caption "
+                                               "or remove the line"))
+        longest = max((len(t) for t in ln.texts), default=0)
+        if longest > max_chars:
+            problems.append(("length_bound", at, f"{at}: text of {longest} characters, more than "
+                                                  f"caption_validation.max_chars={max_chars}; shorten it"))
+    problems += [("caption_present", it.file, f"{it.file}: no caption in {raw.metadata}; add a line for it "
+                                              "(or remove the image)")
+                 for k, it in zip(raw.keys, raw.images.items) if k not in captioned]
     return problems
 
 
@@ -824,7 +828,7 @@ def _prepare_captions(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
     """{split}.npz (x, y as for images; y = -1 without classes) and {split}.jsonl: line i describes
     image i of the npz ({"file", "label", "texts", "ink", "slant", "width"} + the builtin's "words")."""
     raw = read_raw_captions(name, cfg, root)
-    problems = caption_problems(raw, cfg.caption_validation.max_chars)
+    problems = [line for _, _, line in caption_problems(raw, cfg.caption_validation.max_chars)]
     if problems:
         _refuse(name, problems)
     if not raw.images.items:

@@ -43,6 +43,7 @@ from components.data import (
     RawCaptions,
     RawImages,
     RawText,
+    caption_problems,
     display_path,
     image_array,
     pair_splits,
@@ -491,7 +492,7 @@ def _captions_table(name: str, cfg: DatasetConfig, raw: RawCaptions, root) -> tu
             description=f"at least {cv.min_images} captioned images (caption_validation.min_images)")),
     ]
     folder = display_path(raw_dir(name, root), root)
-    items_by_file = {it.file: it for it in raw.images.items}
+    said = {(rule_, where): line for rule_, where, line in caption_problems(raw, cv.max_chars)}   # prepare's words
 
     def explain(rule_name: str, files: list[str]) -> list[str]:
         if rule_name == "min_images":
@@ -500,26 +501,15 @@ def _captions_table(name: str, cfg: DatasetConfig, raw: RawCaptions, root) -> tu
                     "(caption_validation.min_images)"]
         out = []
         for f in files:
-            row, ln = by_id[f]
-            if rule_name == "readable":
-                out.append(f"{f}: {ln.error}")
-            elif rule_name == "file_present":
-                out.append(f"{f}: file_name {ln.file_name!r} not found in the folder; fix the name or add the image")
-            elif rule_name == "caption_present":
-                out.append(f"{f}: no caption in {raw.metadata}; add a line for it "
-                           "(or remove the image)")
-            elif rule_name == "decodable":
-                out.append(f"{row['image']}: {items_by_file[row['image']].error}")
-            elif rule_name == "image_size":
+            row, _ = by_id[f]
+            if rule_name == "image_size":
                 out.append(f"{row['image']}: {row['width']}x{row['height']} pixels, {size_rule}")
-            elif rule_name == "not_empty":
-                out.append(f"{f}: empty text for {ln.file_name!r}")
-            elif rule_name == "length_bound":
-                out.append(f"{f}: text of {row['max_chars']} characters, more than caption_validation.max_chars="
-                           f"{cv.max_chars}")
             elif rule_name == "no_control_chars":
                 out.append(f"{f}: {_count(row['control_chars'], 'control character')}; a caption is one line of "
                            "text (no newline or tab)")
+            else:   # an image's rule names the image, a line's rule the line
+                line = said.get((rule_name, row.get("image") if rule_name == "decodable" else f))
+                out.append(line or f"{f}: fails {rule_name}")
         return list(dict.fromkeys(out))
 
     return rows, columns, expectations, explain

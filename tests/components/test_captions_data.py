@@ -124,7 +124,7 @@ def make_folder(tmp_path, fmt: str, rows: list[tuple[str, str]], images=CAPTIONS
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_metadata_folder_prepares(tmp_path, fmt):
-    folder = make_folder(tmp_path, fmt, list(CAPTIONS.items()))
+    folder = make_folder(tmp_path, fmt, list(CAPTIONS.items()) + [("a.png", "a seven, thick")])
     cfg = folder_cfg(folder)
     data.ingest("mine", cfg, tmp_path)
     assert validation.validate("mine", cfg, tmp_path, docs=False)["success"]
@@ -139,7 +139,7 @@ def test_metadata_folder_prepares(tmp_path, fmt):
         got.update({r["file"]: r["texts"] for r in recs})
         for k, v in captions.measure(x, 17).items():
             np.testing.assert_allclose([r[k] for r in recs], v, atol=1e-12)
-    assert got == {f: [t] for f, t in CAPTIONS.items()}
+    assert got == {f: [t] for f, t in CAPTIONS.items()} | {"a.png": ["a thick seven", "a seven, thick"]}   # both lines
 
 
 def failure(tmp_path, rows, fmt="jsonl", images=CAPTIONS, **bounds) -> str:
@@ -176,16 +176,16 @@ def test_empty_and_too_long_captions_are_named_with_their_lines(tmp_path):
     msg = failure(tmp_path, rows)
     assert ("data/raw/bad/metadata.jsonl:5: 1 control character; a caption is one line of text (no newline or "
             "tab) [no_control_chars]") in msg
-    assert "data/raw/bad/metadata.jsonl:2: empty text for 'b.png' [not_empty]" in msg
-    assert ("data/raw/bad/metadata.jsonl:4: text of 46 characters, more than caption_validation.max_chars=30 "
-            "[length_bound]") in msg
+    assert "metadata.jsonl:2: empty text for 'b.png'; write its caption or remove the line [not_empty]" in msg
+    assert ("data/raw/bad/metadata.jsonl:4: text of 46 characters, more than caption_validation.max_chars=30; "
+            "shorten it [length_bound]") in msg
 
 
 def test_csv_line_numbers_count_the_header(tmp_path):
     rows = list(CAPTIONS.items())
     rows[0] = ("a.png", "")
     msg = failure(tmp_path, rows, fmt="csv")
-    assert "data/raw/bad/metadata.csv:2: empty text for 'a.png' [not_empty]" in msg
+    assert "data/raw/bad/metadata.csv:2: empty text for 'a.png'; write its caption or remove the line" in msg
 
 
 def test_an_unreadable_line_and_too_few_images(tmp_path):
