@@ -92,9 +92,10 @@ def test_builtin_prepares_with_properties_the_pixels_give_back(tmp_path):
             assert r["words"] == captions.bucket_words(captions.buckets(again, cuts, i))
             assert all(captions.parse_caption(t)["digit"] == label for t in r["texts"])
             assert set("".join(r["texts"])) <= set(m["vocab"]) | set(m["unseen_chars"].get(split, ""))
-    before = dict(m["files"])
-    data.prepare("dc", cfg, tmp_path)   # the same bytes again: the same DVC hash
-    assert data.load_manifest("dc", tmp_path)["files"] == before
+    before, raw = dict(m["files"]), data.dataset_fingerprint("dc", tmp_path)
+    data.ingest("dc", cfg, tmp_path)    # the same bytes again, raw and prepared: the same DVC hashes
+    data.prepare("dc", cfg, tmp_path)
+    assert data.dataset_fingerprint("dc", tmp_path) == raw and data.load_manifest("dc", tmp_path)["files"] == before
 
 
 # ---------------------------------------------------------------------------
