@@ -192,9 +192,12 @@ def comparison_grid(lowres: np.ndarray, bicubic: np.ndarray, upscaled: np.ndarra
 
 
 def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
-    """Upscale the test split's low-res images; score them and the baselines; write reports/<key>/."""
+    """Upscale the test split's low-res images; score them and the baselines; write reports/<key>/.
+
+    eval/sr_* and baseline/{bicubic,nearest}_* (components/evaluation/superres.py), the shared image
+    metrics of the upscalings (eval/fd, eval/class_acc, ...) and images.py's baselines at the same n."""
     from components.data import load_images
-    from components.evaluation.images import balanced_pick, save_grid
+    from components.evaluation.images import balanced_pick, image_baselines, save_grid
     from components.evaluation.superres import interpolate, superres_metrics, superres_table
     from components.resources import peak_rss
     from components.training import set_threads
@@ -217,6 +220,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
                                   seed=mc.train.seed)
     ms = (time.perf_counter() - t0) * 1000 / max(len(pick), 1)
     metrics = superres_metrics(upscaled, lowres, originals, labels, config["dataset"], root, factor, levels)
+    metrics.update(image_baselines(config["dataset"], root, n=len(pick), seed=0))   # real: these originals
     metrics.update({"perf/sample_ms_per_item": ms, "perf/peak_rss_sample_mb": mem.peak_mb,
                     "perf/peak_rss_sample_delta_mb": mem.delta_mb})
 

@@ -21,6 +21,7 @@ from components.config import (
 )
 from components.errors import GenflowError
 from components.evaluation import superres as metrics_sr
+from components.evaluation.images import image_metrics
 from components.families import base
 from components.families import superres as fam
 from components.models.srunet import SuperResUNet
@@ -159,6 +160,8 @@ def test_evaluate_scores_the_model_and_both_baselines(digits_root, trained):
         for k in ("psnr", "class_acc", "fd"):
             assert np.isfinite(m[f"{name}_{k}"]), f"{name}_{k}"
     assert m["perf/sample_ms_per_item"] > 0
+    assert m["eval/fd"] == m["eval/sr_fd"] and m["eval/class_acc"] == m["eval/sr_class_acc"]
+    assert {"eval/nn_ratio", "baseline/kde_fd", "baseline/real_fd"} <= set(m)   # the digits models' shared names
     assert m["baseline/real_class_acc"] > 0.9                      # the originals, read by the reference net
     assert m["baseline/bicubic_psnr"] > 10                         # interpolation is close at 2x
     out = digits_root / "reports" / KEY
@@ -203,8 +206,11 @@ def test_superres_metrics_reward_the_originals(digits_root):
     originals, labels = x[:40] / 16.0, y[:40]
     low = downsample(x[:40], 2, 17) / 16.0
     m = metrics_sr.superres_metrics(originals, low, originals, labels, "digits", digits_root, 2, 17)
+    real = image_metrics(originals, labels, "digits", digits_root)
     assert m["eval/sr_psnr"] == float("inf")
-    assert m["eval/sr_class_acc"] == m["baseline/real_class_acc"]
-    assert m["eval/sr_fd"] == pytest.approx(m["baseline/real_fd"])
-    assert m["baseline/nearest_psnr"] < m["baseline/bicubic_psnr"] + 3   # both finite and of the same order
-    assert "| originals (ceiling) |" in metrics_sr.superres_table({**m, "eval/sr_psnr": 99.0})
+    assert m["eval/sr_class_acc"] == real["eval/class_acc"] > m["baseline/nearest_class_acc"]
+    assert m["eval/sr_fd"] == pytest.approx(real["eval/fd"]) and m["eval/sr_fd"] < m["baseline/nearest_fd"]
+    assert 10 < m["baseline/nearest_psnr"] < 40 and 10 < m["baseline/bicubic_psnr"] < 40
+    table = metrics_sr.superres_table({**m, "eval/sr_psnr": 99.0, "baseline/real_class_acc": 1.0,
+                                       "baseline/real_fd": 0.5})
+    assert "| diffusion (this model) | 99.00 |" in table and "| originals (ceiling) | | 1.000 | 0.5000 |" in table
