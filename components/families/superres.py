@@ -225,10 +225,10 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
                     "perf/peak_rss_sample_delta_mb": mem.delta_mb})
 
     out = Layout(root).report_dir(key)
-    shown = slice(0, min(10, len(pick)))
-    grid = comparison_grid(lowres[shown], interpolate(lowres[shown], factor, "bicubic", levels), upscaled[shown],
-                           originals[shown], factor)
-    save_grid(grid, out / "samples.png", nrow=len(range(*shown.indices(len(pick)))) or 1)
+    k = max(1, min(10, len(pick)))                 # the first images, one column each
+    grid = comparison_grid(lowres[:k], interpolate(lowres[:k], factor, "bicubic", levels), upscaled[:k],
+                           originals[:k], factor)
+    save_grid(grid, out / "samples.png", nrow=k)
     title = (f"# {key}: {factor}x super-resolution of {len(pick)} test images "
              f"({s.sampler}-{s.steps}; samples.png rows: low-res, bicubic, {key}, original)")
     write_text(out / "superres.md", f"{title}\n\n{superres_table(metrics)}")
