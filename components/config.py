@@ -150,6 +150,14 @@ class DiffusionConfig:
 
 
 @dataclass
+class ConditionConfig:
+    """What a conditioned denoiser sees beside the noisy image (backbone unet-sr, components/models/srunet.py)."""
+    kind: Literal["lowres"] = "lowres"   # the image at 1/factor of the size (super-resolution, SR3-style)
+    factor: int = 2            # the low-res image is image_size / factor pixels a side (2: 8x8 from 4x4)
+    upsample: Literal["nearest", "bilinear"] = "bilinear"   # how the network brings it to image_size
+
+
+@dataclass
 class MaskedDiffusionConfig:
     estimator: Literal["count", "time"] = "count"  # how the training loss draws the ELBO (models/mdlm.py)
     eps: float = 1e-3          # "time" estimator: smallest mask time drawn (avoids the 1/t pole at 0)
@@ -208,6 +216,7 @@ class ModelConfig:
     gpt: GPTConfig = field(default_factory=GPTConfig)
     encdec: EncDecConfig = field(default_factory=EncDecConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
     masked: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

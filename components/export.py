@@ -10,6 +10,7 @@
 Graphs, one per backbone kind (dynamic axes named, example sizes >= 2 so none is frozen):
 
     denoiser   x [B,C,H,W] f32, t [B] i64, y [B] i64 -> eps [B,C,H,W]           unet, dit
+    sr_denoiser  the same + lowres [B,C,H/f,W/f] f32 (the image to upscale)      unet-sr
     causal_lm  input_ids [B,T] i64, past_kv [L,2,B,nh,P,hs] f32
                  -> logits [B,T,V], present_kv [L,2,B,nh,P+T,hs]                 gpt
     masked_lm  input_ids [B,T] i64 -> logits [B,T,V]                            mdlm
@@ -139,7 +140,7 @@ def _wrap(kind: str, net: Any) -> Any:
         def forward(self, prompt_ids):
             return self.net(prompt_ids)
 
-    return {"denoiser": lambda n: n, "causal_lm": CausalLMGraph, "masked_lm": MaskedLMGraph,
+    return {"denoiser": lambda n: n, "sr_denoiser": lambda n: n, "causal_lm": CausalLMGraph, "masked_lm": MaskedLMGraph,
             "encoder": EncoderGraph, "encoder_decoder": DecoderStepGraph, "text_encoder": TextEncoderGraph}[kind](net)
 
 
@@ -197,7 +198,7 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
     kind = (BACKBONES[entry] if isinstance(entry, str) else entry).graph
     ms = ModelSpec.from_config(config)
     sample = {k: v for k, v in ms.sample.items() if k in SAMPLE_KEYS}
-    if kind == "denoiser":
+    if kind in ("denoiser", "sr_denoiser"):
         size = int(getattr(net, "image_size", None) or ms.image_size)
         channels = int(getattr(net, "in_channels", None) or ms.channels)
         num_classes = int(getattr(net, "num_classes", None) or ms.num_classes)
@@ -220,8 +221,15 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
         info = dict(image_size=size, channels=channels, num_classes=num_classes, null_class=num_classes,
                     levels=ms.levels or 256, classes=list(ms.classes) or None, timesteps=len(abar), schedule=schedule,
                     alphas_cumprod=abar, sample=sample)
-        return GraphSpec(kind, _wrap(kind, net), example, ["x", "t", "y"], ["eps"],
-                         {"x": batch, "t": batch, "y": batch, "eps": batch}, {"batch": (1, None)}, info)
+        names, dynamic = ["x", "t", "y"], {"x": batch, "t": batch, "y": batch, "eps": batch}
+        if kind == "sr_denoiser":   # the low-res image to upscale: one more input, at 1/factor of the size
+            factor = int(ms.condition.get("factor") or 0)
+            if factor < 2 or size % factor:
+                raise ExportError(f"config.condition.factor: {factor!r} does not divide image_size {size}")
+            example += (torch.zeros(B, channels, size // factor, size // factor),)
+            names, dynamic["lowres"] = names + ["lowres"], batch
+            info.update(factor=factor, lowres_size=size // factor, upsample=ms.condition.get("upsample"))
+        return GraphSpec(kind, _wrap(kind, net), example, names, ["eps"], dynamic, {"batch": (1, None)}, info)
 
     if kind == "encoder_decoder":
         return encoder_decoder_spec(net, ms, sample)
@@ -394,15 +402,19 @@ def _parity_checks(spec: GraphSpec, net: Any, session: Any, companions: Optional
     rng = np.random.default_rng(0)
     checks = []
     with torch.no_grad():
-        if spec.kind == "denoiser":
+        if spec.kind in ("denoiser", "sr_denoiser"):
             C, S = spec.info["channels"], spec.info["image_size"]
             T, K = spec.info["timesteps"], spec.info["num_classes"]
             for B in (1, 3, 16):
                 x = rng.standard_normal((B, C, S, S)).astype(np.float32)
                 t = rng.integers(0, T, B).astype(np.int64)
                 y = rng.integers(0, K + 1, B).astype(np.int64)  # the null class included
-                ref = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
-                got = session.run(["eps"], {"x": x, "t": t, "y": y})[0]
+                feed = {"x": x, "t": t, "y": y}
+                if spec.kind == "sr_denoiser":   # low-res images in the data range
+                    s = spec.info["lowres_size"]
+                    feed["lowres"] = rng.uniform(-1, 1, (B, C, s, s)).astype(np.float32)
+                ref = net(*(torch.from_numpy(v) for v in feed.values())).numpy()
+                got = session.run(["eps"], feed)[0]
                 checks.append(_compare(f"batch={B}", "eps", got, ref))
             return checks
 

@@ -31,6 +31,7 @@ class ModelSpec:
     network: dict = field(default_factory=dict)   # the backbone's shape section (unet, dit or gpt)
     process: dict = field(default_factory=dict)   # diffusion or masked section, if the backbone reads one
     sample: dict = field(default_factory=dict)    # sampling defaults (sampler, steps, guidance, ...)
+    condition: dict = field(default_factory=dict)  # what a conditioned denoiser also reads (unet-sr: lowres)
     family: str = ""                 # diffusion | transformer (from the registry when empty)
     # images
     image_size: int = 0
@@ -70,6 +71,8 @@ class ModelSpec:
             out[self.process_section] = dict(self.process)
         if self.sample:
             out["sample"] = dict(self.sample)
+        if self.condition:
+            out["condition"] = dict(self.condition)
         if self.kind == "image":
             out.update(num_classes=self.num_classes, classes=list(self.classes), image_size=self.image_size,
                        channels=self.channels, levels=self.levels)
@@ -107,7 +110,8 @@ class ModelSpec:
         return cls(model=model or str(config.get("model") or config.get("key") or ""), backbone=entry.name,
                    dataset=dataset if isinstance(dataset, str) else "", kind=kind,
                    network=dict(config.get(entry.section) or {}), process=dict(process),
-                   sample=dict(config.get("sample") or {}), family=str(config.get("family") or ""),
+                   sample=dict(config.get("sample") or {}), condition=dict(config.get("condition") or {}),
+                   family=str(config.get("family") or ""),
                    image_size=int(find("image_size", 0) or 0), channels=int(find("channels", 1) or 1),
                    levels=int(find("levels", 0) or 0), classes=tuple(str(c) for c in classes),
                    num_classes=int(find("num_classes", 0) or len(classes)),

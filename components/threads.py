@@ -116,6 +116,7 @@ def probe_config(params: Any, key: str) -> dict:
               "diffusion": dataclasses.asdict(mc.diffusion), "masked": dataclasses.asdict(mc.masked),
               "image_size": int(getattr(ds, "image_size", 8) or 8), "channels": 1, "num_classes": 10,
               "levels": int(getattr(ds, "levels", 17) or 17)}
+    config.update({s: dataclasses.asdict(getattr(mc, s)) for s in entry.reads if s not in config})  # e.g. condition
     config["vocab_size"] = 100 if kind == "text" else config["levels"] + 10
     config["mask_id"] = config["vocab_size"] - 1
     return config

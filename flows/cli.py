@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inpainting: go back N steps up the chain when resampling (default 1)")
     p.add_argument("--resample", type=int, default=None, metavar="R",
                    help="inpainting: denoise each jump R times (default 1: no resampling)")
-    p.add_argument("--resize", action="store_true", help="inpainting: crop and resize the image to the model's size")
+    p.add_argument("--upscale", default=None, metavar="IMAGE",
+                   help="super-resolution: upscale this image (1/factor of the model's size, e.g. 4x4 for digits-sr)")
+    p.add_argument("--resize", action="store_true",
+                   help="inpainting / --upscale: crop and resize the image to the size the model takes")
 
     p = sub.add_parser("compare", help="build the diffusion-vs-transformer comparison report")
     _common(p)

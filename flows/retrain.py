@@ -316,7 +316,8 @@ def failure_message(summary: dict) -> str:
     return "; ".join(parts)[:2000] or "failed"
 
 
-HEADLINE = ("eval/fd", "eval/class_acc", "eval/nn_ratio", "eval/bits_per_dim", "eval/bits_per_char")
+HEADLINE = ("eval/fd", "eval/class_acc", "eval/nn_ratio", "eval/bits_per_dim", "eval/bits_per_char",
+            "eval/sr_psnr", "eval/sr_class_acc", "eval/sr_fd")
 
 
 def summary_table(summary: dict) -> str:
@@ -325,7 +326,7 @@ def summary_table(summary: dict) -> str:
     for key, m in summary["models"].items():
         met = m.get("metrics") or {}
         head = ", ".join(f"{k.split('/')[1]} {met[k]:.3g}" for k in HEADLINE if k in met)
-        for floor in ("baseline/real_fd", "baseline/kde_fd", "baseline/ngram4_bits_per_char"):
+        for floor in ("baseline/real_fd", "baseline/kde_fd", "baseline/ngram4_bits_per_char", "baseline/bicubic_psnr"):
             if floor in met:
                 head += f" ({floor.split('/')[1]} {met[floor]:.3g})"
         parity = f"{m['parity_max_abs']:.1e}" if isinstance(m.get("parity_max_abs"), float) else "-"

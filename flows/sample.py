@@ -21,6 +21,7 @@ from components.inference import (
     Engine,
     InferenceError,
     MaskedLMEngine,
+    SuperResEngine,
     load_engine,
     numpy_randn,
 )
@@ -131,6 +132,22 @@ def _inpaint(args: Any, engine: Engine, count: Optional[int]) -> np.ndarray:
     return engine.to_levels(x)
 
 
+def _upscale(args: Any, engine: Engine, count: Optional[int]) -> np.ndarray:
+    """-n upscalings of the low-res image --upscale IMAGE: grey levels (N, C, H, W)."""
+    from components.sampling.superres import read_upscale_input
+
+    if not isinstance(engine, SuperResEngine):
+        raise ConfigError(f"--upscale: {engine.name} is not a super-resolution model; use a model with backbone "
+                          "unet-sr (e.g. digits-sr)")
+    _refuse_options(args, engine, {"label": "--label", "guidance": "--guidance", "prompt": "--prompt",
+                                   "length": "--length", "temperature": "--temperature", "top_k": "--top-k"})
+    lowres = read_upscale_input(Path(args.upscale), engine.shape, engine.factor, int(engine.config.get("levels", 256)),
+                                resize=bool(_arg(args, "resize")), model=engine.name)
+    x = engine.upscale(engine.from_levels(lowres), count or 4, steps=_arg(args, "steps"),
+                       seed=int(_arg(args, "seed") or 0))
+    return engine.to_levels(x)
+
+
 def _complete_prefix(args: Any, engine: CausalLMEngine, count: Optional[int]) -> np.ndarray:
     """A pixel GPT's --inpaint: only a mask that regenerates every pixel after the first P in raster
     order (the image's bottom) can be honoured; grey levels (N, 1, H, W)."""
@@ -164,9 +181,10 @@ def sample_cli(args: Any, root: Path) -> Path:
     The model comes from the MLflow registry (alias default 'champion'), or from DIR/<model>/ with
     --exports DIR. Images: a PNG grid, one row per class with -n images each (or -n images of
     --label). Inpainting (--inpaint IMAGE --mask MASK): -n completions of the image where the mask is
-    white, as a grid plus one file per completion (<out>-1.png ...). Text: -n samples of --length
-    characters after --prompt. Default output:
-    reports/samples/<model>-<alias|version|local>.png|.txt. Bad input raises a GenflowError (one
+    white, as a grid plus one file per completion (<out>-1.png ...). Super-resolution (--upscale IMAGE):
+    -n upscalings of an image of 1/factor the model's size, written the same way. Text: -n samples of
+    --length characters after --prompt. Default output:
+    reports/samples/<model>-<alias|version|local>[-inpaint|-upscale].png|.txt. Bad input raises a GenflowError (one
     line: ConfigError for an option, SamplingRequestError for a setting out of range,
     RegistryError or InferenceError for the model) before anything is written.
     """
@@ -178,10 +196,14 @@ def sample_cli(args: Any, root: Path) -> Path:
     for attr, flag in (("steps", "--steps"), ("length", "--length")):
         if _arg(args, attr) is not None and _arg(args, attr) < 1:
             raise ConfigError(f"{flag}: must be at least 1, got {_arg(args, attr)}")
+    upscale = _arg(args, "upscale") is not None
+    if upscale and (_arg(args, "inpaint") is not None or _arg(args, "mask") is not None):
+        raise ConfigError("--upscale IMAGE: one editing mode at a time; drop --inpaint and --mask")
     if (_arg(args, "inpaint") is None) != (_arg(args, "mask") is None):
         raise ConfigError("--inpaint IMAGE and --mask MASK go together (mask: white = regenerate, black = keep)")
     if _arg(args, "inpaint") is None:
-        for attr, flag in (("jump", "--jump"), ("resample", "--resample"), ("resize", "--resize")):
+        settings = [("jump", "--jump"), ("resample", "--resample")] + ([] if upscale else [("resize", "--resize")])
+        for attr, flag in settings:
             if _arg(args, attr) not in (None, False):
                 raise ConfigError(f"{flag}: an inpainting setting; use it with --inpaint IMAGE --mask MASK")
     elif _arg(args, "jump") is not None and _arg(args, "resample") is None:
@@ -200,19 +222,20 @@ def sample_cli(args: Any, root: Path) -> Path:
         print(f"{name}: onnxruntime on {engine.provider}", flush=True)
         image = engine.kind == "image"
         inpaint = _arg(args, "inpaint") is not None
-        stem = f"{name}-{tag}-inpaint" if inpaint else f"{name}-{tag}"
-        out = Path(_arg(args, "out") or root / "reports" / "samples" / f"{stem}.{'png' if image or inpaint else 'txt'}")
+        edit = "-inpaint" if inpaint else "-upscale" if upscale else ""
+        stem = f"{name}-{tag}{edit}"
+        out = Path(_arg(args, "out") or root / "reports" / "samples" / f"{stem}.{'png' if image or edit else 'txt'}")
         if not out.is_absolute():
             out = root / out
-        want = ".png" if image or inpaint else ".txt"
+        want = ".png" if image or edit else ".txt"
         if out.suffix.lower() != want:
             raise ConfigError(f"--out {out}: {name} makes {'images' if image else 'text'}; "
                               f"give a {want} path")
-        if inpaint:
-            levels = _inpaint(args, engine, count)
+        if edit:
+            levels = _inpaint(args, engine, count) if inpaint else _upscale(args, engine, count)
             n_levels = int(engine.config.get("levels", 256))
             write_png(out, image_grid(levels, n_levels, -(-len(levels) // 8)))
-            for i, one in enumerate(levels):  # each completion at the model's size, as an input would be
+            for i, one in enumerate(levels):  # each result at the model's size, as an input would be
                 write_png(out.with_name(f"{out.stem}-{i + 1}.png"), image_grid(one[None], n_levels, 1, 1, 0))
         elif image:
             levels, n_levels, rows = _sample_images(args, engine, count)

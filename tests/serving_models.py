@@ -1,6 +1,7 @@
 """Tiny exported and registered models for the serving tests (unit and integration).
 
     folders = export_tiny(root)                      # {"unet": Path, "gpt": Path, "mdlm": Path, "pixels": Path}
+    folder = export_tiny_sr(root)                    # root/exports/tiny-sr: a super-resolution U-Net
     v = register(folders["unet"], "srv-ab12-unet", artifacts)       # version "1", alias champion
     v = register(folders["unet"], key, artifacts, alias=None)      # a version without alias
     v = register(broken_copy(folders["unet"], tmp), key, artifacts) # a version that fails its smoke check
@@ -23,6 +24,10 @@ TEXT_CONFIG = {"backbone": "gpt", "family": "transformer", "kind": "text", "voca
                "sample": {"temperature": 0.8, "top_k": 0, "length": 12, "prompt": "ab"}}
 PIXELS_CONFIG = {"backbone": "gpt", "family": "transformer", "kind": "image", "levels": 5, "num_classes": 3,
                  "image_size": 4}
+SR_CONFIG = {"backbone": "unet-sr", "family": "diffusion", "image_size": 8, "levels": 17, "num_classes": 3,
+             "diffusion": {"timesteps": 20, "schedule": "cosine"},
+             "condition": {"kind": "lowres", "factor": 2, "upsample": "bilinear"},
+             "sample": {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance": 0.0}}
 MDLM_CONFIG = {"backbone": "mdlm", "family": "diffusion", "kind": "text", "vocab": VOCAB,
                "mask_id": len(VOCAB) + 1,
                "sample": {"steps": 4, "length": 10, "prompt": "ab", "temperature": 1.0, "top_k": 0}}
@@ -54,6 +59,30 @@ def export_tiny(root: Path, seed: int = 0) -> dict[str, Path]:
         assert export_model(f"tiny-{name}", net.eval(), cfg, ExportConfig(), root, exporter="torchscript")["passed"]
         out[name] = root / "exports" / f"tiny-{name}"
     return out
+
+
+def tiny_sr_net(seed: int = 0):
+    """A tiny super-resolution U-Net (8x8 from 4x4) with random weights, in eval mode."""
+    import torch
+
+    from components.config import ConditionConfig, UNetConfig
+    from components.models.srunet import SuperResUNet
+
+    torch.manual_seed(seed)
+    net = SuperResUNet(UNetConfig(channels=[8, 16], time_dim=16, groups=4), image_size=8, in_channels=1,
+                       num_classes=3, condition=ConditionConfig(**SR_CONFIG["condition"]))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+def export_tiny_sr(root: Path, key: str = "tiny-sr", seed: int = 0) -> Path:
+    """root/exports/<key>/: the tiny super-resolution U-Net exported with its parity gate."""
+    from components.config import ExportConfig
+    from components.export import export_model
+
+    assert export_model(key, tiny_sr_net(seed), SR_CONFIG, ExportConfig(), root, exporter="torchscript")["passed"]
+    return root / "exports" / key
 
 
 def broken_copy(folder: Path, dest: Path) -> Path:

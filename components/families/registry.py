@@ -23,7 +23,7 @@ ATTENTION_MIN_OPSET = 23            # opset of ONNX's fused Attention op (attent
 
 # Sections of a model's params.yaml entry that belong to one backbone or process; a model's run
 # logs only those its backbone reads (so runs compared in the MLflow UI show settings that mattered).
-NETWORK_SECTIONS = ("unet", "dit", "gpt", "encdec", "diffusion", "masked")
+NETWORK_SECTIONS = ("unet", "dit", "gpt", "encdec", "diffusion", "masked", "condition")
 
 # Code every model's result depends on, whatever its backbone.
 SHARED_CODE = ("components/training.py", "components/families/base.py", "components/families/registry.py",
@@ -48,7 +48,7 @@ class Backbone:
     #                           autoregressive decoding)
     network: str              # "components.models.unet:UNet"
     reads: tuple[str, ...]    # params sections it reads (of NETWORK_SECTIONS); the first holds the network's shape
-    graph: str                # ONNX graph kind: denoiser | causal_lm | masked_lm | encoder_decoder
+    graph: str                # ONNX graph kind: denoiser | sr_denoiser | causal_lm | masked_lm | encoder_decoder
     exporter: str             # torchscript | dynamo
     min_opset: int = 0        # the export's opset is max(export.opset, min_opset)
     code: tuple[str, ...] = field(default=())   # its own source files (the family's are added)
@@ -88,6 +88,10 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
              reads=("unet", "diffusion"), graph="denoiser", exporter="torchscript", code=DENOISING_CODE),
     Backbone("dit", "diffusion", "diffusion", ("image",), "denoising", "components.models.dit:DiT",
              reads=("dit", "diffusion"), graph="denoiser", exporter="torchscript", code=DENOISING_CODE),
+    Backbone("unet-sr", "diffusion", "superres", ("image",), "denoising", "components.models.srunet:SuperResUNet",
+             reads=("unet", "diffusion", "condition"), graph="sr_denoiser", exporter="torchscript",
+             code=DENOISING_CODE + ("components/models/unet.py", "components/families/diffusion.py",
+                                    "components/sampling/superres.py", "components/evaluation/superres.py")),
     Backbone("gpt", "transformer", "transformer", ("image", "text", "pairs"), "autoregressive",
              "components.models.gpt:GPT", reads=("gpt",), graph="causal_lm", exporter="dynamo",
              min_opset=ATTENTION_MIN_OPSET, code=("components/tokenizer.py",)),

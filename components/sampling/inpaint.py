@@ -21,20 +21,33 @@ from components.sampling.requests import FLAGS
 MODE_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "CMYK": 4}
 
 
-def _open(path: Path, flag: str):
+def open_image(path: Path, flag: str, error: type[Exception] = InpaintInputError):
+    """The PIL image at `path` (EXIF orientation applied); `error` in one line naming `flag` and the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise InpaintInputError(f"{flag} {path}: no such file")
+        raise error(f"{flag} {path}: no such file")
     try:
         with Image.open(path) as im:
             im.load()
             return ImageOps.exif_transpose(im)
     except UnidentifiedImageError:
-        raise InpaintInputError(f"{flag} {path}: not an image PIL can read") from None
+        raise error(f"{flag} {path}: not an image PIL can read") from None
     except Exception as e:  # truncated or corrupt files
-        raise InpaintInputError(f"{flag} {path}: cannot be read ({str(e).splitlines()[0]})") from None
+        raise error(f"{flag} {path}: cannot be read ({str(e).splitlines()[0]})") from None
+
+
+def open_with_channels(path: Path, flag: str, channels: int, error: type[Exception] = InpaintInputError):
+    """open_image, refused in one line unless it has `channels` channels (a palette: its colours decide)."""
+    im = open_image(path, flag, error)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    have = MODE_CHANNELS.get(im.mode, len(im.getbands()))
+    if have != channels:
+        want = "1 (grayscale)" if channels == 1 else str(channels)
+        raise error(f"{flag} {path}: {have} channels ({im.mode}), the model takes {want}; convert the image")
+    return im
 
 
 def read_inpaint_inputs(image_path: Path, mask_path: Path, shape: tuple[int, int, int], levels: int,
@@ -47,15 +60,8 @@ def read_inpaint_inputs(image_path: Path, mask_path: Path, shape: tuple[int, int
     from PIL import Image
 
     channels, height, width = shape
-    im = _open(image_path, names["image"])
-    if im.mode == "P":  # a palette: its colours decide
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    have = MODE_CHANNELS.get(im.mode, len(im.getbands()))
-    if have != channels:
-        want = "1 (grayscale)" if channels == 1 else str(channels)
-        raise InpaintInputError(f"{names['image']} {image_path}: {have} channels ({im.mode}), the model takes "
-                                f"{want}; convert the image")
-    mask = _open(mask_path, names["mask"])
+    im = open_with_channels(image_path, names["image"], channels)
+    mask = open_image(mask_path, names["mask"])
     if mask.size != im.size:
         raise InpaintInputError(f"{names['mask']} {mask_path}: {mask.size[0]}x{mask.size[1]} pixels, the image is "
                                 f"{im.size[0]}x{im.size[1]}; give a mask of the image's size")
