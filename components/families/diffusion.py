@@ -186,6 +186,26 @@ def sample_images(net, config: dict[str, Any], labels: np.ndarray, *, sampler: s
     return np.concatenate(out) if out else np.zeros((0, *shape[1:]), np.float32)
 
 
+def inpaint_images(net, config: dict[str, Any], levels: np.ndarray, keep: np.ndarray, *, sampler: str = "ddim",
+                   steps: int = 50, eta: float = 0.0, jump_length: int = 1, jump_n_sample: int = 1, seed: int = 0,
+                   batch_size: int = 512) -> np.ndarray:
+    """Unconditional RePaint completions of grey levels (N, H, W) where keep (N, H, W) is False;
+    (N, H, W) float32 in [0, 1], on the data's grey levels (the components/evaluation/editing.py `complete`)."""
+    import torch
+
+    diffusion = make_diffusion(config)
+    known = torch.from_numpy(levels_to_model(levels, config["levels"]))             # (N, 1, H, W) in [-1, 1]
+    keep_t = torch.from_numpy(np.asarray(keep, dtype=bool)[:, None].copy())          # (N, 1, H, W)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(known), batch_size):
+            x = diffusion.inpaint(net, known[i:i + batch_size], keep_t[i:i + batch_size], sampler=sampler, steps=steps,
+                                  eta=eta, jump_length=jump_length, jump_n_sample=jump_n_sample, generator=gen)
+            out.append(model_to_unit(x.numpy(), config["levels"]))
+    return np.concatenate(out)
+
+
 def class_rows(samples: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10) -> np.ndarray:
     """Reorder samples so that row c of a grid with `per_row` columns holds class c (up to 10 classes)."""
     rows = []
@@ -263,6 +283,14 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
         metrics.update({f"eval/{k}_{r['name']}": r[k] for k in METRICS if k in r})
     baselines = image_baselines(config["dataset"], root, n=n, seed=0)
     metrics.update(baselines)
+    if mc.eval.inpaint_samples:  # the same sampler, unconditional: the completion must show the class
+        from components.evaluation.editing import inpaint_evaluation
+
+        metrics.update(inpaint_evaluation(
+            lambda lv, keep: inpaint_images(net, config, lv, keep, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                                            jump_length=mc.eval.inpaint_jump,
+                                            jump_n_sample=mc.eval.inpaint_resample, seed=mc.train.seed),
+            config["dataset"], root, mc.eval.inpaint_samples))
 
     out = Layout(root).report_dir(key)
     save_grid(class_rows(samples, labels, config["num_classes"]), out / "samples.png", nrow=10)
