@@ -171,10 +171,12 @@ class EvalConfig:
     ngram_orders: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
     # test images completed per inpainting mask (components/evaluation/editing.py; 0: off); a
     # diffusion model runs RePaint with the headline sampler, jumping back inpaint_jump steps
-    # inpaint_resample - 1 times (each resample multiplies the network calls)
+    # inpaint_resample - 1 times (each resample multiplies the network calls), unconditionally
+    # (inpaint_label: none) or with the class it infers from the kept pixels (infer: ~3x the cost)
     inpaint_samples: int = 100
     inpaint_jump: int = 5
     inpaint_resample: int = 1
+    inpaint_label: Literal["none", "infer"] = "infer"
 
 
 @dataclass

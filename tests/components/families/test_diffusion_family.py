@@ -111,6 +111,9 @@ def test_inpaint_images_keeps_the_known_pixels_and_fills_the_rest(digits_root, t
     assert a.shape == (4, 8, 8) and a.min() >= 0 and a.max() <= 1
     np.testing.assert_allclose(a[keep] * 16, x[:4][keep], atol=1e-4)   # RePaint: kept pixels come back as given
     np.testing.assert_array_equal(a, fam.inpaint_images(net, config, x[:4], keep, **kw))   # seeded
+    b = fam.inpaint_images(net, config, x[:4], keep, infer_label=True, guidance=2.0, **kw)  # the class it infers
+    np.testing.assert_allclose(b[keep] * 16, x[:4][keep], atol=1e-4)
+    assert not np.array_equal(a, b)
 
 
 def test_class_rows_puts_one_class_per_row():
