@@ -151,3 +151,13 @@ def test_a_png_of_another_size_is_resized_only_when_asked(client):
                json={"inpaint": {"image": png(big), "mask": png(mask), "resize": True}, "seed": 1})
     assert r.status_code == 200, r.text
     assert decode(r.json()["images"][0]).shape == (8, 8)
+
+
+def test_the_openapi_page_documents_the_inpaint_field_without_dangling_references(client):
+    c, _, _ = client
+    doc = c.get("/openapi.json").json()
+    body = doc["paths"]["/v1/models/{name}/generate"]["post"]["requestBody"]["content"]["application/json"]
+    image_schema = body["schema"]["oneOf"][0]
+    assert {"image", "mask", "jump", "resample", "resize"} <= set(image_schema["properties"]["inpaint"]["anyOf"][0]
+                                                                   ["properties"])
+    assert "#/$defs/" not in str(doc) and "inpaint" in body["examples"]
