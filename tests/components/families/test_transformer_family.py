@@ -112,8 +112,8 @@ def test_image_model_trains_and_evaluates_on_shared_image_metrics(setup):
 
 
 def test_complete_prefix_keeps_the_top_and_refuses_other_masks(setup):
-    from components.evaluation.editing import inpaint_masks
     from components.errors import ModelError
+    from components.evaluation.editing import inpaint_masks
 
     root, params = setup
     model, config = transformer.load_model("digits-gpt", root)
