@@ -38,6 +38,9 @@ CLAIMS: dict[str, tuple[str, str]] = {
     # the decoder-only transformer on the same pairs (no diffusion model transduces)
     "Architecture (transduction)": ("(no claim)", "encoder-decoder: encoder stack, decoder with cross-attention, "
                                                   "for sequence transduction"),
+    # the seed's applications and strengths lists: diffusion's versatility, editing in particular
+    "Editing (inpainting, super-resolution)": ("versatile: effective in image editing tasks such as inpainting "
+                                               "and super-resolution", "(no claim)"),
 }
 NOT_MEASURED_ROWS = ("Data Type Focus", "Long-Range Dependencies", "Interpretability", "Primary Applications")
 

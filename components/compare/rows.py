@@ -340,13 +340,115 @@ def row_architecture(ds: str, models: list[ModelResult]) -> Row:
     return Row(ds, feature, cells, vote(flags), ev)
 
 
+EDITING = "Editing (inpainting, super-resolution)"
+MASK_WORDS = {"bottom": "bottom half", "left": "left half", "centre": "centre square", "random": "random 50%"}
+SR_BASELINES = ("bicubic", "nearest")
+
+
+def _inpaint_masks(m: ModelResult) -> list[str]:
+    """The masks a model's run has inpainting metrics for, in components/evaluation/editing.py's order."""
+    return [k for k in MASK_WORDS if m.get(f"eval/inpaint_{k}_class_acc") is not None]
+
+
+def _sr_baseline(m: ModelResult, source: str, metric: str) -> Optional[float]:
+    """baseline/<source>_sr_<metric>, or baseline/<source>_<metric> (both spellings are read)."""
+    v = m.get(f"baseline/{source}_sr_{metric}")
+    return v if v is not None else m.get(f"baseline/{source}_{metric}")
+
+
+def _inpaint_cell(m: ModelResult) -> str:
+    masks = _inpaint_masks(m)
+    can = ("any mask" if m.generation == "denoising" else
+           "the raster suffix only (the pixels after a prefix, e.g. the bottom half): it cannot condition on later "
+           "pixels")
+    accs = ", ".join(f"{MASK_WORDS[k]} {fmt(m.get(f'eval/inpaint_{k}_class_acc'), 2)} (nearest-neighbour "
+                     f"{fmt(m.get(f'baseline/nn_inpaint_{k}_class_acc'), 2)}, mean fill "
+                     f"{fmt(m.get(f'baseline/mean_inpaint_{k}_class_acc'), 2)})" for k in masks)
+    mse = "; ".join(f"{MASK_WORDS[k]} {fmt(m.get(f'eval/inpaint_{k}_mse'))} "
+                    f"(NN {fmt(m.get(f'baseline/nn_inpaint_{k}_mse'))})" for k in masks)
+    text = f"inpaints {can}; measured on {len(masks)} mask(s): class accuracy {accs}; MSE on the hole {mse}"
+    if len(masks) == len(MASK_WORDS):
+        text += (f"; border consistency {fmt(m.get('eval/inpaint_consistency'))} (real images "
+                 f"{fmt(m.get('baseline/real_inpaint_consistency'))})")
+    if m.get("perf/inpaint_ms_per_item") is not None:
+        text += f"; {fmt(m.get('perf/inpaint_ms_per_item'))} ms per completion"
+    return text
+
+
+def _sr_cell(m: ModelResult) -> str:
+    parts = []
+    for metric, name in (("psnr", "PSNR"), ("class_acc", "class accuracy"), ("fd", "FD")):
+        v = m.get(f"eval/sr_{metric}")
+        if v is None:
+            continue
+        base = ", ".join(f"{b} {fmt(_sr_baseline(m, b, metric), 2 if metric == 'class_acc' else 3)}"
+                         for b in SR_BASELINES if _sr_baseline(m, b, metric) is not None)
+        parts.append(f"{name} {fmt(v, 2 if metric == 'class_acc' else 3)}" + (f" ({base})" if base else ""))
+    return "super-resolution (2x): " + "; ".join(parts)
+
+
+def row_editing(ds: str, models: list[ModelResult]) -> Row:
+    """What each paradigm can inpaint, how well (against nearest-neighbour and mean fill) and at what cost,
+    plus super-resolution when a model with eval/sr_* metrics ran; 'agrees' when the diffusion model
+    inpaints every mask, beats nearest-neighbour fill on class accuracy for each and, where measured,
+    the transformer on the mask both can do and bicubic upscaling on class accuracy and FD."""
+    inpainters = [m for m in models if m.kind == "image" and _inpaint_masks(m)]
+    upscalers = [m for m in models if m.get("eval/sr_psnr") is not None]
+    cells = {m.key: _inpaint_cell(m) for m in inpainters}
+    for m in upscalers:
+        cells[m.key] = (cells[m.key] + "; " if m.key in cells else "") + _sr_cell(m)
+    sr_note = ("" if upscalers else "super-resolution: not run (no model with eval/sr_* metrics on "
+               f"{ds}; genflow run --only digits-sr)")
+    if not inpainters and not upscalers:
+        return Row(ds, EDITING, cells, NOT_MEASURED,
+                   "no image model with inpainting metrics on this dataset (eval.inpaint_samples > 0 logs them)"
+                   + (f"; {sr_note}" if sr_note else ""))
+    flags, ev = [], []
+    diff = [m for m in inpainters if m.generation == "denoising"]
+    tr = [m for m in inpainters if m.generation == "autoregressive"]
+    for m in diff:
+        masks = _inpaint_masks(m)
+        flags.append(len(masks) == len(MASK_WORDS))
+        beats = []
+        for k in masks:
+            ours, nn = m.get(f"eval/inpaint_{k}_class_acc"), m.get(f"baseline/nn_inpaint_{k}_class_acc")
+            if nn is not None:
+                flags.append(ours > nn)
+                beats.append(f"{MASK_WORDS[k]} {fmt(ours, 2)} {'>' if ours > nn else '<='} {fmt(nn, 2)}")
+        ev.append(f"{m.key} inpaints {len(masks)} of {len(MASK_WORDS)} masks; class accuracy against "
+                  f"nearest-neighbour fill: {', '.join(beats) or 'no baseline'}")
+        for t in tr:
+            shared = [k for k in _inpaint_masks(t) if k in masks]
+            for k in shared:
+                a, b = m.get(f"eval/inpaint_{k}_class_acc"), t.get(f"eval/inpaint_{k}_class_acc")
+                flags.append(a >= b)
+                cost = ""
+                ms_d, ms_t = m.get("perf/inpaint_ms_per_item"), t.get("perf/inpaint_ms_per_item")
+                if ms_d is not None and ms_t is not None:
+                    cost = f"; {fmt(ms_d)} vs {fmt(ms_t)} ms per completion"
+                ev.append(f"{MASK_WORDS[k]}, the one mask {t.key} can do: {m.key} {fmt(a, 2)} vs {t.key} "
+                          f"{fmt(b, 2)}{cost}")
+    for m in upscalers:
+        acc, fd, bic_acc, bic_fd = (m.get("eval/sr_class_acc"), m.get("eval/sr_fd"),
+                                    _sr_baseline(m, "bicubic", "class_acc"), _sr_baseline(m, "bicubic", "fd"))
+        if acc is not None and bic_acc is not None:
+            flags.append(acc > bic_acc)
+        if fd is not None and bic_fd is not None:
+            flags.append(fd < bic_fd)
+        ev.append(f"{m.key} super-resolution: class accuracy {fmt(acc, 2)} vs bicubic {fmt(bic_acc, 2)}, "
+                  f"FD {fmt(fd)} vs bicubic {fmt(bic_fd)}")
+    if sr_note:
+        ev.append(sr_note)
+    return Row(ds, EDITING, cells, vote(flags), "; ".join(ev))
+
+
 def make_rows(pipeline: Pipeline, machine: Machine) -> list[Row]:
     rows = []
     for ds in pipeline.datasets():
         ms = pipeline.models_of(ds)
         rows += [row_quality(ds, ms), row_sampling_speed(ds, ms), row_cost(ds, ms, machine),
                  row_memory(ds, ms), row_parallel(ds, ms), row_stability(ds, ms), row_memorisation(ds, ms),
-                 row_architecture(ds, ms)]
+                 row_architecture(ds, ms), row_editing(ds, ms)]
     return rows
 
 

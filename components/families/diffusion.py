@@ -186,6 +186,43 @@ def sample_images(net, config: dict[str, Any], labels: np.ndarray, *, sampler: s
     return np.concatenate(out) if out else np.zeros((0, *shape[1:]), np.float32)
 
 
+LABEL_TIMESTEPS = 5   # timesteps (x 2 noise draws) the diffusion classifier of inpaint_images averages over
+
+
+def inpaint_images(net, config: dict[str, Any], levels: np.ndarray, keep: np.ndarray, *, sampler: str = "ddim",
+                   steps: int = 50, eta: float = 0.0, guidance: float = 1.0, jump_length: int = 1,
+                   jump_n_sample: int = 1, infer_label: bool = False, seed: int = 0,
+                   batch_size: int = 512) -> np.ndarray:
+    """RePaint completions of grey levels (N, H, W) where keep (N, H, W) is False; (N, H, W) float32 in
+    [0, 1] on the data's grey levels (the components/evaluation/editing.py `complete`).
+
+    Unconditional (the null class), or with infer_label: the model picks each image's class itself,
+    as a pixel GPT does from its likelihood: the class whose noise predictions fit the kept pixels
+    of an unconditional completion best (GaussianDiffusion.class_scores), then a completion of
+    that class with `guidance`. The true label is never used.
+    """
+    import torch
+
+    diffusion = make_diffusion(config)
+    known = torch.from_numpy(levels_to_model(levels, config["levels"]))             # (N, 1, H, W) in [-1, 1]
+    keep_t = torch.from_numpy(np.asarray(keep, dtype=bool)[:, None].copy())          # (N, 1, H, W)
+    gen = torch.Generator().manual_seed(seed)
+    T = config["diffusion"]["timesteps"]
+    probe = [int(t) for t in np.linspace(T * 0.05, T * 0.9, LABEL_TIMESTEPS)]
+    kw = dict(sampler=sampler, steps=steps, eta=eta, jump_length=jump_length, jump_n_sample=jump_n_sample,
+              generator=gen)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(known), batch_size):
+            k, m = known[i:i + batch_size], keep_t[i:i + batch_size]
+            x = diffusion.inpaint(net, k, m, **kw)
+            if infer_label:
+                y = diffusion.class_scores(net, x, m.float(), probe, generator=gen).argmin(1)
+                x = diffusion.inpaint(net, k, m, y, guidance=guidance, **kw)
+            out.append(model_to_unit(x.numpy(), config["levels"]))
+    return np.concatenate(out)
+
+
 def class_rows(samples: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int = 10) -> np.ndarray:
     """Reorder samples so that row c of a grid with `per_row` columns holds class c (up to 10 classes)."""
     rows = []
@@ -263,6 +300,15 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
         metrics.update({f"eval/{k}_{r['name']}": r[k] for k in METRICS if k in r})
     baselines = image_baselines(config["dataset"], root, n=n, seed=0)
     metrics.update(baselines)
+    if mc.eval.inpaint_samples:  # the headline sampler; the true label is never given
+        from components.evaluation.editing import inpaint_evaluation
+
+        metrics.update(inpaint_evaluation(
+            lambda lv, keep: inpaint_images(net, config, lv, keep, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                                            guidance=s.guidance, jump_length=mc.eval.inpaint_jump,
+                                            jump_n_sample=mc.eval.inpaint_resample,
+                                            infer_label=mc.eval.inpaint_label == "infer", seed=mc.train.seed),
+            config["dataset"], root, mc.eval.inpaint_samples))
 
     out = Layout(root).report_dir(key)
     save_grid(class_rows(samples, labels, config["num_classes"]), out / "samples.png", nrow=10)

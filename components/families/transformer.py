@@ -35,7 +35,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -271,8 +271,13 @@ def sample_text(model, config: dict, prompt: str, length: int, *, num_samples: i
 
 
 def sample_images(model, config: dict, labels: np.ndarray, *, temperature: float = 1.0, top_k: int = 0,
-                  seed: int = 0, use_cache: bool = True, batch_size: int = 512) -> np.ndarray:
-    """Class-conditional images, (N, H, W) float32 in [0, 1], one per label."""
+                  seed: int = 0, use_cache: bool = True, batch_size: int = 512,
+                  prefix: Optional[np.ndarray] = None) -> np.ndarray:
+    """Class-conditional images, (N, H, W) float32 in [0, 1], one per label.
+
+    prefix (N, P) grey levels: the first P pixels of each image in raster order, kept as given
+    (a completion of the image's top); None: the whole image is drawn.
+    """
     import torch
 
     levels, size = config["levels"], config["image_size"]
@@ -283,11 +288,28 @@ def sample_images(model, config: dict, labels: np.ndarray, *, temperature: float
     out = []
     for i in range(0, len(labels), batch_size):
         start = torch.from_numpy(levels + labels[i:i + batch_size])[:, None]  # (b, 1) class tokens
-        seq = model.generate(start, size * size, temperature=temperature, top_k=top_k or None,
+        if prefix is not None:                                                # (b, 1 + P)
+            start = torch.cat([start, torch.from_numpy(np.asarray(prefix[i:i + batch_size], dtype=np.int64))], 1)
+        seq = model.generate(start, size * size + 1 - start.shape[1], temperature=temperature, top_k=top_k or None,
                              use_cache=use_cache, generator=gen, allowed_tokens=levels)
         out.append(seq[:, 1:].reshape(-1, size, size).numpy())
     pixels = np.concatenate(out) if out else np.zeros((0, size, size), dtype=np.int64)
     return (pixels / (levels - 1)).astype(np.float32)
+
+
+def complete_prefix(model, config: dict, levels: np.ndarray, keep: np.ndarray, **kw) -> np.ndarray:
+    """Completions (N, H, W) in [0, 1] of grey levels (N, H, W) whose keep mask holds the first P pixels
+    in raster order. The class token comes first in the model's sequence, so the class is the one
+    under which the model finds the kept prefix most likely (log p(c) + log p(prefix | c))."""
+    from components.evaluation.editing import raster_prefix_length
+
+    p = raster_prefix_length(keep)
+    if p < 0:
+        raise ModelError("inpainting: an autoregressive model completes only the pixels after a prefix in "
+                         "raster order (e.g. the bottom rows); this mask keeps later pixels")
+    prefix = np.asarray(levels).reshape(len(levels), -1)[:, :p].astype(np.int64)          # (N, P)
+    joint = image_log_likelihoods(model, config, prefix) + np.log(config["class_prior"])[None, :]
+    return sample_images(model, config, joint.argmax(1), prefix=prefix, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -585,6 +607,11 @@ def _evaluate_images(key: str, m: ModelConfig, model, config: dict, root: Path) 
         metrics["perf/sample_ms_per_item_nocache"] = (time.perf_counter() - t) * 1e3 / max(C, n // 4)
     metrics.update(image_metrics(samples, labels, m.dataset, root))
     metrics.update(image_baselines(m.dataset, root, n, seed=0))  # the same baselines as digits-unet
+    if m.eval.inpaint_samples:  # the bottom half only: a raster-order model cannot condition on later pixels
+        from components.evaluation.editing import inpaint_evaluation
+
+        metrics.update(inpaint_evaluation(lambda lv, keep: complete_prefix(model, config, lv, keep, **kw),
+                                          m.dataset, root, m.eval.inpaint_samples, masks=("bottom",)))
 
     # Grid: one row per class, the first 10 samples drawn for it.
     rows = [samples[labels == c][:10] for c in range(C)]

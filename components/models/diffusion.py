@@ -25,7 +25,9 @@ from components.sampling.diffusion import (  # noqa: F401  (re-exported)
     DiffusionInputError,
     check_request,
     guided_noise,
+    inpaint_loop,
     make_alphas_cumprod,
+    repaint_schedule,
     sample_loop,
 )
 
@@ -105,3 +107,43 @@ class GaussianDiffusion:
         x = randn((len(y), *shape))                                            # x_T ~ N(0, I)
         return sample_loop(x, lambda x, t: self.eps(denoise, x, t, y, guidance), randn, timesteps,
                            self.alphas_cumprod, sampler, eta, clip)
+
+    @torch.no_grad()
+    def inpaint(self, denoise: Denoise, known: torch.Tensor, keep: torch.Tensor, y: Optional[torch.Tensor] = None,
+                *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, guidance: float = 1.0,
+                jump_length: int = 1, jump_n_sample: int = 1, generator: Optional[torch.Generator] = None,
+                clip: bool = True) -> torch.Tensor:
+        """Complete known (B, C, H, W) in [-1, 1] where keep (bool, same shape) is False (RePaint).
+
+        y: a class per image (guided by `guidance`); None: unconditional (the null class alone).
+        The same loop as the onnxruntime engines' inpaint (components/sampling/diffusion.py).
+        """
+        if y is None:
+            y, guidance = torch.zeros(len(known), dtype=torch.long), 0.0
+        y = torch.as_tensor(y, dtype=torch.long)
+        timesteps = self.check_request(y, steps, guidance, sampler, eta)
+        repaint_schedule(len(timesteps), jump_length, jump_n_sample)
+
+        def randn(shape: tuple) -> torch.Tensor:
+            return torch.randn(shape, generator=generator)
+
+        return inpaint_loop(randn(tuple(known.shape)), known, keep, lambda x, t: self.eps(denoise, x, t, y, guidance),
+                            randn, timesteps, self.alphas_cumprod, sampler, eta, clip, jump_length, jump_n_sample)
+
+    @torch.no_grad()
+    def class_scores(self, denoise: Denoise, x0: torch.Tensor, weight: torch.Tensor, timesteps: list[int],
+                     draws: int = 2, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(B, num_classes) mean weighted noise-prediction error of x0 (B, C, H, W) under each class: lower =
+        the class explains x0 better (a diffusion classifier, Li et al. 2023). weight (B, C, H, W) in [0, 1]
+        picks the pixels that count (e.g. the known ones); every class sees the same noise draws."""
+        B, K = len(x0), self.num_classes
+        scores = torch.zeros(B, K)
+        for t in timesteps:
+            for _ in range(draws):
+                noise = torch.randn(x0.shape, generator=generator)
+                xt = self.add_noise(x0, noise, torch.full((B,), t, dtype=torch.long))
+                y = torch.arange(K).repeat_interleave(B)                                  # (K*B,) class-major
+                eps = denoise(xt.repeat(K, 1, 1, 1), torch.full((K * B,), t, dtype=torch.long), y)
+                err = ((eps.view(K, B, *x0.shape[1:]) - noise[None]) ** 2 * weight[None]).sum((2, 3, 4))  # (K, B)
+                scores += err.T
+        return scores / (len(timesteps) * draws)

@@ -62,9 +62,30 @@ def refusal(status: int, error: str, detail: list[dict], headers: Optional[dict]
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
+def inline_schema(model) -> dict:
+    """A pydantic model's JSON schema with its nested models written in place: its "#/$defs/..."
+    references would not resolve inside the OpenAPI document."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.rsplit("/", 1)[1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+    return resolve(schema)
+
+
 GENERATE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "oneOf": [ImageRequest.model_json_schema(), TextRequest.model_json_schema()]},
+    "oneOf": [inline_schema(ImageRequest), inline_schema(TextRequest)]},
     "examples": {"image": {"value": {"n": 4, "label": 3, "steps": 20, "guidance": 1.0, "seed": 0}},
+                 "inpaint": {"value": {"n": 2, "seed": 0, "inpaint": {
+                     "image": [[0, 0, 5, 13, 9, 1, 0, 0]] * 4 + [[0] * 8] * 4,
+                     "mask": [[0] * 8] * 4 + [[1] * 8] * 4, "jump": 5, "resample": 2}}},
                  "text": {"value": {"prompt": "Return the ", "length": 64, "temperature": 0.8, "top_k": 0,
                                     "seed": 0}}}}}}}
 

@@ -4,7 +4,9 @@
     out = run_jobs(engine, [job])                                # [["<base64 PNG>", ...]] or [["text", ...]]
 
 Images: ``{"n", "label", "steps", "guidance", "seed"}`` (a pixel GPT takes temperature and top_k
-instead of steps and guidance); text: ``{"prompt", "length", "temperature", "top_k", "seed", "n"}``
+instead of steps and guidance); a diffusion model also takes ``"inpaint": {"image", "mask", "jump",
+"resample", "resize"}`` (n completions of the image, as `genflow sample --inpaint` draws them,
+never batched with others); text: ``{"prompt", "length", "temperature", "top_k", "seed", "n"}``
 (a masked LM also takes ``steps``: its K). Omitted settings take the model's sample defaults,
 as in `genflow sample`; the same seed and version give what `genflow sample` gives (label given:
 ``genflow sample --label L -n N --seed S``). Without a label, image i gets class i mod classes.
@@ -34,9 +36,15 @@ from components.inference import (
     Randn,
     numpy_randn,
 )
+from components.sampling.requests import FLAGS
 
 MAX_SEED = 2 ** 63 - 1
 MAX_MASKED_STEPS = 10_000  # K above the length only adds empty steps; bounded all the same
+MAX_RESAMPLE = 20          # RePaint's resampling multiplies the network calls: bounded per request
+# how the inpainting checks (components/sampling/) name a request's fields
+INPAINT_NAMES = {**FLAGS, "image": "inpaint.image", "mask": "inpaint.mask", "jump": "inpaint.jump",
+                 "resample": "inpaint.resample", "resize": '"resize": true', "steps": "steps",
+                 "guidance": "guidance", "label": "label"}
 
 
 class RequestProblem(ConfigError):
@@ -56,10 +64,24 @@ class Limits:
     max_length: int = 512
 
 
+class InpaintInput(BaseModel):
+    """The `inpaint` field of an image request: complete this image where the mask says (diffusion models)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    image: Any = Field(..., description="a base64 PNG (read as `genflow sample --inpaint` reads a file), or H rows "
+                                        "of W grey levels 0..levels-1")
+    mask: Any = Field(..., description="a base64 PNG (white: regenerate, black: keep), or H rows of W values "
+                                       "(1: regenerate, 0: keep)")
+    jump: Optional[int] = Field(None, ge=1, description="RePaint: go back this many steps when resampling")
+    resample: Optional[int] = Field(None, ge=1, le=MAX_RESAMPLE, description="RePaint: denoise each jump R times")
+    resize: bool = Field(False, description="crop and resize a PNG of another size to the model's")
+
+
 class ImageRequest(BaseModel):
     """POST body for an image model."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    inpaint: Optional[InpaintInput] = Field(None, description="diffusion models: n completions of this image")
     n: int = Field(1, ge=1, description="images to draw (at most --max-n)")
     label: Optional[int] = Field(None, ge=0, description="class of every image (default: i mod classes)")
     steps: Optional[int] = Field(None, ge=1, description="diffusion sampling steps, 1..T")
@@ -186,12 +208,18 @@ def plan(engine: Engine, body: Any, limits: Limits) -> Job:
         steps = req.steps if req.steps is not None else int(d.get("steps", min(50, engine.timesteps)))
         guidance = req.guidance if req.guidance is not None else float(d.get("guidance", 1.0))
         _in_range("steps", steps, 1, engine.timesteps, allowed)
+        if req.inpaint is not None:
+            return _plan_inpaint(engine, req, steps, allowed)
         labels = ([req.label] * req.n if req.label is not None
                   else [i % engine.num_classes for i in range(req.n)])
         return Job("images", {"labels": labels, "steps": steps, "guidance": guidance, "seed": req.seed},
                    batch_key=("diffusion", steps, guidance), n=req.n)
     if is_image(engine):  # a GPT over the pixels
         _not_for(engine, ("steps", "guidance"), req, allowed)
+        if req.inpaint is not None:
+            raise RequestProblem("inpaint", f"{engine.name} is an autoregressive model: over HTTP only diffusion "
+                                 "models inpaint (genflow sample --inpaint completes the bottom rows with it)",
+                                 "a diffusion model's name", None)
         classes = int(engine.config["num_classes"])
         _in_range("label", req.label, 0, classes - 1, allowed)
         _in_range("top_k", req.top_k, 0, int(engine.config["levels"]), allowed)
@@ -199,6 +227,48 @@ def plan(engine: Engine, body: Any, limits: Limits) -> Job:
         return Job("images", {"labels": labels, "temperature": req.temperature, "top_k": req.top_k,
                               "seed": req.seed}, n=req.n)
     return _plan_text(engine, req, limits, allowed)
+
+
+def _png_bytes(value: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise RequestProblem(name, "not valid base64", "a base64 PNG, or rows of integers", None) from None
+
+
+def _plan_inpaint(engine: DiffusionEngine, req: ImageRequest, steps: int, allowed: dict) -> Job:
+    """n RePaint completions of the request's image, checked as `genflow sample --inpaint` checks its files."""
+    from components.sampling.diffusion import InpaintInputError, repaint_schedule, sampling_timesteps
+    from components.sampling.inpaint import inpaint_levels, read_inpaint_inputs
+
+    inp = req.inpaint
+    if req.label is None and req.guidance is not None:
+        raise RequestProblem("guidance", "steers towards a label; give one, or drop guidance (no label: the "
+                             "completion is unconditional)", allowed["guidance"], req.guidance)
+    if inp.jump is not None and inp.resample is None:
+        raise RequestProblem("inpaint.jump", "sets how far each resampling goes back; give inpaint.resample R > 1 "
+                             "with it", ">= 1", inp.jump)
+    form = "a base64 PNG string each, or rows of integers each"
+    levels = int(engine.config.get("levels", 256))
+    try:
+        if isinstance(inp.image, str) and isinstance(inp.mask, str):
+            pixels, keep = read_inpaint_inputs(_png_bytes(inp.image, "inpaint.image"),
+                                               _png_bytes(inp.mask, "inpaint.mask"), engine.shape, levels,
+                                               inp.resize, INPAINT_NAMES)
+        elif isinstance(inp.image, list) and isinstance(inp.mask, list):
+            if inp.resize:
+                raise RequestProblem("inpaint.resize", "only for PNG inputs; send rows of the model's size", form)
+            pixels, keep = inpaint_levels(inp.image, inp.mask, engine.shape, levels, INPAINT_NAMES)
+        else:
+            raise RequestProblem("inpaint", "image and mask must be of one form", form, None)
+        repaint_schedule(len(sampling_timesteps(engine.timesteps, steps)), inp.jump or 1, inp.resample or 1,
+                         INPAINT_NAMES)
+    except InpaintInputError as e:
+        name, _, problem = str(e).partition(": ")
+        raise RequestProblem(name if name.startswith("inpaint.") else "inpaint", problem or str(e), form) from None
+    return Job("images", {"image": pixels, "keep": keep, "label": req.label, "steps": steps,
+                          "guidance": req.guidance, "jump": inp.jump or 1, "resample": inp.resample or 1,
+                          "seed": req.seed}, n=req.n, extra={"inpaint": True})
 
 
 def _plan_text(engine: Engine, req: TextRequest, limits: Limits, allowed: dict) -> Job:
@@ -309,6 +379,12 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
     An InferenceError of the engine (a request it refuses) is raised as RequestProblem.
     """
     try:
+        if isinstance(engine, DiffusionEngine) and jobs[0].extra.get("inpaint"):   # never batched
+            s, n = jobs[0].settings, jobs[0].n
+            x = engine.inpaint(engine.from_levels(s["image"]), s["keep"], n, s["label"], steps=s["steps"],
+                               guidance=s["guidance"], jump_length=s["jump"], jump_n_sample=s["resample"],
+                               seed=s["seed"])
+            return [[png_base64(v, int(engine.config.get("levels", 256))) for v in engine.to_levels(x)]]
         if isinstance(engine, DiffusionEngine):
             s = jobs[0].settings
             labels = np.concatenate([np.asarray(j.settings["labels"], dtype=np.int64) for j in jobs])

@@ -425,3 +425,69 @@ def test_a_failed_render_keeps_the_previous_report(params, tmp_path, fast_machin
         build(params, tmp_path)
     assert (tmp_path / "reports" / "compare" / "report.md").read_text() == before
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["compare"]
+
+
+# ---------------------------------------------------------------------------
+# The editing row: inpainting (and super-resolution when a digits-sr run is there)
+# ---------------------------------------------------------------------------
+
+def inpainting(masks, ours: float, nn: float, ms: float) -> dict:
+    out = {"perf/inpaint_ms_per_item": ms}
+    for k in masks:
+        out.update({f"eval/inpaint_{k}_class_acc": ours, f"baseline/nn_inpaint_{k}_class_acc": nn,
+                    f"baseline/mean_inpaint_{k}_class_acc": 0.3, f"eval/inpaint_{k}_mse": 0.05,
+                    f"baseline/nn_inpaint_{k}_mse": 0.07})
+    if len(masks) == 4:
+        out.update({"eval/inpaint_consistency": 0.04, "baseline/real_inpaint_consistency": 0.05})
+    return out
+
+
+ALL_MASKS = ("bottom", "left", "centre", "random")
+
+
+def test_editing_row_says_what_each_paradigm_can_inpaint_how_well_and_at_what_cost():
+    unet = result("digits-unet", {**UNET, **inpainting(ALL_MASKS, 0.9, 0.8, 12.0)})
+    gpt = result("digits-gpt", {**GPT_IMAGES, **inpainting(("bottom",), 0.7, 0.8, 3.0)})
+    row = compare.row_editing("digits", [unet, gpt])
+    assert row.feature == "Editing (inpainting, super-resolution)" and row.feature in compare.CLAIMS
+    assert row.verdict == AGREES            # every mask, above nearest-neighbour fill on each, above the GPT
+    assert row.cells["digits-unet"].startswith("inpaints any mask; measured on 4 mask(s)")
+    assert "centre square 0.9 (nearest-neighbour 0.8, mean fill 0.3)" in row.cells["digits-unet"]
+    assert "12 ms per completion" in row.cells["digits-unet"]
+    assert row.cells["digits-gpt"].startswith("inpaints the raster suffix only")
+    assert "measured on 1 mask(s)" in row.cells["digits-gpt"] and "3 ms per completion" in row.cells["digits-gpt"]
+    assert "digits-unet inpaints 4 of 4 masks" in row.evidence
+    assert "bottom half, the one mask digits-gpt can do: digits-unet 0.9 vs digits-gpt 0.7; 12 vs 3 ms" in row.evidence
+    assert "super-resolution: not run" in row.evidence
+
+    worse = result("digits-unet", {**UNET, **inpainting(ALL_MASKS, 0.6, 0.8, 12.0)})
+    lost = compare.row_editing("digits", [worse, gpt])   # every mask, but below NN on each and below the GPT
+    assert lost.verdict == MIXED and "random 50% 0.6 <= 0.8" in lost.evidence
+    one_mask = result("digits-unet", {**UNET, **inpainting(("bottom",), 0.6, 0.8, 12.0)})
+    assert compare.row_editing("digits", [one_mask, gpt]).verdict == DISAGREES
+    left_lost = result("digits-unet", {**UNET, **inpainting(ALL_MASKS, 0.9, 0.8, 12.0),
+                                       "eval/inpaint_left_class_acc": 0.5})
+    mixed = compare.row_editing("digits", [left_lost, gpt])
+    assert mixed.verdict == MIXED and "left half 0.5 <= 0.8" in mixed.evidence
+
+
+def test_editing_row_shows_super_resolution_when_a_digits_sr_run_is_present():
+    unet = result("digits-unet", {**UNET, **inpainting(ALL_MASKS, 0.9, 0.8, 12.0)})
+    sr = result("digits-sr", {**UNET, "eval/sr_psnr": 21.5, "eval/sr_class_acc": 0.93, "eval/sr_fd": 0.4,
+                              "baseline/bicubic_sr_psnr": 19.0, "baseline/bicubic_sr_class_acc": 0.85,
+                              "baseline/bicubic_sr_fd": 1.2, "baseline/nearest_sr_psnr": 17.0,
+                              "baseline/nearest_sr_class_acc": 0.8, "baseline/nearest_sr_fd": 2.0})
+    row = compare.row_editing("digits", [unet, sr])
+    assert row.cells["digits-sr"] == ("super-resolution (2x): PSNR 21.5 (bicubic 19, nearest 17); class accuracy "
+                                      "0.93 (bicubic 0.85, nearest 0.8); FD 0.4 (bicubic 1.2, nearest 2)")
+    assert row.verdict == AGREES and "not run" not in row.evidence
+    assert "digits-sr super-resolution: class accuracy 0.93 vs bicubic 0.85, FD 0.4 vs bicubic 1.2" in row.evidence
+    blurry = result("digits-sr", {**sr.metrics, "eval/sr_fd": 1.5})   # FD worse than bicubic: one part fails
+    assert compare.row_editing("digits", [unet, blurry]).verdict == MIXED
+
+
+def test_editing_row_is_not_measured_without_inpainting_metrics():
+    row = compare.row_editing("digits", [result("digits-unet", UNET), result("digits-gpt", GPT_IMAGES)])
+    assert row.verdict == NOT_MEASURED and row.cells == {}
+    assert "eval.inpaint_samples" in row.evidence and "super-resolution: not run" in row.evidence
+    assert compare.row_editing("pydoc", [result("pydoc-gpt", GPT_TEXT)]).verdict == NOT_MEASURED

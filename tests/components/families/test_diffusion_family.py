@@ -31,7 +31,8 @@ def tiny_params(**sample) -> Params:
         train=TrainConfig(max_steps=3, max_seconds=0, batch_size=8, warmup_steps=1, log_every=1,
                           checkpoint_every=2, threads=1),
         sample=SampleConfig(**{"sampler": "ddim", "steps": 5, "guidance": 2.0, **sample}),
-        eval=EvalConfig(num_samples=20, sampler_sweep=["ddpm", "ddim5", "ddim2"]))
+        eval=EvalConfig(num_samples=20, sampler_sweep=["ddpm", "ddim5", "ddim2"], inpaint_samples=10,
+                        inpaint_jump=2, inpaint_resample=2))
     return Params(datasets={"digits": DatasetConfig(source="builtin:digits")}, models={KEY: model})
 
 
@@ -83,6 +84,11 @@ def test_evaluate_writes_reports(digits_root, trained):
             assert f"eval/{m}_{sampler}" in metrics
     assert metrics["eval/fd"] == metrics["eval/fd_ddim5"]                # the headline sampler is ddim-5
     assert metrics["perf/sample_ms_per_item"] > 0 and "perf/sample_ms_per_item_ddpm" in metrics
+    for k in ("class_acc", "mse", "consistency"):   # inpainting: every mask, their mean, the baselines
+        for mask in ("bottom", "left", "centre", "random"):
+            assert np.isfinite(metrics[f"eval/inpaint_{mask}_{k}"]) and f"baseline/nn_inpaint_{mask}_{k}" in metrics
+        assert f"eval/inpaint_{k}" in metrics and f"baseline/mean_inpaint_{k}" in metrics
+    assert metrics["perf/inpaint_ms_per_item"] > 0
     out = digits_root / "reports" / KEY
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
     sweep = json.loads((out / "sampling.json").read_text())
@@ -92,6 +98,22 @@ def test_evaluate_writes_reports(digits_root, trained):
     assert "| ddpm | 10 |" in table and "| real (baseline) |" in table
     from PIL import Image
     assert Image.open(out / "samples.png").size == (10 * 34 + 2, 10 * 34 + 2)  # a row per class, blanks padded
+
+
+def test_inpaint_images_keeps_the_known_pixels_and_fills_the_rest(digits_root, trained):
+    from components.evaluation.editing import inpaint_masks
+
+    net, config = fam.load_model(KEY, digits_root)
+    x, _ = data.load_images("digits", "test", digits_root)
+    keep = inpaint_masks(4, 8, 8, seed=0)["random"]
+    kw = dict(steps=4, jump_length=2, jump_n_sample=2, seed=3)
+    a = fam.inpaint_images(net, config, x[:4], keep, **kw)
+    assert a.shape == (4, 8, 8) and a.min() >= 0 and a.max() <= 1
+    np.testing.assert_allclose(a[keep] * 16, x[:4][keep], atol=1e-4)   # RePaint: kept pixels come back as given
+    np.testing.assert_array_equal(a, fam.inpaint_images(net, config, x[:4], keep, **kw))   # seeded
+    b = fam.inpaint_images(net, config, x[:4], keep, infer_label=True, guidance=2.0, **kw)  # the class it infers
+    np.testing.assert_allclose(b[keep] * 16, x[:4][keep], atol=1e-4)
+    assert not np.array_equal(a, b)
 
 
 def test_class_rows_puts_one_class_per_row():

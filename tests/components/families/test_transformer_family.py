@@ -30,6 +30,7 @@ def setup(tmp_path_factory, project_root, tiny_corpus):
         "models.pydoc-gpt.sample.length=20", "models.pydoc-gpt.sample.prompt=Return",
         "models.pydoc-gpt.eval.text_samples=2", "models.pydoc-gpt.eval.ngram_orders=[1, 2, 3]",
         *tiny_overrides("digits-gpt"), "models.digits-gpt.eval.num_samples=20",
+        "models.digits-gpt.eval.inpaint_samples=10",
     ])
     for name in ("pydoc", "digits"):
         data.ingest(name, params.dataset(name), root)
@@ -103,6 +104,26 @@ def test_image_model_trains_and_evaluates_on_shared_image_metrics(setup):
     assert out["baseline/uniform_bits_per_dim"] == pytest.approx(math.log2(17))
     assert out["baseline/logreg_bits_per_dim"] < out["baseline/indep_bits_per_dim"] < math.log2(17)
     assert (root / "reports/digits-gpt/samples.png").exists()
+    # inpainting: the bottom half only (a raster-order model cannot condition on later pixels)
+    for k in ("class_acc", "mse", "consistency"):
+        assert math.isfinite(out[f"eval/inpaint_bottom_{k}"]) and f"baseline/nn_inpaint_bottom_{k}" in out
+    assert not any(k.startswith(("eval/inpaint_left", "eval/inpaint_centre", "eval/inpaint_random")) for k in out)
+    assert "eval/inpaint_class_acc" not in out and out["perf/inpaint_ms_per_item"] > 0
+
+
+def test_complete_prefix_keeps_the_top_and_refuses_other_masks(setup):
+    from components.errors import ModelError
+    from components.evaluation.editing import inpaint_masks
+
+    root, params = setup
+    model, config = transformer.load_model("digits-gpt", root)
+    x, _ = data.load_images("digits", "test", root)
+    masks = inpaint_masks(3, 8, 8)
+    out = transformer.complete_prefix(model, config, x[:3], masks["bottom"], seed=0)
+    assert out.shape == (3, 8, 8)
+    np.testing.assert_array_equal(out[:, :4] * 16, x[:3, :4])          # the kept top comes back unchanged
+    with pytest.raises(ModelError, match="prefix in raster order"):
+        transformer.complete_prefix(model, config, x[:3], masks["left"])
 
 
 def test_unconditional_bits_per_dim_is_the_mixture_over_classes():

@@ -183,3 +183,46 @@ def test_unet_diffusion_loss_falls_on_a_tiny_set(tmp_path):
                       items_per_batch=16)
     assert result.losses[0] > 0.5                    # the zero-initialised net starts near MSE = 1
     assert result.losses[-1] < 0.5 * result.losses[0]
+
+
+def class_denoiser(diffusion, targets):
+    """The exact eps-predictor when class c's data is the single image targets[c] (the null class: targets[0])."""
+    abar = torch.tensor(diffusion.alphas_cumprod, dtype=torch.float64)
+
+    def denoise(x, t, y):
+        a = abar[t].view(-1, 1, 1, 1)
+        target = targets[torch.clamp(y, max=len(targets) - 1)]
+        return ((x.double() - a.sqrt() * target) / (1 - a).sqrt()).float()
+    return denoise
+
+
+def test_class_scores_pick_the_class_whose_predictions_fit_the_weighted_pixels():
+    d = GaussianDiffusion(timesteps=30, num_classes=3)
+    targets = torch.stack([torch.full((1, 4, 4), v, dtype=torch.float64) for v in (-0.5, 0.0, 0.5)])
+    x0 = targets[[2, 0, 1]].float()
+    weight = torch.zeros_like(x0)
+    weight[..., :2, :] = 1.0                                               # only the top rows count
+    scores = d.class_scores(class_denoiser(d, targets), x0, weight, [3, 15, 27],
+                            generator=torch.Generator().manual_seed(0))
+    assert scores.shape == (3, 3)
+    assert scores.argmin(1).tolist() == [2, 0, 1]
+    assert scores[0, 2] == pytest.approx(0.0, abs=1e-6)                  # the exact class predicts the noise
+    x0[0, :, 2:] = 0.9                                                     # pixels of weight 0 change nothing
+    again = d.class_scores(class_denoiser(d, targets), x0, weight, [3, 15, 27],
+                           generator=torch.Generator().manual_seed(0))
+    assert again[0, 2] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_inpaint_fills_the_hole_with_the_class_asked_for_and_keeps_the_rest():
+    d = GaussianDiffusion(timesteps=30, num_classes=3)
+    targets = torch.stack([torch.full((1, 4, 4), v, dtype=torch.float64) for v in (-0.5, 0.0, 0.5)])
+    known = torch.full((2, 1, 4, 4), 0.25)
+    keep = torch.ones_like(known, dtype=torch.bool)
+    keep[..., 2:, :] = False
+    x = d.inpaint(class_denoiser(d, targets), known, keep, torch.tensor([2, 1]), steps=30, guidance=1.0,
+                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x[keep], known[keep])                               # kept pixels exactly as given
+    np.testing.assert_allclose(x[0, :, 2:].numpy(), 0.5, atol=0.05)        # the hole: class 2's image
+    np.testing.assert_allclose(x[1, :, 2:].numpy(), 0.0, atol=0.05)
+    with pytest.raises(SamplingRequestError):
+        d.inpaint(class_denoiser(d, targets), known, keep, torch.tensor([3, 1]))
