@@ -36,6 +36,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from components.files import read_json_cache, write_json
+
 CACHE_FILE = Path(".genflow") / "threads.json"
 CACHE_DAYS = 7
 PROBE_SECONDS = 2.0          # timed seconds per candidate, over ROUNDS children
@@ -122,13 +124,13 @@ def probe_config(params: Any, key: str) -> dict:
 
 
 def cache_key(config: dict, load_class: int) -> str:
-    versions = {p: _version(p) for p in ("torch", "numpy")}
+    versions = {p: library_version(p) for p in ("torch", "numpy")}
     blob = json.dumps({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "versions": versions, "config": config, "load": load_class}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _version(package: str) -> str:
+def library_version(package: str) -> str:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -167,7 +169,7 @@ def choose(root: Path, params: Any, keys: list[str], log: Any = print) -> Option
     config = probe_config(params, keys[0])
     key = cache_key(config, load_class)
     path = Path(root) / CACHE_FILE
-    cache = _read_cache(path)
+    cache = read_json_cache(path)
     hit = cache.get(key)
     if hit and time.time() - float(hit.get("at", 0)) < CACHE_DAYS * 86400:
         return Choice(int(hit["threads"]), str(hit["wait"]), "cached", dict(hit.get("rates", {})), busy)
@@ -192,24 +194,8 @@ def choose(root: Path, params: Any, keys: list[str], log: Any = print) -> Option
     threads, wait = next(c for c in candidates(cores) if candidate_name(*c) == best)
     choice = Choice(threads, wait, "measured", rates, busy)
     cache[key] = {**asdict(choice), "at": time.time(), "model": keys[0], "load_class": load_class}
-    _write_cache(path, cache)
+    write_json(path, cache, indent=1)
     return choice
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_cache(path: Path, cache: dict) -> None:
-    from components.files import atomic_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(json.dumps(cache, indent=1) + "\n")
 
 
 def _probe(config: dict, threads: int, seconds: float) -> None:

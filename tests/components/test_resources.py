@@ -28,6 +28,31 @@ def test_matmul_peak_is_positive_and_restores_threads():
     assert torch.get_num_threads() == before
 
 
+def test_peak_flops_is_measured_once_per_thread_policy_and_cached(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(resources, "MATMUL_SIZE", 128)   # a tiny probe: the cache is under test, not the peak
+    first = resources.peak_flops(tmp_path, threads=1)
+    assert first > 0
+    cache = json.loads((tmp_path / resources.PEAK_CACHE).read_text())
+    (key, entry), = cache.items()
+    assert entry["threads"] == 1 and entry["flops"] == first
+    entry["flops"] = 123.0   # a cached figure is used as it is, not measured again
+    (tmp_path / resources.PEAK_CACHE).write_text(json.dumps(cache))
+    assert resources.peak_flops(tmp_path, threads=1) == 123.0
+    resources.peak_flops(tmp_path, threads=2)   # another thread policy: its own entry
+    assert len(json.loads((tmp_path / resources.PEAK_CACHE).read_text())) == 2
+    (tmp_path / resources.PEAK_CACHE).write_text("not json")   # a broken cache is rebuilt, not trusted
+    assert resources.peak_flops(tmp_path, threads=1) > 0
+
+
+def test_mfu_is_achieved_training_flops_over_the_peak():
+    metrics = {"perf/flops_per_item": 3e6, "perf/train_items_per_s": 500.0}
+    assert resources.training_flops_per_s(metrics) == 1.5e9
+    assert resources.mfu(metrics, 3e9) == 0.5
+    assert resources.mfu(metrics, 0.0) == 0.0
+
+
 @pytest.mark.parametrize("backbone", ["unet", "gpt-text", "gpt-image", "mdlm"])
 def test_train_step_runs_each_backbone_and_counts_items(backbone):
     import torch
