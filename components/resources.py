@@ -35,6 +35,7 @@ MATMUL_SIZE_GPU = 4096       # a GPU needs larger matmuls to reach its peak
 MATMUL_REPEATS = 10          # the best of this many timings is the peak
 PEAK_CACHE = Path(".genflow") / "peak.json"
 PEAK_CACHE_DAYS = 7
+QUIET_CORES = 0.5            # a peak measured with less than this busy elsewhere is final
 TIMING_REPEATS = 3           # median_seconds: the median of this many runs
 
 
@@ -176,8 +177,10 @@ def peak_flops(root: Path, threads: int, device: str = "cpu", precision: str = "
     """The matmul peak (matmul_peak_gflops) in FLOP/s under this process's thread policy: `threads`
     threads and the OpenMP wait policy it was started with, on `device` in `precision`.
 
-    Measured once (a fraction of a second) and cached in root/.genflow/peak.json per machine, torch
-    version, threads, wait policy, device and precision, for PEAK_CACHE_DAYS days.
+    Cached in root/.genflow/peak.json per machine, torch version, threads, wait policy, device and
+    precision, for PEAK_CACHE_DAYS days. A peak measured while other processes kept the cores busy
+    (components.threads.busy_cores) is too low, and an MFU over it too high: until a quiet
+    measurement is cached, each call measures again (a fraction of a second) and keeps the best.
     """
     import hashlib
     import json
@@ -186,6 +189,7 @@ def peak_flops(root: Path, threads: int, device: str = "cpu", precision: str = "
     import torch
 
     from components.files import read_json_cache, write_json
+    from components.threads import busy_cores
 
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
         (platform.processor() or platform.machine())
@@ -196,10 +200,15 @@ def peak_flops(root: Path, threads: int, device: str = "cpu", precision: str = "
     path = Path(root) / PEAK_CACHE
     cache = read_json_cache(path)
     hit = cache.get(key)
-    if isinstance(hit, dict) and time.time() - float(hit.get("at", 0)) < PEAK_CACHE_DAYS * 86400:
+    if not (isinstance(hit, dict) and time.time() - float(hit.get("at", 0)) < PEAK_CACHE_DAYS * 86400):
+        hit = None
+    if hit is not None and float(hit.get("busy_cores", 0.0)) < QUIET_CORES:
         return float(hit["flops"])
+    busy = busy_cores() if device == "cpu" else 0.0
     flops = matmul_peak_gflops(threads, device=device, precision=precision) * 1e9
-    cache[key] = {**what, "flops": flops, "at": time.time()}
+    if hit is not None and float(hit["flops"]) >= flops:   # an earlier, less loaded moment was faster
+        flops, busy = float(hit["flops"]), float(hit["busy_cores"])
+    cache[key] = {**what, "flops": flops, "busy_cores": busy, "at": time.time()}
     write_json(path, cache, indent=1)
     return flops
 

@@ -28,21 +28,30 @@ def test_matmul_peak_is_positive_and_restores_threads():
     assert torch.get_num_threads() == before
 
 
-def test_peak_flops_is_measured_once_per_thread_policy_and_cached(tmp_path, monkeypatch):
+def test_peak_flops_is_cached_per_thread_policy_and_a_loaded_one_only_improves(tmp_path, monkeypatch):
     import json
 
     monkeypatch.setattr(resources, "MATMUL_SIZE", 128)   # a tiny probe: the cache is under test, not the peak
+    path = tmp_path / resources.PEAK_CACHE
+
+    def edit(**entry):
+        cache = json.loads(path.read_text())
+        (key, old), = cache.items()
+        cache[key] = {**old, **entry}
+        path.write_text(json.dumps(cache))
+
     first = resources.peak_flops(tmp_path, threads=1)
-    assert first > 0
-    cache = json.loads((tmp_path / resources.PEAK_CACHE).read_text())
-    (key, entry), = cache.items()
-    assert entry["threads"] == 1 and entry["flops"] == first
-    entry["flops"] = 123.0   # a cached figure is used as it is, not measured again
-    (tmp_path / resources.PEAK_CACHE).write_text(json.dumps(cache))
+    (entry,) = json.loads(path.read_text()).values()
+    assert first > 0 and entry["threads"] == 1 and entry["flops"] == first
+    edit(flops=123.0, busy_cores=0.0)   # measured on a quiet machine: used as it is, not measured again
     assert resources.peak_flops(tmp_path, threads=1) == 123.0
+    edit(flops=1e18, busy_cores=2.0)    # measured under load: measured again, the best kept
+    assert resources.peak_flops(tmp_path, threads=1) == 1e18
+    edit(flops=1.0, busy_cores=2.0)
+    assert resources.peak_flops(tmp_path, threads=1) > 1.0
     resources.peak_flops(tmp_path, threads=2)   # another thread policy: its own entry
-    assert len(json.loads((tmp_path / resources.PEAK_CACHE).read_text())) == 2
-    (tmp_path / resources.PEAK_CACHE).write_text("not json")   # a broken cache is rebuilt, not trusted
+    assert len(json.loads(path.read_text())) == 2
+    path.write_text("not json")   # a broken cache is rebuilt, not trusted
     assert resources.peak_flops(tmp_path, threads=1) > 0
 
 
