@@ -202,12 +202,12 @@ def peak_flops(root: Path, threads: int, device: str = "cpu", precision: str = "
     hit = cache.get(key)
     if not (isinstance(hit, dict) and time.time() - float(hit.get("at", 0)) < PEAK_CACHE_DAYS * 86400):
         hit = None
-    if hit is not None and float(hit.get("busy_cores", 0.0)) < QUIET_CORES:
+    if hit is not None and float(hit.get("busy_cores", os.cpu_count() or 1)) < QUIET_CORES:
         return float(hit["flops"])
     busy = busy_cores() if device == "cpu" else 0.0
     flops = matmul_peak_gflops(threads, device=device, precision=precision) * 1e9
     if hit is not None and float(hit["flops"]) >= flops:   # an earlier, less loaded moment was faster
-        flops, busy = float(hit["flops"]), float(hit["busy_cores"])
+        flops, busy = float(hit["flops"]), float(hit.get("busy_cores", os.cpu_count() or 1))
     cache[key] = {**what, "flops": flops, "busy_cores": busy, "at": time.time()}
     write_json(path, cache, indent=1)
     return flops

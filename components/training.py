@@ -132,11 +132,16 @@ def budget_progress(step: int, seconds: float, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and kernels only, not on biases and norm gains (nanoGPT)."""
+    """AdamW; weight decay on matrices and kernels only, not on biases and norm gains (nanoGPT).
+
+    foreach: the multi-tensor update (torch's default on a GPU) on the CPU too, where torch would
+    loop over the tensors in Python; the same arithmetic, bit for bit (test_training checks it).
+    Not fused: the fused CPU kernel rounds differently, and recorded runs must replay exactly.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), foreach=True)
 
 
 @torch.no_grad()
