@@ -11,14 +11,15 @@ log line, every log_every steps) and checkpoint writes (one is timed, counted on
 checkpoint_every steps); "Python overhead" is the rest of the step (seeds, generators, the
 schedule). Two loops alternate, `--rounds` times, so load on a shared machine hits both alike:
 
-  before: the loop as it was (AdamW's per-tensor loop, torch's CPU default)
+  before: the loop as it was (AdamW's per-tensor loop, torch's CPU default; loss.item() every step)
   after:  the loop as components/training.py runs it now (make_optimizer: multi-tensor AdamW,
-          bit-identical on the CPU; tests/components/test_training.py checks it)
+          bit-identical on the CPU, tests/components/test_training.py checks it; the losses read
+          at the log line only, which on a GPU saves a wait on its queue every step)
 
 It prints a table of ms and % per part, the MFU of forward + backward alone and of the whole
 step (achieved FLOP/s over components.resources.peak_flops under this process's threads and
 OpenMP wait policy), the after/before throughput ratio, and the load average.
-With --compile it also times torch.compile of the loss (compile seconds, compiled step time) and
+With --compile it also times torch.compile of the network (compile seconds, compiled step time) and
 says whether it pays for itself inside a 270 s budget.
 """
 from __future__ import annotations
@@ -131,10 +132,10 @@ def make_loop(net, get_batch, loss_fn, cfg, out_dir: Path, variant: str):
             if ema is not None:
                 training.ema_update(ema, model, cfg.ema_decay, step)
             t7 = time.perf_counter()
-            state["window"].append(loss.item())
+            state["window"].append(loss.item() if variant == "before" else loss.detach())
             state["step"] = step = step + 1
             if step % log_every == 0:
-                mean = sum(state["window"]) / len(state["window"])
+                mean = sum(v if variant == "before" else v.item() for v in state["window"]) / len(state["window"])
                 print(f"\r  step {step} | loss {mean:.4f} | lr {lr:.2e}", end="", file=sys.stderr, flush=True)
                 state["window"] = []
             t8 = time.perf_counter()
@@ -182,7 +183,7 @@ def step_table(key: str, timers: dict[str, Timer], items: int, flops_per_item: f
 
 
 def compile_figures(net, get_batch, loss_fn, cfg, items: int, steps: int) -> None:
-    """torch.compile of the loss: compile seconds, eager vs compiled ms per forward+backward, and
+    """torch.compile of the network: compile seconds, eager vs compiled ms per forward+backward, and
     whether the gain repays the compile inside BUDGET_S."""
     import torch
 
@@ -200,16 +201,17 @@ def compile_figures(net, get_batch, loss_fn, cfg, items: int, steps: int) -> Non
     eager = copy.deepcopy(net).train()
     fb_ms(eager, loss_fn, 3)
     eager_ms = fb_ms(eager, loss_fn, steps)
-    compiled = copy.deepcopy(net).train()
-    compiled_loss = torch.compile(loss_fn)
+    # the network is compiled, not the loss: the loss draws its noise from a torch.Generator,
+    # which would break the graph
+    compiled = torch.compile(copy.deepcopy(net).train())
     t = time.perf_counter()
     try:
-        fb_ms(compiled, compiled_loss, 2)   # the first calls compile forward and backward
+        fb_ms(compiled, loss_fn, 2)   # the first calls compile forward and backward
     except Exception as e:   # no compiler, an unsupported op: say so, as a figure
         print(f"  torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
         return
     compile_s = time.perf_counter() - t
-    comp_ms = fb_ms(compiled, compiled_loss, steps)
+    comp_ms = fb_ms(compiled, loss_fn, steps)
     saved = (eager_ms - comp_ms) / 1e3
     steps_in_budget = BUDGET_S / (eager_ms / 1e3)
     verdict = (f"pays back after {compile_s / saved:,.0f} steps of {steps_in_budget:,.0f} in {BUDGET_S:.0f} s"
@@ -229,7 +231,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="timed steps per loop per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the loss")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the network")
     args = ap.parse_args()
 
     import torch
