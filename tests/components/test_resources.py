@@ -31,7 +31,8 @@ def test_matmul_peak_is_positive_and_restores_threads():
 def test_peak_flops_is_cached_per_thread_policy_and_a_loaded_one_only_improves(tmp_path, monkeypatch):
     import json
 
-    monkeypatch.setattr(resources, "MATMUL_SIZE", 128)   # a tiny probe: the cache is under test, not the peak
+    monkeypatch.setattr(resources, "MATMUL_SIZE", 128)   # tiny probes: the cache is under test, not the peak
+    monkeypatch.setattr(resources, "PEAK_SHORT", (64, 2))
     path = tmp_path / resources.PEAK_CACHE
 
     def edit(**entry):
