@@ -6,10 +6,11 @@
 Each network is built from params.yaml as `genflow run` builds it (its family's model spec,
 batches from the prepared train split under --root, prepared there first if missing) and
 trained with the pieces of components/training.py, each part timed with perf_counter: data
-batch, forward (the loss), backward, grad clip, optimizer, EMA, logging (loss.item() and the
-log line, every log_every steps) and checkpoint writes (one is timed, counted once every
-checkpoint_every steps); "Python overhead" is the rest of the step (seeds, generators, the
-schedule). Two loops alternate, `--rounds` times, so load on a shared machine hits both alike:
+batch, forward (the loss), backward, grad clip, optimizer, EMA, logging (loss.item(), and every
+log_every steps the log line and train/loss to an MLflow run on a SQLite store) and checkpoint
+writes (one is timed, counted once every checkpoint_every steps); "Python overhead" is the rest
+of the step (seeds, generators, the schedule). Two loops alternate, `--rounds` times, so load
+on a shared machine hits both alike:
 
   before: the loop as it was (AdamW's per-tensor loop, torch's CPU default; loss.item() every step)
   after:  the loop as components/training.py runs it now (make_optimizer: multi-tensor AdamW,
@@ -80,6 +81,7 @@ class Timer:
 
 def make_loop(net, get_batch, loss_fn, cfg, out_dir: Path, variant: str):
     """A function run(steps, timer) training `net` with the pieces of components/training.py."""
+    import mlflow
     import torch
 
     from components import training
@@ -136,6 +138,7 @@ def make_loop(net, get_batch, loss_fn, cfg, out_dir: Path, variant: str):
             state["step"] = step = step + 1
             if step % log_every == 0:
                 mean = sum(v if variant == "before" else v.item() for v in state["window"]) / len(state["window"])
+                mlflow.log_metric("train/loss", mean, step=step)   # as training logs to the run
                 print(f"\r  step {step} | loss {mean:.4f} | lr {lr:.2e}", end="", file=sys.stderr, flush=True)
                 state["window"] = []
             t8 = time.perf_counter()
@@ -243,7 +246,11 @@ def main() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)   # as training runs
     params = load_params(Path(args.params))
     keys = args.models.split(",")
+    import mlflow
+
     with tempfile.TemporaryDirectory(prefix="genflow-profile-") as tmp:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")   # the loss is logged as in a genflow run
+        mlflow.set_experiment("profile-step")
         root = Path(args.root or tmp)
         prepare(params, keys, root)
         peak = peak_flops(root, torch.get_num_threads())
@@ -257,9 +264,10 @@ def main() -> None:
             for run in loops.values():
                 run(3, Timer())   # warm-up: allocator, thread pool, optimizer state
             timers = {v: Timer() for v in loops}
-            for _ in range(args.rounds):
-                for v, run in loops.items():
-                    run(args.steps, timers[v])
+            with mlflow.start_run(run_name=key):
+                for _ in range(args.rounds):
+                    for v, run in loops.items():
+                        run(args.steps, timers[v])
             print(file=sys.stderr)
             ratios[key] = step_table(key, timers, items, fpi, peak)
             if args.compile:
