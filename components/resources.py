@@ -135,6 +135,24 @@ def peak_rss(interval_s: float = POLL_INTERVAL_S) -> Iterator[PeakRSS]:
 # Compute: the machine's peak, and a model's training throughput by threads
 # ---------------------------------------------------------------------------
 
+def busy_cores(seconds: float = 0.3) -> float:
+    """Cores kept busy by other processes over `seconds` (from /proc/stat); 0 where it cannot be read."""
+    def sample() -> Optional[tuple[int, int]]:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    if a is None or b is None or b[0] == a[0]:
+        return 0.0
+    return (os.cpu_count() or 1) * (1.0 - (b[1] - a[1]) / (b[0] - a[0]))
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the block with n intra-op threads, then restore the previous setting."""
@@ -180,7 +198,7 @@ def peak_flops(root: Path, threads: int, device: str = "cpu", precision: str = "
 
     Cached in root/.genflow/peak.json per machine, torch version, threads, wait policy, device and
     precision, for PEAK_CACHE_DAYS days. A peak measured while other processes kept the cores busy
-    (components.threads.busy_cores) is too low, and an MFU over it too high: until a quiet
+    (busy_cores) is too low, and an MFU over it too high: until a quiet
     measurement is cached, each call measures again (a fraction of a second) and keeps the best.
     """
     import hashlib
@@ -190,7 +208,6 @@ def peak_flops(root: Path, threads: int, device: str = "cpu", precision: str = "
     import torch
 
     from components.files import read_json_cache, write_json
-    from components.threads import busy_cores
 
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
         (platform.processor() or platform.machine())

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from components.files import read_json_cache, write_json
+from components.resources import busy_cores
 
 CACHE_FILE = Path(".genflow") / "threads.json"
 CACHE_DAYS = 7
@@ -82,24 +83,6 @@ def candidates(cores: int) -> list[tuple[int, str]]:
     if cores < 2:
         return [(1, "PASSIVE")]
     return [(1, "PASSIVE"), (cores, "PASSIVE"), (cores, "spinning")]
-
-
-def busy_cores(seconds: float = 0.3) -> float:
-    """Cores kept busy by other processes over `seconds` (from /proc/stat); 0 where it cannot be read."""
-    def sample() -> Optional[tuple[int, int]]:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields), idle
-
-    a = sample()
-    time.sleep(seconds)
-    b = sample()
-    if a is None or b is None or b[0] == a[0]:
-        return 0.0
-    return (os.cpu_count() or 1) * (1.0 - (b[1] - a[1]) / (b[0] - a[0]))
 
 
 def probe_config(params: Any, key: str) -> dict:
