@@ -5,6 +5,7 @@
     mem.peak_mb, mem.delta_mb               # the peak, and how far it rose above the start
 
     matmul_peak_gflops(threads=2)           # a few large fp32 matmuls: what the cores can do at best
+    busy_cores()                            # cores other processes keep busy now (/proc/stat)
     peak_flops(root, threads=2)             # the same in FLOP/s, cached in .genflow/peak.json
     mfu(metrics, peak)                      # a run's achieved training FLOP/s over that peak
     step, items = probe_train_step(net, config, batch_size=64)   # components.families.base
@@ -198,8 +199,8 @@ def peak_flops(root: Path, threads: int, device: str = "cpu", precision: str = "
 
     Cached in root/.genflow/peak.json per machine, torch version, threads, wait policy, device and
     precision, for PEAK_CACHE_DAYS days. A peak measured while other processes kept the cores busy
-    (busy_cores) is too low, and an MFU over it too high: until a quiet
-    measurement is cached, each call measures again (a fraction of a second) and keeps the best.
+    (busy_cores) is too low, and an MFU over it too high: until a quiet measurement is cached, each
+    call measures again (about a second; also the best of many short matmuls) and keeps the best.
     """
     import hashlib
     import json
