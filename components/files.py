@@ -47,6 +47,16 @@ def write_json(path: Path, obj: Any, **dumps: Any) -> None:
     write_text(path, json.dumps(obj, **opts) + "\n")
 
 
+def read_json_cache(path: Path) -> dict:
+    """A JSON object a cache under .genflow/ holds; {} when missing, unreadable or not an object
+    (a cache is rebuilt, never trusted)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 @contextlib.contextmanager
 def replaced_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `target`; on success it replaces `target` (the old

@@ -5,6 +5,9 @@
     mem.peak_mb, mem.delta_mb               # the peak, and how far it rose above the start
 
     matmul_peak_gflops(threads=2)           # a few large fp32 matmuls: what the cores can do at best
+    busy_cores()                            # cores other processes keep busy now (/proc/stat)
+    peak_flops(root, threads=2)             # the same in FLOP/s, cached in .genflow/peak.json
+    mfu(metrics, peak)                      # a run's achieved training FLOP/s over that peak
     step, items = probe_train_step(net, config, batch_size=64)   # components.families.base
     thread_scaling(step, items, threads=(1, 2))   # {1: items/s, 2: items/s}
     median_seconds(lambda: sample(...))     # wall time of one call: the median of 3
@@ -24,11 +27,17 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Optional
 
 POLL_INTERVAL_S = 0.02       # resident memory is read this often while a block runs
 MATMUL_SIZE = 1024           # n of the n x n fp32 matmuls of the peak probe (2 n^3 = 2.1 GFLOP each)
+MATMUL_SIZE_GPU = 4096       # a GPU needs larger matmuls to reach its peak
 MATMUL_REPEATS = 10          # the best of this many timings is the peak
+PEAK_CACHE = Path(".genflow") / "peak.json"
+PEAK_CACHE_DAYS = 7
+QUIET_CORES = 0.5            # a peak measured with less than this busy elsewhere is final
+PEAK_SHORT = (512, 80)       # on a busy machine also the best of 80 (512 x 512) matmuls (under a second)
 TIMING_REPEATS = 3           # median_seconds: the median of this many runs
 
 
@@ -127,6 +136,24 @@ def peak_rss(interval_s: float = POLL_INTERVAL_S) -> Iterator[PeakRSS]:
 # Compute: the machine's peak, and a model's training throughput by threads
 # ---------------------------------------------------------------------------
 
+def busy_cores(seconds: float = 0.3) -> float:
+    """Cores kept busy by other processes over `seconds` (from /proc/stat); 0 where it cannot be read."""
+    def sample() -> Optional[tuple[int, int]]:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    if a is None or b is None or b[0] == a[0]:
+        return 0.0
+    return (os.cpu_count() or 1) * (1.0 - (b[1] - a[1]) / (b[0] - a[0]))
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the block with n intra-op threads, then restore the previous setting."""
@@ -140,23 +167,83 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def matmul_peak_gflops(threads: Optional[int] = None, n: int = MATMUL_SIZE,
-                       repeats: int = MATMUL_REPEATS) -> float:
-    """GFLOP/s of the best of `repeats` fp32 (n x n) @ (n x n) matmuls with `threads` threads (default: all cores)."""
+def matmul_peak_gflops(threads: Optional[int] = None, n: Optional[int] = None,
+                       repeats: int = MATMUL_REPEATS, device: str = "cpu", precision: str = "fp32") -> float:
+    """GFLOP/s of the best of `repeats` (n x n) @ (n x n) matmuls with `threads` threads (default: all
+    cores), on `device` ("cpu", "cuda:0") in `precision` (fp32, bf16, fp16: what training's matmuls use)."""
     import torch
 
     threads = threads or os.cpu_count() or 1
+    dev = torch.device(device)
+    n = n or (MATMUL_SIZE_GPU if dev.type == "cuda" else MATMUL_SIZE)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch_threads(threads), torch.no_grad():
         gen = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=gen)
-        b = torch.randn(n, n, generator=gen)
-        a @ b  # warm-up: thread pool and caches
+        a = torch.randn(n, n, generator=gen).to(dev, dtype)
+        b = torch.randn(n, n, generator=gen).to(dev, dtype)
+        a @ b  # warm-up: thread pool, kernels and caches
+        sync()
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
             a @ b
+            sync()
             best = min(best, time.perf_counter() - t)
     return 2.0 * n**3 / best / 1e9
+
+
+def peak_flops(root: Path, threads: int, device: str = "cpu", precision: str = "fp32") -> float:
+    """The matmul peak (matmul_peak_gflops) in FLOP/s under this process's thread policy: `threads`
+    threads and the OpenMP wait policy it was started with, on `device` in `precision`.
+
+    Cached in root/.genflow/peak.json per machine, torch version, threads, wait policy, device and
+    precision, for PEAK_CACHE_DAYS days. A peak measured while other processes kept the cores busy
+    (busy_cores) is too low, and an MFU over it too high: until a quiet measurement is cached, each
+    call measures again (about a second; also the best of many short matmuls) and keeps the best.
+    """
+    import hashlib
+    import json
+    import platform
+
+    import torch
+
+    from components.files import read_json_cache, write_json
+
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
+        (platform.processor() or platform.machine())
+    what = {"machine": name, "cores": os.cpu_count(), "torch": torch.__version__, "threads": threads,
+            "wait": os.environ.get("OMP_WAIT_POLICY", "default"), "device": device.split(":")[0],
+            "precision": precision}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(root) / PEAK_CACHE
+    cache = read_json_cache(path)
+    hit = cache.get(key)
+    if not (isinstance(hit, dict) and time.time() - float(hit.get("at", 0)) < PEAK_CACHE_DAYS * 86400):
+        hit = None
+    if hit is not None and float(hit.get("busy_cores", os.cpu_count() or 1)) < QUIET_CORES:
+        return float(hit["flops"])
+    busy = busy_cores() if device == "cpu" else 0.0
+    flops = matmul_peak_gflops(threads, device=device, precision=precision) * 1e9
+    if busy >= QUIET_CORES:   # the best of many short matmuls finds moments the cores were free
+        n, repeats = PEAK_SHORT
+        flops = max(flops, matmul_peak_gflops(threads, n, repeats, device, precision) * 1e9)
+    if hit is not None and float(hit["flops"]) >= flops:   # an earlier, less loaded moment was faster
+        flops, busy = float(hit["flops"]), float(hit.get("busy_cores", os.cpu_count() or 1))
+    cache[key] = {**what, "flops": flops, "busy_cores": busy, "at": time.time()}
+    write_json(path, cache, indent=1)
+    return flops
+
+
+def training_flops_per_s(metrics: Mapping[str, float]) -> float:
+    """Achieved training FLOP/s of a run: perf/flops_per_item (forward + backward, per image or per
+    token) x perf/train_items_per_s (images or tokens per second, in the same unit)."""
+    return float(metrics["perf/flops_per_item"]) * float(metrics["perf/train_items_per_s"])
+
+
+def mfu(metrics: Mapping[str, float], peak: float) -> float:
+    """Model FLOP utilisation: achieved training FLOP/s over the peak FLOP/s (peak_flops)."""
+    return training_flops_per_s(metrics) / peak if peak > 0 else 0.0
 
 
 def training_throughput(step: Callable[[], None], items_per_step: int, threads: int, *,

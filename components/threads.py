@@ -36,6 +36,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from components.files import read_json_cache, write_json
+from components.resources import busy_cores
+
 CACHE_FILE = Path(".genflow") / "threads.json"
 CACHE_DAYS = 7
 PROBE_SECONDS = 2.0          # timed seconds per candidate, over ROUNDS children
@@ -82,24 +85,6 @@ def candidates(cores: int) -> list[tuple[int, str]]:
     return [(1, "PASSIVE"), (cores, "PASSIVE"), (cores, "spinning")]
 
 
-def busy_cores(seconds: float = 0.3) -> float:
-    """Cores kept busy by other processes over `seconds` (from /proc/stat); 0 where it cannot be read."""
-    def sample() -> Optional[tuple[int, int]]:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields), idle
-
-    a = sample()
-    time.sleep(seconds)
-    b = sample()
-    if a is None or b is None or b[0] == a[0]:
-        return 0.0
-    return (os.cpu_count() or 1) * (1.0 - (b[1] - a[1]) / (b[0] - a[0]))
-
-
 def probe_config(params: Any, key: str) -> dict:
     """The model spec of `key`'s network from params alone (no data): the dataset's image size and
     levels, ten classes for images, a 100-character vocabulary for text."""
@@ -123,13 +108,13 @@ def probe_config(params: Any, key: str) -> dict:
 
 
 def cache_key(config: dict, load_class: int) -> str:
-    versions = {p: _version(p) for p in ("torch", "numpy")}
+    versions = {p: library_version(p) for p in ("torch", "numpy")}
     blob = json.dumps({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "versions": versions, "config": config, "load": load_class}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _version(package: str) -> str:
+def library_version(package: str) -> str:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -168,7 +153,7 @@ def choose(root: Path, params: Any, keys: list[str], log: Any = print) -> Option
     config = probe_config(params, keys[0])
     key = cache_key(config, load_class)
     path = Path(root) / CACHE_FILE
-    cache = _read_cache(path)
+    cache = read_json_cache(path)
     hit = cache.get(key)
     if hit and time.time() - float(hit.get("at", 0)) < CACHE_DAYS * 86400:
         return Choice(int(hit["threads"]), str(hit["wait"]), "cached", dict(hit.get("rates", {})), busy)
@@ -193,24 +178,8 @@ def choose(root: Path, params: Any, keys: list[str], log: Any = print) -> Option
     threads, wait = next(c for c in candidates(cores) if candidate_name(*c) == best)
     choice = Choice(threads, wait, "measured", rates, busy)
     cache[key] = {**asdict(choice), "at": time.time(), "model": keys[0], "load_class": load_class}
-    _write_cache(path, cache)
+    write_json(path, cache, indent=1)
     return choice
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_cache(path: Path, cache: dict) -> None:
-    from components.files import atomic_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(json.dumps(cache, indent=1) + "\n")
 
 
 def _probe(config: dict, threads: int, seconds: float) -> None:

@@ -132,11 +132,16 @@ def budget_progress(step: int, seconds: float, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and kernels only, not on biases and norm gains (nanoGPT)."""
+    """AdamW; weight decay on matrices and kernels only, not on biases and norm gains (nanoGPT).
+
+    foreach: the multi-tensor update (torch's default on a GPU) on the CPU too, where torch would
+    loop over the tensors in Python; the same arithmetic, bit for bit (test_training checks it).
+    Not fused: the fused CPU kernel rounds differently, and recorded runs must replay exactly.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), foreach=True)
 
 
 @torch.no_grad()
@@ -305,7 +310,7 @@ def train(model: torch.nn.Module,
             state["scaler"] = scaler.state_dict()
         save_checkpoint(ckpt_path, state)
 
-    window: list[float] = []
+    window: list[torch.Tensor] = []   # the losses since the last log line
     t_window, step_window = time.perf_counter(), step
 
     model.train()
@@ -353,14 +358,14 @@ def train(model: torch.nn.Module,
             ema_update(ema, model, cfg.ema_decay, step)
         step += 1
         items += items_per_batch
-        window.append(loss.item())
+        window.append(loss.detach())   # read at the log line: no wait on a GPU's queue every step
 
         seconds = clock()
         last = out_of_budget(seconds)
         if (cfg.log_every > 0 and step % cfg.log_every == 0) or last:
             now = time.perf_counter()
             rate = (step - step_window) * items_per_batch / max(now - t_window, 1e-9)   # items/s, all ranks
-            mean = world.mean(sum(window) / len(window))   # the global batch's loss
+            mean = world.mean(sum(v.item() for v in window) / len(window))   # the global batch's loss
             losses.append(mean)
             loss_steps.append(step)
             if world.main:

@@ -321,8 +321,8 @@ HEADLINE = ("eval/fd", "eval/class_acc", "eval/nn_ratio", "eval/bits_per_dim", "
 
 
 def summary_table(summary: dict) -> str:
-    rows = ["| model | status | version | aliases | headline metrics | parity | note |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | status | version | aliases | headline metrics | MFU | parity | note |",
+            "|---|---|---|---|---|---|---|---|"]
     for key, m in summary["models"].items():
         met = m.get("metrics") or {}
         head = ", ".join(f"{k.split('/')[1]} {met[k]:.3g}" for k in HEADLINE if k in met)
@@ -330,9 +330,11 @@ def summary_table(summary: dict) -> str:
             if floor in met:
                 head += f" ({floor.split('/')[1]} {met[floor]:.3g})"
         parity = f"{m['parity_max_abs']:.1e}" if isinstance(m.get("parity_max_abs"), float) else "-"
+        # achieved training FLOP/s over the measured matmul peak (a skipped model: its kept version's)
+        mfu = f"{met['perf/mfu']:.1%}" if "perf/mfu" in met else "-"
         note = m.get("reason") or m.get("decision") or ""
         rows.append(f"| {key} | {m['status']} | {m.get('version') or '-'} | "
-                    f"{', '.join(m.get('aliases') or []) or '-'} | {head or '-'} | {parity} | {note[:120]} |")
+                    f"{', '.join(m.get('aliases') or []) or '-'} | {head or '-'} | {mfu} | {parity} | {note[:120]} |")
     rows.append(f"\n{summary['status']} in {summary['seconds']:.0f}s")
     return "\n".join(rows)
 

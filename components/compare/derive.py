@@ -13,6 +13,7 @@ import statistics
 from typing import Any, Optional
 
 from components.compare.model import ModelResult
+from components.resources import training_flops_per_s
 
 
 def sampler_label(name: str) -> str:
@@ -115,7 +116,7 @@ def sample_flops_per_item(m: ModelResult) -> Optional[float]:
 
 
 def achieved_gflops(m: ModelResult) -> float:
-    return m.metrics["perf/flops_per_item"] * m.metrics["perf/train_items_per_s"] / 1e9
+    return training_flops_per_s(m.metrics) / 1e9
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:

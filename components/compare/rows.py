@@ -155,7 +155,7 @@ def row_cost(ds: str, models: list[ModelResult], machine: Machine) -> Row:
         budget = m.param("train.max_seconds")
         g = achieved_gflops(m)
         share = g / machine.best_peak if machine.best_peak > 0 else float("nan")
-        total = m.metrics["perf/flops_per_item"] * m.metrics["perf/train_items_per_s"] * m.metrics["perf/train_seconds"]
+        total = g * 1e9 * m.metrics["perf/train_seconds"]
         text = (f"trained {fmt(m.metrics['perf/train_seconds'])} s"
                 + (f" (budget {fmt(budget)} s)" if budget else "")
                 + f"; {si(train_flops_per_item(m), 'FLOP')}/{unit} to train, {si(total, 'FLOP')} in all; "

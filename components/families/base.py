@@ -86,6 +86,7 @@ def train(key: str, params: "Params", root: "Path") -> dict[str, float]:
     The same for every family: settings checked first, torchrun when train.processes > 1, the seed
     set before the network is built, peak memory measured, only rank 0 writes.
     """
+    import os
     from pathlib import Path
 
     import torch
@@ -95,7 +96,7 @@ def train(key: str, params: "Params", root: "Path") -> dict[str, float]:
     from components.errors import ModelError
     from components.files import atomic_file, write_json
     from components.layout import Layout
-    from components.resources import peak_rss
+    from components.resources import mfu, peak_flops, peak_rss
 
     lay = Layout(Path(root))
     mc = params.model(key)
@@ -133,6 +134,12 @@ def train(key: str, params: "Params", root: "Path") -> dict[str, float]:
                "perf/flops_per_item": fam.flops_per_item(net, config),   # forward + backward
                "perf/peak_rss_train_mb": mem.peak_mb,
                "perf/peak_rss_train_delta_mb": mem.delta_mb}
+    # the matmul peak under the thread policy training used (this process's threads and OpenMP wait
+    # policy), times the processes that trained together (each with its own threads or GPU)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    metrics["perf/peak_flops"] = peak_flops(lay.root, torch.get_num_threads(), result.device,
+                                            result.precision) * processes
+    metrics["perf/mfu"] = mfu(metrics, metrics["perf/peak_flops"])
     write_json(lay.model_dir(key) / "train_metrics.json", metrics)
     return metrics
 

@@ -28,6 +28,41 @@ def test_matmul_peak_is_positive_and_restores_threads():
     assert torch.get_num_threads() == before
 
 
+def test_peak_flops_is_cached_per_thread_policy_and_a_loaded_one_only_improves(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(resources, "MATMUL_SIZE", 128)   # tiny probes: the cache is under test, not the peak
+    monkeypatch.setattr(resources, "PEAK_SHORT", (64, 2))
+    path = tmp_path / resources.PEAK_CACHE
+
+    def edit(**entry):
+        cache = json.loads(path.read_text())
+        (key, old), = cache.items()
+        cache[key] = {**old, **entry}
+        path.write_text(json.dumps(cache))
+
+    first = resources.peak_flops(tmp_path, threads=1)
+    (entry,) = json.loads(path.read_text()).values()
+    assert first > 0 and entry["threads"] == 1 and entry["flops"] == first
+    edit(flops=123.0, busy_cores=0.0)   # measured on a quiet machine: used as it is, not measured again
+    assert resources.peak_flops(tmp_path, threads=1) == 123.0
+    edit(flops=1e18, busy_cores=2.0)    # measured under load: measured again, the best kept
+    assert resources.peak_flops(tmp_path, threads=1) == 1e18
+    edit(flops=1.0, busy_cores=2.0)
+    assert resources.peak_flops(tmp_path, threads=1) > 1.0
+    resources.peak_flops(tmp_path, threads=2)   # another thread policy: its own entry
+    assert len(json.loads(path.read_text())) == 2
+    path.write_text("not json")   # a broken cache is rebuilt, not trusted
+    assert resources.peak_flops(tmp_path, threads=1) > 0
+
+
+def test_mfu_is_achieved_training_flops_over_the_peak():
+    metrics = {"perf/flops_per_item": 3e6, "perf/train_items_per_s": 500.0}
+    assert resources.training_flops_per_s(metrics) == 1.5e9
+    assert resources.mfu(metrics, 3e9) == 0.5
+    assert resources.mfu(metrics, 0.0) == 0.0
+
+
 @pytest.mark.parametrize("backbone", ["unet", "gpt-text", "gpt-image", "mdlm"])
 def test_train_step_runs_each_backbone_and_counts_items(backbone):
     import torch

@@ -67,6 +67,34 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path):
     assert resumed.losses == straight.losses
 
 
+def test_the_optimizer_steps_bit_for_bit_as_the_per_tensor_adamw():
+    """make_optimizer's multi-tensor AdamW gives the weights torch's per-tensor loop gives (what
+    runs recorded before it replay with), gradient clipping included."""
+    from components.training import make_optimizer
+
+    def weights_after(opt_of):
+        model = make_model(seed=1)
+        opt = opt_of(model)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(12):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (step + 1) / 12
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, get_batch(step, gen), gen).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+        return model
+
+    c = cfg(weight_decay=0.1)
+    ours = weights_after(lambda m: make_optimizer(m, c))
+    per_tensor = weights_after(lambda m: torch.optim.AdamW(
+        [{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+         {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+        lr=c.lr, betas=(0.9, 0.999), foreach=False))
+    assert_same_weights(ours, per_tensor)
+    assert make_optimizer(make_model(), c).defaults["foreach"] is True
+
+
 def test_a_finished_or_foreign_checkpoint_is_not_resumed(tmp_path):
     train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8)
     _, again = train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8)

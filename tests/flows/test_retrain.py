@@ -56,6 +56,7 @@ def test_flow_end_to_end_then_unchanged_rerun_trains_nothing(harness, workspace,
         assert m["parity_max_abs"] < 1e-4
     doc = json.loads((root / "reports/last_run.json").read_text())
     assert doc["models"].keys() == summary["models"].keys()
+    _assert_mfu_logged(summary)
     checker = project_root.parent / "shared" / "checks" / "last_run.py"
     if checker.exists():
         res = subprocess.run([sys.executable, str(checker), str(root / "reports/last_run.json")],
@@ -78,6 +79,25 @@ def test_flow_end_to_end_then_unchanged_rerun_trains_nothing(harness, workspace,
     status = {k: m["status"] for k, m in changed["models"].items()}
     assert status == {"digits-unet": "skipped", "digits-gpt": "trained", "pydoc-gpt": "skipped"}
     assert _versions("digits-gpt") == [1, 2]
+
+
+def _assert_mfu_logged(summary):
+    """Every trained model's MLflow run holds perf/mfu = achieved training FLOP/s over perf/peak_flops,
+    and the summary table shows it."""
+    from mlflow import MlflowClient
+
+    from flows.retrain import summary_table
+
+    client = MlflowClient()
+    for key, m in summary["models"].items():
+        run, = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  f"tags.`genflow.model_key` = '{key}'")
+        got = run.data.metrics
+        achieved = got["perf/flops_per_item"] * got["perf/train_items_per_s"]
+        assert got["perf/peak_flops"] > 0 and 0 < got["perf/mfu"]
+        assert got["perf/mfu"] == pytest.approx(achieved / got["perf/peak_flops"], rel=1e-9)
+        assert m["metrics"]["perf/mfu"] == got["perf/mfu"]
+        assert f"| {got['perf/mfu']:.1%} |" in summary_table(summary)
 
 
 def test_bad_dataset_stops_only_its_branch(harness, workspace, tmp_path):
