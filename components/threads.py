@@ -9,8 +9,8 @@ thread). So the CLI chooses before importing torch:
     choice.apply()                                        # OMP_WAIT_POLICY and GENFLOW_THREADS set
 
 Each candidate (1 thread; all cores, PASSIVE; all cores, spinning) runs the first model's own
-training step (components.families.base.probe_train_step) in child processes (alternating
-rounds of a second each: two, the better kept, on a quiet machine; five, their median, on a busy
+training step (components.families.base.probe_train_step) in a child process of its own, started
+once (alternating rounds of a second each: two, the better kept, on a quiet machine; five, their median, on a busy
 one), and the fastest wins. The result is cached in
 .genflow/threads.json per machine, library versions, network shape and *load class*: the cores
 other processes keep busy right now (read from /proc/stat over 0.3 s, before anything of ours
@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import select
 import statistics
 import subprocess
 import sys
@@ -121,19 +122,56 @@ def library_version(package: str) -> str:
         return "absent"
 
 
+class Probe:
+    """One candidate's child process: imports torch once under the candidate's environment, builds
+    the network, then times the training step for each ``run(seconds)`` asked of it (it waits on
+    its stdin in between, using no CPU). One child per candidate for all rounds: a busy machine
+    takes many rounds, and starting a torch process per round cost minutes there."""
+
+    def __init__(self, config: dict, threads: int, wait: str, extra_env: Optional[dict] = None):
+        env = {k: v for k, v in os.environ.items() if k not in POLICY_ENV}
+        env.update(extra_env or {})
+        if wait == "PASSIVE":
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        self.name = candidate_name(threads, wait)
+        self.proc = subprocess.Popen([sys.executable, "-m", "components.threads", json.dumps(config), str(threads)],
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+
+    def run(self, seconds: float, timeout: float = 300.0) -> float:
+        """items/s over `seconds` of training steps (after one warm-up step)."""
+        try:
+            self.proc.stdin.write(f"{seconds}\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass   # it died: the read below says how
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()   # it died, or hangs: killed
+            err = (self.proc.stderr.read() or "").strip().splitlines()
+            why = err[-1] if err else (f"no answer in {timeout:.0f} s" if not ready else f"exit {self.proc.returncode}")
+            raise RuntimeError(f"thread probe ({self.name}) failed: {why}")
+        return float(json.loads(line)["items_per_s"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
 def measure(config: dict, threads: int, wait: str, seconds: float = PROBE_SECONDS,
             extra_env: Optional[dict] = None) -> float:
     """items/s of the network's training step in a child process with this policy (and `extra_env`)."""
-    env = {k: v for k, v in os.environ.items() if k not in POLICY_ENV}
-    env.update(extra_env or {})
-    if wait == "PASSIVE":
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    out = subprocess.run([sys.executable, "-m", "components.threads", json.dumps(config), str(threads), str(seconds)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    if out.returncode:
-        last = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
-        raise RuntimeError(f"thread probe ({candidate_name(threads, wait)}) failed: {last}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["items_per_s"])
+    probe = Probe(config, threads, wait, extra_env)
+    try:
+        return probe.run(seconds)
+    finally:
+        probe.close()
 
 
 def choose(root: Path, params: Any, keys: list[str], log: Any = print) -> Optional[Choice]:
@@ -164,13 +202,18 @@ def choose(root: Path, params: Any, keys: list[str], log: Any = print) -> Option
     # and a lucky round would rank close candidates wrongly.
     rounds = ROUNDS if load_class == 0 else BUSY_ROUNDS
     seen: dict[str, list[float]] = {}
-    for _ in range(rounds):
-        for threads, wait in candidates(cores):
-            name = candidate_name(threads, wait)
-            try:
-                seen.setdefault(name, []).append(measure(config, threads, wait, PROBE_SECONDS / ROUNDS))
-            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
-                log(f"thread policy: {e}")
+    probes = [Probe(config, threads, wait) for threads, wait in candidates(cores)]
+    try:
+        for _ in range(rounds):
+            for probe in list(probes):
+                try:
+                    seen.setdefault(probe.name, []).append(probe.run(PROBE_SECONDS / ROUNDS))
+                except (RuntimeError, ValueError) as e:
+                    log(f"thread policy: {e}")
+                    probes.remove(probe)
+    finally:
+        for probe in probes:
+            probe.close()
     rates = {name: (max(v) if load_class == 0 else statistics.median(v)) for name, v in seen.items() if v}
     if not rates:
         return Choice(1, "PASSIVE", "measured (every probe failed: the safe choice)", {}, busy)
@@ -182,8 +225,9 @@ def choose(root: Path, params: Any, keys: list[str], log: Any = print) -> Option
     return choice
 
 
-def _probe(config: dict, threads: int, seconds: float) -> None:
-    """The child: the network's training step, timed after a warm-up; prints {"items_per_s"}."""
+def _probe(config: dict, threads: int) -> None:
+    """The child: builds the network, then for each line of stdin (seconds) times the training step
+    after a warm-up step and prints {"items_per_s"}; ends at EOF."""
     import torch
 
     from components.families.base import probe_train_step
@@ -193,14 +237,17 @@ def _probe(config: dict, threads: int, seconds: float) -> None:
     torch.manual_seed(0)
     net = backbone(config["backbone"]).family().build_network(config)
     step, items = probe_train_step(net, config, BATCH.get(config["kind"], 32))
-    for _ in range(3):   # warm-up: thread pool, allocator, caches
+    for _ in range(2):   # warm-up: thread pool, allocator, caches
         step()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        step()
-        n += 1
-    print(json.dumps({"items_per_s": n * items / (time.perf_counter() - t0)}))
+    for line in sys.stdin:
+        seconds = float(line)
+        step()           # the thread pool wakes up after its wait between rounds
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            step()
+            n += 1
+        print(json.dumps({"items_per_s": n * items / (time.perf_counter() - t0)}), flush=True)
 
 
 if __name__ == "__main__":
-    _probe(json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
+    _probe(json.loads(sys.argv[1]), int(sys.argv[2]))
