@@ -526,7 +526,7 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
             _write_json(tmp / "parity.json", parity)
     except Exception as e:
         if disk_full(e):   # the exporter's own message drops the path
-            raise ExportError(f"{key}: no space left on device writing the export to {final.parent} (nothing "
+            raise ExportError(f"no space left on device writing the export of {key} to {final.parent} (nothing "
                               "half-written left, the previous export kept); free space there and rerun") from e
         raise
     finally:

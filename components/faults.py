@@ -14,7 +14,8 @@ The points (tests/flows/test_crash_anywhere.py kills at each): replace-dir (a fo
 between its two renames: data/raw at ingest), ingest (a snapshot written, not yet swapped in),
 dvc-commit, train-checkpoint (right after a mid-training checkpoint), export (model.onnx written,
 the rest of the export not), register (a version created, its challenger alias not yet set),
-gate (registered, not yet gated), dvc-push.
+gate (registered, not yet gated), alias-move (an alias moved, its history not yet written),
+dvc-push.
 """
 from __future__ import annotations
 

@@ -111,6 +111,18 @@ def check_dvc(root: Path) -> None:
         assert repo.status(targets=targets, cloud=True) == {}   # everything recorded reached the remote
 
 
+def check_remote(remote: Path) -> int:
+    """Every object in a local DVC remote is whole: content-addressed, each file's md5 is its name
+    (folder + file), so a cut file shows. DVC's own temporary upload files (`.<random>.tmp`) are
+    skipped. Returns the number of objects."""
+    import hashlib
+
+    files = [p for p in remote.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    for p in files:
+        assert hashlib.md5(p.read_bytes()).hexdigest() == p.parent.name + p.name.removesuffix(".dir"), p
+    return len(files)
+
+
 def check_registry(tmp: Path) -> list[dict]:
     """Every version whole and gated, one champion, a history that replays to today's aliases."""
     import mlflow

@@ -19,6 +19,7 @@ from components.registry.aliases import (
                                          append_history,
                                          make_champion,
                                          remove_alias,
+                                         repair_history,
                                          rollback,
                                          set_alias,
                                          verify_aliases,
@@ -85,7 +86,7 @@ __all__ = [
     "parse_version_ref", "promotion_rule", "registry_client", "require_model", "tag_float",
     # aliases
     "LOCK_TIMEOUT_S", "alias_history", "alias_lock", "append_history", "make_champion", "remove_alias",
-    "rollback", "set_alias", "verify_aliases",
+    "repair_history", "rollback", "set_alias", "verify_aliases",
     # register
     "MAX_DESCRIPTION", "artifact_paths", "complete_registration", "example_inputs",
     "onnx_signature", "parity_tags", "pip_requirements",

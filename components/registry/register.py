@@ -13,7 +13,7 @@ from components.config import Params
 from components.errors import RegistryError
 from components.faults import kill_point
 from components.layout import Layout
-from components.registry.aliases import alias_lock, set_alias, verify_aliases
+from components.registry.aliases import alias_lock, repair_history, set_alias, verify_aliases
 from components.registry.card import model_card
 from components.registry.lookup import (
     CHALLENGER,
@@ -162,7 +162,7 @@ def complete_registration(client: Any, key: str, version: str, root: Path, *,
     process died in between (the version then has no alias history yet)."""
     mv = client.get_model_version(key, version)
     if any(k.startswith(HISTORY_TAG) for k in mv.tags):
-        return   # challenger was set: the last step, so everything before it was done
+        return   # challenger was set and written: the last step, so everything before it was done
     run_id = mv.run_id
     card = model_card(key, version, run_id, metrics_of(mv.tags), mv.tags, json_tag(mv.tags, "genflow.parity"),
                       run_params=client.get_run(run_id).data.params,
@@ -175,6 +175,7 @@ def complete_registration(client: Any, key: str, version: str, root: Path, *,
     client.set_tag(run_id, "genflow.registered_version", version)
     with alias_lock(root, key, client):
         current = current_aliases(client, key)
+        repair_history(client, key, current)
         set_alias(client, key, CHALLENGER, version, by="register", reason="newly registered", current=current)
         verify_aliases(client, key, {CHALLENGER: version})
 

@@ -16,7 +16,16 @@ import time
 
 import pytest
 
-from project_checks import KEY, check_dvc, check_files, check_registry, genflow_run, project_env, write_params
+from project_checks import (
+    KEY,
+    check_dvc,
+    check_files,
+    check_registry,
+    check_remote,
+    genflow_run,
+    project_env,
+    write_params,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +39,7 @@ KILLS = [
     ("dvc-push@0.5", 3),           # inside DVC's push of the model's files, before it is registered
     ("register", 4),               # a version created, without its model card and challenger alias
     ("gate", 5),                   # registered and challenger, not yet gated
+    ("alias-move", 6),             # challenger moved to the new version, neither version's history written
 ]
 
 
@@ -59,6 +69,7 @@ def test_sigkill_at_every_point_then_a_rerun_leaves_a_whole_project(project_clon
                 assert summary["status"] == "completed" and summary["models"][KEY]["status"] in ("trained", "skipped")
                 files = check_files(root)
                 check_dvc(root)
+                check_remote(root / ".genflow" / "dvc-remote")
                 versions = check_registry(tmp_path / f"dl-{i}")
                 survived.append(point)
                 print(f"kill at {point}: rerun completed, {files} files whole, dvc clean, versions {versions}",
