@@ -41,3 +41,29 @@ class CheckpointError(ModelError):
 
 class ProjectBusyError(GenflowError, RuntimeError):
     """Another genflow process holds this project's lock (.genflow/run.lock); the CLI exits 3."""
+
+
+def disk_full(e: BaseException) -> str | None:
+    """One line for a full disk (ENOSPC) when `e`, or an error it came from, is one, else None:
+    genflow's own line where it wrote one (naming the folder), else 'no space left on device: PATH'.
+    Libraries that wrap the OSError (the ONNX exporter, DVC) often drop its path."""
+    import errno
+
+    seen: set[int] = set()
+    stack = [e]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        text = str(err).strip().splitlines()
+        if isinstance(err, GenflowError) and text and "no space left on device" in text[0]:
+            return text[0]
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            path = err.filename2 or err.filename   # a copy's destination is where space ran out
+            where = f": {path}" if path else ""
+            return f"no space left on device{where}; free space there and rerun"
+        if text and ("No space left on device" in str(err) or "[Errno 28]" in str(err)):
+            return f"no space left on device ({text[0][:300]}); free space on that disk and rerun"
+        stack += [err.__cause__, err.__context__]
+    return None

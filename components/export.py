@@ -51,8 +51,9 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from components.config import ExportConfig
-from components.errors import ModelError
+from components.errors import ModelError, disk_full
 from components.families.registry import ATTENTION_MIN_OPSET, BACKBONES, Backbone, backbone_of_class  # noqa: F401
+from components.faults import kill_point
 from components.files import replaced_dir
 from components.layout import Layout
 from components.spec import ModelSpec
@@ -570,6 +571,7 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
             except Exception as e:
                 raise ExportError(f"{key}: the {exporter} ONNX exporter failed at opset {opset} "
                                   f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]})") from e
+            kill_point("export")   # model.onnx written, the rest of the export not
             graphs = {"model": (spec, model_path)}
             for name, comp in spec.companions.items():
                 comp.module.eval()
@@ -611,6 +613,11 @@ def export_model(key: str, model: Any, config: dict, export_cfg: ExportConfig, r
             }
             _write_json(tmp / "config.json", engine_config)
             _write_json(tmp / "parity.json", parity)
+    except Exception as e:
+        if disk_full(e):   # the exporter's own message drops the path
+            raise ExportError(f"no space left on device writing the export of {key} to {final.parent} (nothing "
+                              "half-written left, the previous export kept); free space there and rerun") from e
+        raise
     finally:
         net.train(was_training)
     status = "passed" if parity["passed"] else f"FAILED: {parity['reason']}"

@@ -53,6 +53,7 @@ from components import distributed, interrupt
 from components.config import TrainConfig
 from components.device import Placement, cpu_state, resolve, to_device
 from components.errors import CheckpointError, ConfigError
+from components.faults import kill_point
 from components.files import atomic_file, write_json
 from components.layout import CHECKPOINT_DIR, CHECKPOINT_NAME
 
@@ -379,6 +380,7 @@ def train(model: torch.nn.Module,
             window, t_window, step_window = [], now, step
         if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and not last:
             checkpoint(finished=False)
+            kill_point("train-checkpoint")
 
     del net   # drop DDP's gradient hooks before the model is handed back
     seconds = elapsed()

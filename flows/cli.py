@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from components.config import Params, load_params
-from components.errors import GenflowError, ProjectBusyError
+from components.errors import GenflowError, ProjectBusyError, disk_full
 
 
 # Error classes of components/ that do not derive from GenflowError yet (other branches convert
@@ -162,7 +162,12 @@ def cmd_run(args) -> int:
 
     summary = run_pipeline(params, Path.cwd(), only=keys, quick=args.quick, force=args.force,
                            params_path=args.params, overrides=args.overrides, checked=True)
-    return 0 if summary["status"] == "completed" else 1
+    if summary["status"] == "completed":
+        return 0
+    from flows.retrain import failure_message
+
+    print(f"genflow run: failed: {failure_message(summary)}", file=sys.stderr)
+    return 1
 
 
 def choose_threads(params, keys: list[str]) -> None:
@@ -355,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         if interrupt.stop_requested():   # Ctrl-C also stopped the local Prefect server: not a new error
             print("genflow: interrupted", file=sys.stderr)
             return 130
+        full = disk_full(e)   # a full disk is no bug: one line naming where
+        if full and not os.environ.get("GENFLOW_DEBUG"):
+            print(f"genflow {args.command}: {full}", file=sys.stderr)
+            return 1
         if not isinstance(e, GenflowError) or os.environ.get("GENFLOW_DEBUG"):
             raise   # anything else is a bug: its traceback is what finds it
         # A GenflowError is written for people: one line, naming what and where.

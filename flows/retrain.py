@@ -1,10 +1,14 @@
 """The retrain flow: genflow's main job.
 
 For each dataset in use: ingest -> validate -> prepare (then `dvc commit`).
-For each model: train -> evaluate -> export (parity gate) -> register -> promotion gate.
-A model whose inputs (DVC hash of its data, its params section, the code version) match a
-registered version is skipped: a scheduled run on unchanged data trains nothing.
-Afterwards: dvc commit + push, reports/last_run.json, a Prefect markdown artifact, a table.
+For each model: train -> evaluate -> export (parity gate) -> dvc commit + push -> register ->
+promotion gate. A model whose inputs (DVC hash of its data, its params section, the code version)
+match a registered version is skipped: a scheduled run on unchanged data trains nothing; one whose
+registering run died before its gate is registered to the end and gated.
+Afterwards: dvc push (when no model pushed before registering), reports/last_run.json, a Prefect
+markdown artifact, a table.
+
+The run starts by removing the temporary files a killed run left (components.files.sweep_leftovers).
 
 Prefect reads PREFECT_HOME and its other settings when it is imported, and this module imports
 it: the CLI calls `flows.cli.configure_environment` before importing this module.
@@ -26,9 +30,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from components import registry, tracking
 from components.config import Params, apply_quick, hash_json, load_params
-from components.errors import ConfigError, ServerError
+from components.errors import ConfigError, ServerError, disk_full
 from components.families.base import backbone
-from components.files import write_json
+from components.faults import kill_point
+from components.files import sweep_leftovers, write_json
 from components.project_lock import project_lock
 from flows import stages
 from flows.preflight import check_prefect_api, preflight, select_models  # noqa: F401  (re-exported)
@@ -68,6 +73,7 @@ class ModelOutcome:
     inputs_hash: str = ""
     run_id: Optional[str] = None
     parity: dict = field(default_factory=dict)
+    pushed: bool = False             # its dvc commit + push was tried (before registering)
 
     def to_json(self) -> dict:
         return {"status": self.status, "reason": self.reason, "metrics": self.metrics,
@@ -83,6 +89,9 @@ def _reportable(metrics: dict) -> dict:
 
 
 def _one_line(e: BaseException) -> str:
+    full = disk_full(e)
+    if full:
+        return full
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
@@ -117,7 +126,13 @@ def train_evaluate_export(params: Params, key: str, root: Path, parent_run_id: O
     t0 = time.perf_counter()
     ih = inputs_hash(params, key, root)
     kept = None if force else registry.find_version(key, {"genflow.inputs_hash": ih}, root)
-    if kept is not None:
+    if kept is not None and kept["pending"]:   # registered by a run that died before its gate
+        out = ModelOutcome(status="exported", version=kept["version"], run_id=kept["run_id"],
+                           metrics=_reportable(kept["metrics"]), parity=kept["parity"],
+                           parity_max_abs=kept.get("parity_max_abs"))
+        get_run_logger().info(f"{key}: version {kept['version']} was registered by an interrupted run; "
+                              "finishing its registration and gate")
+    elif kept is not None:
         out = _unchanged(kept)
         get_run_logger().info(f"{key}: skipped, {out.reason}")
     else:
@@ -176,6 +191,8 @@ def register_promote(params: Params, key: str, root: Path, out: ModelOutcome) ->
         found = registry.find_version(key, {"genflow.inputs_hash": out.inputs_hash}, root)
         out.version = found["version"] if found else registry.register_model(
             key, out.run_id, out.metrics, out.parity, params, root, inputs_hash=out.inputs_hash)
+    registry.complete_registration(registry.registry_client(root, params), key, out.version, root, params=params)
+    kill_point("gate")   # registered, not yet gated: the rerun gates it
     theirs = None
     champion_run = registry.stale_champion(key, out.version, root)
     if champion_run:   # new data: measure the champion on it too, so the gate compares like with like
@@ -216,6 +233,8 @@ def retrain(params_path: str = "params.yaml", overrides: Optional[list[str]] = N
 def _retrain(params_path: str, overrides: Optional[list[str]], only: Optional[list[str]], quick: bool,
              force: bool, root_p: Path):
     t0 = time.perf_counter()
+    for line in sweep_leftovers(root_p):   # we hold the project: temporary files are a killed run's
+        print(f"left by an interrupted run: {line}", flush=True)
     params = load_params(root_p / params_path, overrides or [])   # an absolute params_path stays as is
     if quick:
         apply_quick(params)
@@ -265,12 +284,26 @@ def train_and_register(params: Params, keys: list[str], root: Path, parent_run_i
         futures = {k: train.submit(params, k, root, parent_run_id, flow_run_id, force)
                    for k in keys[start:start + width]}
         for k, fut in futures.items():
+            out = ModelOutcome()
             try:
                 out = fut.result()
-                outcomes[k] = register(params, k, root, out) if out.status == "exported" else out
+                if out.status == "exported":
+                    out.pushed = True
+                    save_outputs(params, k, root)   # its data and files reach the DVC remote first
+                    out = register(params, k, root, out)
+                outcomes[k] = out
             except Exception as e:
-                outcomes[k] = ModelOutcome(status="failed", reason=_one_line(e))
+                outcomes[k] = ModelOutcome(status="failed", reason=_one_line(e), pushed=out.pushed)
     return outcomes
+
+
+def save_outputs(params: Params, key: str, root: Path) -> None:
+    """dvc commit of the model's stages and dvc push, before it is registered: a version is never
+    registered whose data and files did not reach the remote (a full disk, say)."""
+    from components.versioning import commit_stages, push
+
+    commit_stages(root, [f"{s}@{key}" for s in stages.MODEL_STAGES])
+    push(root, params.storage.dvc_remote)
 
 
 # ---------------------------------------------------------------------------
@@ -279,13 +312,11 @@ def train_and_register(params: Params, keys: list[str], root: Path, parent_run_i
 
 def finish(params: Params, root: Path, keys: list[str], outcomes: dict, seconds: float,
            data_ok: dict) -> dict:
-    from components.versioning import VersioningError, commit_stages, push
+    from components.versioning import VersioningError, push
 
     notes = []
-    ran = [k for k in keys if outcomes.get(k) and outcomes[k].status == "trained"]
-    try:
-        commit_stages(root, [f"{s}@{k}" for k in ran for s in ("train", "evaluate", "export")])
-        if data_ok or ran:
+    try:   # a model that got past its export pushed everything already (save_outputs), or failed to
+        if data_ok and not any(o.pushed for o in outcomes.values()):
             push(root, params.storage.dvc_remote)
     except VersioningError as e:
         notes.append(str(e))

@@ -19,6 +19,7 @@ from components.registry.aliases import (
                                          append_history,
                                          make_champion,
                                          remove_alias,
+                                         repair_history,
                                          rollback,
                                          set_alias,
                                          verify_aliases,
@@ -28,6 +29,7 @@ from components.registry.lookup import (
                                          CHALLENGER,
                                          CHAMPION,
                                          EVAL_HASH_TAG,
+                                         GATE_DECISION_TAG,
                                          HISTORY_TAG,
                                          METRIC_TAG,
                                          PREVIOUS,
@@ -57,6 +59,7 @@ from components.registry.promotion import (
 from components.registry.register import (
                                          MAX_DESCRIPTION,
                                          artifact_paths,
+                                         complete_registration,
                                          example_inputs,
                                          onnx_signature,
                                          parity_tags,
@@ -77,14 +80,16 @@ __all__ = [
     # resolve (where a sampled or served model comes from)
     "DEFAULT_ALIAS", "download_version", "parse_model_spec", "registry_version", "tracking_uri_for",
     # lookup
-    "CHALLENGER", "CHAMPION", "EVAL_HASH_TAG", "HISTORY_TAG", "METRIC_TAG", "PREVIOUS", "SAMPLE_TIME",
+    "CHALLENGER", "CHAMPION", "EVAL_HASH_TAG", "GATE_DECISION_TAG", "HISTORY_TAG", "METRIC_TAG", "PREVIOUS",
+    "SAMPLE_TIME",
     "aliases_of", "current_aliases", "fetch_version", "find_version", "fmt_value", "get_version", "metrics_of",
     "parse_version_ref", "promotion_rule", "registry_client", "require_model", "tag_float",
     # aliases
     "LOCK_TIMEOUT_S", "alias_history", "alias_lock", "append_history", "make_champion", "remove_alias",
-    "rollback", "set_alias", "verify_aliases",
+    "repair_history", "rollback", "set_alias", "verify_aliases",
     # register
-    "MAX_DESCRIPTION", "artifact_paths", "example_inputs", "onnx_signature", "parity_tags", "pip_requirements",
+    "MAX_DESCRIPTION", "artifact_paths", "complete_registration", "example_inputs",
+    "onnx_signature", "parity_tags", "pip_requirements",
     "register_model", "register_onnx",
     # promotion
     "Decision", "gate", "judge", "parity_problem", "promote", "record_decision", "stale_champion",

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from components.config import Params
 from components.errors import RegistryError
+from components.faults import kill_point
 from components.layout import Layout
 from components.registry.lease import registry_lease
 from components.registry.lookup import (
@@ -94,6 +95,29 @@ def append_history(client: Any, key: str, version: str, event: dict) -> None:
             print(f"warning: {key} version {version}: alias history not written to run {mv.run_id}: {e}")
 
 
+def repair_history(client: Any, key: str, current: Mapping[str, str]) -> None:
+    """Write the alias events that a process killed in the middle of a move did not (the alias
+    moved, its history not yet): every holder's history ends with its alias set, and a version
+    whose history says it holds an alias it lost gets the removal. Caller holds the lock."""
+    for mv in client.search_model_versions(f"name='{key}'"):
+        v = str(mv.version)
+        numbered = sorted((k for k in mv.tags if k.startswith(HISTORY_TAG) and k[len(HISTORY_TAG):].isdigit()),
+                          key=lambda k: int(k[len(HISTORY_TAG):]))
+        last = {}
+        for k in numbered:
+            event = json.loads(mv.tags[k])
+            last[event.get("alias")] = event.get("action")
+        why = "recorded on the next move: the process that moved it was killed before writing this event"
+        for alias, holder in current.items():
+            if holder == v and last.get(alias) != "set":
+                append_history(client, key, v, {"alias": alias, "action": "set", "by": "repair", "reason": why,
+                                                "time": now(), "previous_holder": None})
+        for alias, action in last.items():
+            if action == "set" and current.get(alias) != v:
+                append_history(client, key, v, {"alias": alias, "action": "removed", "by": "repair",
+                                                "reason": why, "time": now(), "new_holder": current.get(alias)})
+
+
 def set_alias(client: Any, key: str, alias: str, version: str, *, by: str, reason: str,
               current: dict[str, str]) -> None:
     """Point `alias` at `version`; write the move to both the new and the old holder's history."""
@@ -102,6 +126,7 @@ def set_alias(client: Any, key: str, alias: str, version: str, *, by: str, reaso
         return
     client.set_registered_model_alias(key, alias, version)
     current[alias] = version
+    kill_point("alias-move")   # moved, its history not yet written: the next move repairs it
     when = now()
     append_history(client, key, version, {"alias": alias, "action": "set", "by": by, "reason": reason,
                                           "time": when, "previous_holder": old})
@@ -133,6 +158,7 @@ def verify_aliases(client: Any, key: str, expected: dict[str, Optional[str]]) ->
 def make_champion(client: Any, key: str, version: str, *, by: str, reason: str) -> Optional[str]:
     """Move champion to `version` (the old one becomes previous-champion). Caller holds the lock."""
     current = current_aliases(client, key)  # re-read right before moving
+    repair_history(client, key, current)
     old = current.get(CHAMPION)
     if old == version:
         return old
@@ -166,6 +192,7 @@ def rollback(key: str, root: Path, reason: Optional[str] = None, params: Optiona
     require_model(client, key)
     with alias_lock(root, key, client):
         current = current_aliases(client, key)
+        repair_history(client, key, current)
         prev, champ = current.get(PREVIOUS), current.get(CHAMPION)
         if prev is None:
             raise RegistryError(f"{key}: no previous-champion to roll back to (champion: "

@@ -9,7 +9,8 @@ aliases, but creating a registered model is atomic: a second `create_registered_
 name fails with RESOURCE_ALREADY_EXISTS, on SQLite, PostgreSQL and through the server alike. The
 lease is such a model, ``genflow-lease.<key>`` (no versions, no aliases), created on entry, deleted
 on exit. Its tags say who holds it and until when: a lease whose holder died is taken over once it
-has expired (LEASE_SECONDS after it was taken; an alias move takes seconds).
+has expired (LEASE_SECONDS after it was taken; an alias move takes seconds), or at once when the
+holder was a process of this machine that is gone (killed with SIGKILL, say).
 """
 from __future__ import annotations
 
@@ -69,6 +70,21 @@ def _holder(client: Any, name: str) -> tuple[str, float]:
     return tags.get("genflow.lease.owner", "?"), expires
 
 
+def _dead_here(owner: str) -> bool:
+    """The owner token names a process of this machine that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _drop(client: Any, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -86,7 +102,7 @@ def registry_lease(client: Any, key: str) -> Iterator[None]:
     deadline = time.monotonic() + WAIT_SECONDS
     while not _take(client, name, token):
         owner, expires = _holder(client, name)
-        if time.time() > expires:   # its holder died while holding it
+        if time.time() > expires or _dead_here(owner):   # its holder died while holding it
             if _holder(client, name)[0] == owner:   # not yet taken over by another waiter
                 _drop(client, name)
             continue

@@ -21,6 +21,7 @@ METRIC_TAG = "genflow.metric."          # + metric name, e.g. genflow.metric.eva
 HISTORY_TAG = "genflow.alias_history."  # + 3-digit event number
 EVAL_HASH_TAG = "genflow.eval_data_hash"
 SAMPLE_TIME = "perf/sample_ms_per_item"
+GATE_DECISION_TAG = "genflow.gate.decision"   # written by every gate and manual promotion
 
 
 # ---------------------------------------------------------------------------
@@ -60,6 +61,14 @@ def fmt_value(x: Optional[float]) -> str:
 def promotion_rule(params: Params, key: str) -> PromotionRule:
     """promotion.rules[key], else promotion.default."""
     return params.promotion.rules.get(key, params.promotion.default)
+
+
+def json_tag(tags: Mapping[str, str], name: str) -> dict:
+    try:
+        value = json.loads(tags.get(name, "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def metrics_of(tags: Mapping[str, str]) -> dict[str, float]:
@@ -133,7 +142,9 @@ def aliases_of(key: str, version: Union[str, int], root: Path, params: Optional[
 def find_version(key: str, tags: Mapping[str, str], root: Path, params: Optional[Params] = None) -> Optional[dict]:
     """The newest version of `key` whose tags include all of `tags` and that passed parity, or None.
 
-    Returns {"version", "run_id", "metrics", "aliases", "parity_max_abs"}.
+    Returns {"version", "run_id", "metrics", "aliases", "parity_max_abs", "parity", "pending"};
+    pending is True for a version never gated (its registering process died before the gate,
+    or before its challenger alias): the pipeline finishes its registration and gates it.
     """
     from mlflow.exceptions import MlflowException
 
@@ -148,7 +159,9 @@ def find_version(key: str, tags: Mapping[str, str], root: Path, params: Optional
             v = str(mv.version)
             return {"version": v, "run_id": mv.run_id, "metrics": metrics_of(mv.tags),
                     "aliases": [a for a in (CHAMPION, CHALLENGER, PREVIOUS) if current.get(a) == v],
-                    "parity_max_abs": tag_float(mv.tags.get("genflow.parity_max_abs"))}
+                    "parity_max_abs": tag_float(mv.tags.get("genflow.parity_max_abs")),
+                    "parity": json_tag(mv.tags, "genflow.parity"),
+                    "pending": GATE_DECISION_TAG not in mv.tags}
     return None
 
 

@@ -18,6 +18,7 @@ from components.registry.aliases import alias_lock, make_champion
 from components.registry.lookup import (
     CHAMPION,
     EVAL_HASH_TAG,
+    GATE_DECISION_TAG,
     SAMPLE_TIME,
     current_aliases,
     fmt_value,
@@ -68,7 +69,7 @@ def record_decision(client: Any, key: str, mv: Any, decision: Decision, by: str)
               "by": by, "time": when}
     # three version tags (each write to a version costs a registry round trip); the run gets one tag per value
     version_tags = {
-        "genflow.gate.decision": "promoted" if decision.promoted else "rejected",
+        GATE_DECISION_TAG: "promoted" if decision.promoted else "rejected",
         "genflow.gate.reason": decision.reason[:5000],
         "genflow.gate.values": json.dumps(values),
     }

@@ -11,8 +11,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from components.config import Params
 from components.errors import RegistryError
+from components.faults import kill_point
 from components.layout import Layout
-from components.registry.aliases import alias_lock, set_alias, verify_aliases
+from components.registry.aliases import alias_lock, repair_history, set_alias, verify_aliases
 from components.registry.card import model_card
 from components.registry.lookup import (
     CHALLENGER,
@@ -20,6 +21,8 @@ from components.registry.lookup import (
     HISTORY_TAG,
     METRIC_TAG,
     current_aliases,
+    json_tag,
+    metrics_of,
     now,
     registry_client,
 )
@@ -147,8 +150,21 @@ def register_onnx(key: str, onnx_path: Union[str, Path], run_id: str, metrics: M
     tags.update(extra_tags or {})
     mv = mlflow.register_model(info.model_uri, key, tags=tags)
     version = str(mv.version)
+    kill_point("register")   # a version without its card and challenger alias: the rerun completes it
+    complete_registration(client, key, version, root, params=params)
+    return version
 
-    card = model_card(key, version, run_id, metrics, tags, parity,
+
+def complete_registration(client: Any, key: str, version: str, root: Path, *,
+                          params: Optional[Params] = None) -> None:
+    """The steps after a version is created: its model card (description and run artifact), the
+    run's tag, alias challenger. Safe to repeat; a rerun calls it on a version whose registering
+    process died in between (the version then has no alias history yet)."""
+    mv = client.get_model_version(key, version)
+    if any(k.startswith(HISTORY_TAG) for k in mv.tags):
+        return   # challenger was set and written: the last step, so everything before it was done
+    run_id = mv.run_id
+    card = model_card(key, version, run_id, metrics_of(mv.tags), mv.tags, json_tag(mv.tags, "genflow.parity"),
                       run_params=client.get_run(run_id).data.params,
                       artifacts=artifact_paths(client, run_id), params=params)
     client.log_text(run_id, card, "model_card.md")
@@ -159,9 +175,9 @@ def register_onnx(key: str, onnx_path: Union[str, Path], run_id: str, metrics: M
     client.set_tag(run_id, "genflow.registered_version", version)
     with alias_lock(root, key, client):
         current = current_aliases(client, key)
+        repair_history(client, key, current)
         set_alias(client, key, CHALLENGER, version, by="register", reason="newly registered", current=current)
         verify_aliases(client, key, {CHALLENGER: version})
-    return version
 
 
 def register_model(key: str, run_id: str, metrics: Mapping[str, Any], parity: Mapping[str, Any],

@@ -36,3 +36,59 @@ def test_a_folder_is_swapped_whole_or_not_at_all(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def _killed_writer(tmp_path, code: str, kill_at: str = "") -> int:
+    """Run `code` in a child process (its own group) that may be SIGKILLed mid-write; its exit code."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GENFLOW_KILL_AT": kill_at}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, start_new_session=True,
+                          timeout=60).returncode
+
+
+def test_a_folder_swap_killed_between_its_renames_is_put_back_by_the_sweep(tmp_path):
+    import signal
+
+    from components.files import sweep_leftovers
+
+    target = tmp_path / "data" / "raw" / "digits"
+    target.mkdir(parents=True)
+    (target / "images.npz").write_text("old")
+    code = ("from pathlib import Path\nfrom components.files import replaced_dir\n"
+            "with replaced_dir(Path('data/raw/digits')) as tmp:\n    (tmp / 'images.npz').write_text('new')\n")
+    assert _killed_writer(tmp_path, code, kill_at="replace-dir") == -signal.SIGKILL
+    assert not target.exists()   # killed between the renames: only the .old- and .tmp- folders are there
+    assert sorted(p.name.split("-")[0] for p in target.parent.iterdir()) == [".digits.old", ".digits.tmp"]
+    done = sweep_leftovers(tmp_path)
+    assert (target / "images.npz").read_text() == "old" and len(done) == 2
+    assert [p.name for p in target.parent.iterdir()] == ["digits"]
+
+
+def test_the_sweep_removes_a_dead_writers_temporary_file_and_keeps_a_live_ones(tmp_path):
+    import signal
+
+    from components.files import sweep_leftovers
+
+    code = ("import os, signal\nfrom pathlib import Path\nfrom components.files import atomic_file\n"
+            "with atomic_file(Path('models/m/model.pt')) as tmp:\n    tmp.write_text('half')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert _killed_writer(tmp_path, code) == -signal.SIGKILL
+    [dead] = (tmp_path / "models" / "m").iterdir()
+    assert dead.name.startswith(".model.") and dead.name.endswith(".tmp.pt")
+    with atomic_file(tmp_path / "models" / "m" / "metrics.json") as mine:   # this process: alive
+        mine.write_text("{}")
+        assert sweep_leftovers(tmp_path) == [f"removed {dead}"]
+        assert mine.exists()
+    assert [p.name for p in (tmp_path / "models" / "m").iterdir()] == ["metrics.json"]
+
+
+def test_a_kill_point_is_inert_unless_named(tmp_path):
+    code = ("from components.faults import kill_point, kill_window\n"
+            "kill_point('ingest')\nwith kill_window('dvc-push'):\n    pass\nkill_point('export')\nprint('alive')\n")
+    assert _killed_writer(tmp_path, code, kill_at="export#2") == 0   # reached once: not the second time
+    assert _killed_writer(tmp_path, code, kill_at="dvc-push@30") == -9   # the window closes first: killed there

@@ -228,3 +228,18 @@ def test_run_summary_reports_the_refusing_remote_in_one_line(dvc_project, tmp_pa
     assert json.loads((root / "reports" / "last_run.json").read_text()) == summary
     assert (root / "dvc.lock").read_bytes() == lock_before
     assert tables and "failed" in tables[0]
+
+
+@pytest.mark.parametrize("cut", ["empty", "half"])
+def test_a_dvc_lock_cut_by_a_killed_commit_is_put_back_from_the_last_good_copy(dvc_project, cut, capsys):
+    """DVC rewrites dvc.lock in place; a SIGKILL in between leaves it empty or cut. The next commit
+    puts back the copy genflow kept after the last good commit, then records its stages again."""
+    from components.versioning import commit_stages, lock_hashes
+
+    root, _ = dvc_project
+    good = (root / "dvc.lock").read_text()
+    (root / "dvc.lock").write_text("" if cut == "empty" else good[: len(good) // 2])
+    commit_stages(root, ["ingest@digits"])
+    assert (root / "dvc.lock").read_text() == good
+    assert "cut short by an interrupted dvc commit; put back the last good copy" in capsys.readouterr().out
+    assert lock_hashes(root)   # lineage reads it again

@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -456,6 +457,39 @@ def test_a_lease_left_by_a_dead_client_is_taken_over_once_expired(model, tmp_pat
     assert registry.promote(key, v2, "after a crash", p, tmp_path).promoted
     assert model.aliases()["champion"] == v2
     assert not client().search_registered_models(f"name='{lease_name(key)}'")
+
+
+def test_a_lease_of_a_killed_process_of_this_machine_is_taken_over_at_once(model, tmp_path):
+    import subprocess
+    import sys
+
+    from components.registry.lease import lease_name
+
+    p, key = model.params, model.key
+    registry.gate(key, model.add(1.0), p, tmp_path)
+    v2 = model.add(0.5)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()   # a pid of this machine that is gone
+    owner = f"{socket.gethostname()}:{dead}:x"
+    client().create_registered_model(lease_name(key), tags={"genflow.lease.owner": owner,
+                                                            "genflow.lease.expires": "9e12"})   # not expired
+    t0 = time.monotonic()
+    assert registry.promote(key, v2, "after a SIGKILL", p, tmp_path).promoted
+    assert time.monotonic() - t0 < 60   # no wait for the lease to expire (it never would here)
+
+
+def test_an_alias_moved_by_a_killed_process_gets_its_history_on_the_next_move(model, tmp_path):
+    p, key = model.params, model.key
+    v1 = model.add(1.0)
+    registry.gate(key, v1, p, tmp_path)
+    v2 = model.add(0.5)
+    client().set_registered_model_alias(key, "previous-champion", v1)   # moved; killed before the history
+    registry.promote(key, v2, "next move", p, tmp_path)
+    for v, alias, actions in ((v1, "previous-champion", ["set"]), (v1, "champion", ["set", "removed"]),
+                              (v2, "champion", ["set"])):
+        assert [e["action"] for e in registry.alias_history(key, v, tmp_path, p) if e["alias"] == alias] == actions
+    [repair] = [e for e in registry.alias_history(key, v1, tmp_path, p) if e["by"] == "repair"]
+    assert repair["alias"] == "previous-champion" and "killed" in repair["reason"]
 
 
 def test_a_lease_dropped_while_a_waiter_learns_of_the_clash_is_retried_not_raised(model, monkeypatch):
