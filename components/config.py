@@ -143,6 +143,15 @@ class TextEncoderConfig:
 
 
 @dataclass
+class CrossAttentionConfig:
+    """Where a prompt-conditioned U-Net attends to the encoded prompt (components/models/unet_text.py)."""
+    from_level: int = 1        # cross-attention after every residual block at unet level >= this (0: the
+    #                            full resolution; 1: from the first halving down) and in the middle
+    heads: int = 4
+    pooled: bool = True        # also add the prompt's masked mean to the timestep embedding
+
+
+@dataclass
 class DiffusionConfig:
     timesteps: int = 200
     schedule: Literal["linear", "cosine"] = "cosine"
@@ -196,6 +205,11 @@ class EvalConfig:
     sampler_sweep: list[str] = field(default_factory=lambda: ["ddpm", "ddim50", "ddim20", "ddim10"])
     text_samples: int = 4
     ngram_orders: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
+    guidance_sweep: Optional[list[float]] = None   # prompt-conditioned models: guidance scales evaluated
+
+
+# ModelConfig fields (dotted: of its sections) that default to None and stay out of to_dict while None
+OPTIONAL_MODEL_SECTIONS = ("textenc", "cross_attention", "eval.guidance_sweep")
 
 
 @dataclass
@@ -208,6 +222,10 @@ class ModelConfig:
     gpt: GPTConfig = field(default_factory=GPTConfig)
     encdec: EncDecConfig = field(default_factory=EncDecConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # prompt-conditioned models only; absent (None) sections stay out of to_dict and so out of
+    # every params hash: adding them left the other models' hashes (and skip-if-unchanged) as they were
+    textenc: Optional[TextEncoderConfig] = None
+    cross_attention: Optional[CrossAttentionConfig] = None
     masked: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -297,7 +315,16 @@ class Params:
         return self.datasets[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for model in out["models"].values():   # a model without an optional section hashes as before it existed
+            for path in OPTIONAL_MODEL_SECTIONS:
+                *parents, name = path.split(".")
+                node = model
+                for part in parents:
+                    node = node.get(part) or {}
+                if name in node and node[name] is None:
+                    del node[name]
+        return out
 
     def section_hash(self, *keys: str) -> str:
         """Short hash of one section, e.g. section_hash('models', 'digits-unet')."""

@@ -91,4 +91,4 @@ def test_a_new_backbone_trains_and_exports_with_one_registry_entry(digits_root, 
     assert isinstance(net, TinyDenoiser) and config["backbone"] == "tinyconv"
     result = export_model("tiny-conv", net, config, ExportConfig(), digits_root)
     assert result["passed"], result.get("reason")
-    assert entry.unused_sections == ("dit", "gpt", "encdec", "masked")
+    assert entry.unused_sections == ("dit", "gpt", "encdec", "textenc", "cross_attention", "masked")
