@@ -12,6 +12,7 @@ noise schedule, the vocabulary; see components/export.py):
     sessions.py   onnxruntime sessions (cpu_cores, session_options, make_session)
     engines.py    one engine per graph kind, read_config, load_engine
     encdec.py     the encoder-decoder's engine (two graphs: encoder once, cached decoder steps)
+    textdiff.py   the prompt-conditioned denoiser's engine (two graphs: text encoder once, denoiser steps)
 
 The sampling maths come from components/sampling/, shared with the PyTorch processes.
 Where a registered version comes from is the registry's job (components/registry/resolve.py);
@@ -34,9 +35,11 @@ from components.inference.engines import (
     read_config,
 )
 from components.inference.sessions import InferenceError, cpu_cores, make_session, session_options
+from components.inference.textdiff import TextDiffusionEngine
 
 __all__ = [
     "CONFIG_FILE", "ENGINES", "PARITY_FILE", "Randn", "CausalLMEngine", "DiffusionEngine", "EncDecEngine", "Engine",
-    "InferenceError", "MaskedLMEngine", "TextEngine", "cpu_cores", "load_encdec_engine", "load_engine", "make_session",
+    "InferenceError", "MaskedLMEngine", "TextDiffusionEngine", "TextEngine",
+    "cpu_cores", "load_encdec_engine", "load_engine", "make_session",
     "numpy_randn", "read_config", "session_options",
 ]

@@ -132,7 +132,8 @@ def test_sampling_follows_prompts_and_refuses_bad_ones_in_one_line(captions_root
 
 def test_a_captions_model_needs_a_captions_dataset(digits_root):
     params = tiny_params()
-    with pytest.raises(fam.CaptionsFamilyError, match=r"^models.tiny-captions.dataset: digits-captions holds image data; a prompt-conditioned"):
+    pattern = r"^models.tiny-captions.dataset: digits-captions holds image data; a prompt-conditioned"
+    with pytest.raises(fam.CaptionsFamilyError, match=pattern):
         fam.model_config(KEY, params.models[KEY], data.load_manifest("digits", digits_root), digits_root)
 
 
@@ -150,4 +151,5 @@ def test_the_new_sections_leave_other_models_params_hashes_as_they_were(project_
     assert params.models["captions-unet"].train.max_seconds <= 300
     assert params.promotion.rules["captions-unet"].metric == "eval/attribute_error"
     assert "textenc" in params.to_dict()["models"]["captions-unet"]
-    assert backbone("unet-text").module == "captions" and "components/models/unet.py" in backbone("unet-text").code_paths
+    entry = backbone("unet-text")
+    assert entry.module == "captions" and "components/models/unet.py" in entry.code_paths
