@@ -128,3 +128,23 @@ print('NO TORCH')
     assert out.returncode == 0, out.stderr[-2000:]
     assert "NO TORCH" in out.stdout
     assert (tmp_path / "reports" / "samples" / "captions-unet-local.png").is_file()
+
+
+def test_serving_plans_and_runs_prompt_requests_as_genflow_sample_draws_them(exported):
+    from components.serving.generate import Limits, RequestProblem, plan, png_base64, run_jobs
+
+    root, _, _ = exported
+    engine = load_engine(root / "exports" / "captions-unet")
+    limits = Limits(max_n=8, max_length=64)
+    a = plan(engine, {"prompt": "a thick seven", "n": 2, "seed": 3}, limits)
+    b = plan(engine, {"prompt": "a thin zero", "n": 1, "seed": 4}, limits)
+    assert a.batch_key == b.batch_key == ("prompted", 4, 2.0)
+    together = run_jobs(engine, [a, b])
+    for job, images in zip((a, b), together):
+        alone = engine.to_levels(engine.sample_prompts(job.settings["prompts"], seed=job.settings["seed"]))
+        assert images == [png_base64(x, 17) for x in alone]     # batched = drawn alone, as genflow sample does
+    for body, field in (({"prompt": ""}, "prompt"), ({"prompt": "a seven!"}, "prompt"), ({"n": 1}, "prompt"),
+                        ({"prompt": "a seven", "label": 3}, "label"), ({"prompt": "a seven", "steps": 99}, "steps")):
+        with pytest.raises(RequestProblem) as e:
+            plan(engine, body, limits)
+        assert e.value.detail[0]["field"] == field, body
