@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from components.inference.engines import ENGINES, DiffusionEngine, Randn, numpy_randn
-from components.inference.sessions import make_session
+from components.inference.sessions import InferenceError, make_session
 from components.sampling import diffusion
 from components.sampling.requests import FLAGS
 
@@ -40,6 +40,18 @@ class TextDiffusionEngine(DiffusionEngine):
         from components.tokenizer import PromptTokenizer  # numpy only
 
         self.tokenizer = PromptTokenizer(config["vocab"], int(config["context"]))
+
+    def sample(self, labels: Sequence[int], **kw: Any) -> np.ndarray:
+        raise InferenceError(f"{FLAGS['label']}: {self.name} draws images of a caption, not of a class; "
+                             "give --prompt TEXT instead")
+
+    def inpaint(self, *args: Any, **kw: Any) -> np.ndarray:
+        raise InferenceError(f"{FLAGS['image']}: {self.name} does not inpaint yet; it draws whole images of "
+                             "a --prompt")
+
+    def smoke_prompt(self) -> str:
+        """A prompt this model surely takes (one character of its captions): for smoke checks."""
+        return next(c for c in self.tokenizer.vocab if not c.isspace())
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(states (N+1, L, D), mask (N+1, L)) of the prompts and, last, the empty prompt; bad prompts

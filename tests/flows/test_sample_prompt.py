@@ -148,3 +148,15 @@ def test_serving_plans_and_runs_prompt_requests_as_genflow_sample_draws_them(exp
         with pytest.raises(RequestProblem) as e:
             plan(engine, body, limits)
         assert e.value.detail[0]["field"] == field, body
+
+
+def test_the_serving_smoke_check_passes_and_label_or_inpaint_requests_are_refused(exported, tmp_path):
+    from components.serving.models import smoke_check
+
+    root, _, _ = exported
+    engine = load_engine(root / "exports" / "captions-unet")
+    smoke_check(engine)
+    with pytest.raises(GenflowError, match=r"^--label: captions-unet draws images of a caption, not of a class"):
+        engine.sample([0])
+    with pytest.raises(GenflowError, match=r"^--inpaint: captions-unet does not inpaint yet"):
+        engine.inpaint(np.zeros((1, 8, 8)), np.zeros((1, 8, 8), bool))
