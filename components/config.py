@@ -464,6 +464,11 @@ def _check_links(params: Params) -> None:
             want = " or ".join(entry.data_kinds)
             raise ParamsError(f"models.{key}.backbone: {m.backbone} needs an {want} dataset, "
                               f"but {m.dataset} is {kind}")
+        for name in ("textenc", "cross_attention"):   # an optional section its backbone ignores: say so
+            if getattr(m, name) is not None and name not in entry.reads:
+                readers = ", ".join(b for b, e in BACKBONES.items() if name in e.reads)
+                raise ParamsError(f"models.{key}.{name}: backbone {m.backbone} does not read it (only {readers} "
+                                  "does); drop the section or change the backbone")
         if m.family != entry.family_name:
             raise ParamsError(f"models.{key}.family: backbone {m.backbone} is a {entry.family_name} model, "
                               f"not {m.family}")

@@ -153,3 +153,11 @@ def test_the_new_sections_leave_other_models_params_hashes_as_they_were(project_
     assert "textenc" in params.to_dict()["models"]["captions-unet"]
     entry = backbone("unet-text")
     assert entry.module == "captions" and "components/models/unet.py" in entry.code_paths
+
+
+def test_a_text_section_on_a_model_that_ignores_it_is_refused_in_one_line(project_root):
+    from components.config import ParamsError
+
+    with pytest.raises(ParamsError, match=r"^models.digits-unet.textenc: backbone unet does not read it \(only "
+                                          r"unet-text does\); drop the section"):
+        load_params(project_root / "params.yaml", ["models.digits-unet.textenc.n_layer=1"])
