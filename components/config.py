@@ -143,6 +143,15 @@ class TextEncoderConfig:
 
 
 @dataclass
+class CrossAttentionConfig:
+    """Where a prompt-conditioned U-Net attends to the encoded prompt (components/models/unet_text.py)."""
+    from_level: int = 1        # cross-attention after every residual block at unet level >= this (0: the
+    #                            full resolution; 1: from the first halving down) and in the middle
+    heads: int = 4
+    pooled: bool = True        # also add the prompt's masked mean to the timestep embedding
+
+
+@dataclass
 class DiffusionConfig:
     timesteps: int = 200
     schedule: Literal["linear", "cosine"] = "cosine"
@@ -212,6 +221,11 @@ class EvalConfig:
     inpaint_jump: int = 5
     inpaint_resample: int = 1
     inpaint_label: Literal["none", "infer"] = "infer"
+    guidance_sweep: Optional[list[float]] = None   # prompt-conditioned models: guidance scales evaluated
+
+
+# ModelConfig fields (dotted: of its sections) that default to None and stay out of to_dict while None
+OPTIONAL_MODEL_SECTIONS = ("textenc", "cross_attention", "eval.guidance_sweep")
 
 
 @dataclass
@@ -225,6 +239,10 @@ class ModelConfig:
     encdec: EncDecConfig = field(default_factory=EncDecConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     condition: ConditionConfig = field(default_factory=ConditionConfig)
+    # prompt-conditioned models only; absent (None) sections stay out of to_dict and so out of
+    # every params hash: adding them left the other models' hashes (and skip-if-unchanged) as they were
+    textenc: Optional[TextEncoderConfig] = None
+    cross_attention: Optional[CrossAttentionConfig] = None
     masked: MaskedDiffusionConfig = field(default_factory=MaskedDiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -315,7 +333,16 @@ class Params:
         return self.datasets[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for model in out["models"].values():   # a model without an optional section hashes as before it existed
+            for path in OPTIONAL_MODEL_SECTIONS:
+                *parents, name = path.split(".")
+                node = model
+                for part in parents:
+                    node = node.get(part) or {}
+                if name in node and node[name] is None:
+                    del node[name]
+        return out
 
     def section_hash(self, *keys: str) -> str:
         """Short hash of one section, e.g. section_hash('models', 'digits-unet')."""
@@ -455,6 +482,11 @@ def _check_links(params: Params) -> None:
             want = " or ".join(entry.data_kinds)
             raise ParamsError(f"models.{key}.backbone: {m.backbone} needs an {want} dataset, "
                               f"but {m.dataset} is {kind}")
+        for name in ("textenc", "cross_attention"):   # an optional section its backbone ignores: say so
+            if getattr(m, name) is not None and name not in entry.reads:
+                readers = ", ".join(b for b, e in BACKBONES.items() if name in e.reads)
+                raise ParamsError(f"models.{key}.{name}: backbone {m.backbone} does not read it (only {readers} "
+                                  "does); drop the section or change the backbone")
         if m.family != entry.family_name:
             raise ParamsError(f"models.{key}.family: backbone {m.backbone} is a {entry.family_name} model, "
                               f"not {m.family}")

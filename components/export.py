@@ -21,6 +21,9 @@ Graphs, one per backbone kind (dynamic axes named, example sizes >= 2 so none is
       The cross-attention keys/values are computed once per source by the encoder graph and fed to
       every step; model.onnx is the step so that registration logs it as the model and the encoder
       goes along as an extra file (components/registry/register.py, unchanged).
+    text_denoiser  two graphs:                                                   unet-text
+      text_encoder.onnx  prompt_ids [B,L] i64 -> states [B,L,D] f32, prompt_mask [B,L] bool   once per prompt
+      model.onnx         x [B,C,H,W] f32, t [B] i64, states, prompt_mask -> eps [B,C,H,W]  every step
     text_encoder  prompt_ids [B,L] i64 -> states [B,L,D] f32, prompt_mask [B,L] bool     textenc
       The prompt encoder of prompt-conditioned models (components/models/textenc.py), exported
       beside their own graph by ``export_text_encoder`` (TorchScript, like the encoder above).
@@ -133,6 +136,14 @@ def _wrap(kind: str, net: Any) -> Any:
         def forward(self, input_ids, past_kv, cross_kv, src_mask):
             return self.net.decode(input_ids, cross_kv, src_mask, past_kv)
 
+    class TextDenoiserGraph(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, states, prompt_mask):
+            return self.net.denoise_states(x, t, states, prompt_mask)
+
     class TextEncoderGraph(torch.nn.Module):
         def __init__(self, net):
             super().__init__()
@@ -142,7 +153,8 @@ def _wrap(kind: str, net: Any) -> Any:
             return self.net(prompt_ids)
 
     return {"denoiser": lambda n: n, "sr_denoiser": lambda n: n, "causal_lm": CausalLMGraph, "masked_lm": MaskedLMGraph,
-            "encoder": EncoderGraph, "encoder_decoder": DecoderStepGraph, "text_encoder": TextEncoderGraph}[kind](net)
+            "encoder": EncoderGraph, "encoder_decoder": DecoderStepGraph, "text_encoder": TextEncoderGraph,
+            "text_denoiser": TextDenoiserGraph}[kind](net)
 
 
 def text_encoder_spec(net: Any, tokenizer: Any) -> GraphSpec:
@@ -191,6 +203,34 @@ def encoder_decoder_spec(net: Any, ms: ModelSpec, sample: dict) -> GraphSpec:
                       "source": (1, c.source_len)}, info, companions={"encoder": encoder})
 
 
+def text_denoiser_spec(net: Any, config: dict, ms: ModelSpec, sample: dict) -> GraphSpec:
+    """The prompt-conditioned denoiser (model.onnx: x, t and the encoded prompt -> eps) with the text
+    encoder as its companion (text_encoder.onnx): prompts are encoded once, then every step reads them."""
+    import torch
+
+    from components.sampling.diffusion import make_alphas_cumprod
+    from components.tokenizer import PromptTokenizer
+
+    tok = PromptTokenizer(config["vocab"], config["textenc"]["context"])
+    encoder = text_encoder_spec(net.text, tok)
+    d = ms.process
+    abar = [float(a) for a in make_alphas_cumprod(int(d["timesteps"]), str(d.get("schedule") or "cosine"))]
+    size, channels = int(ms.image_size), int(ms.channels)
+    info = dict(image_size=size, channels=channels, num_classes=0, levels=ms.levels or 256,
+                classes=list(ms.classes) or None, timesteps=len(abar), schedule=d.get("schedule") or "cosine",
+                alphas_cumprod=abar, sample=sample, caption_thresholds=config.get("caption_thresholds"),
+                **{k: encoder.info[k] for k in ("vocab", "context", "start_id", "pad_id", "n_embd")},
+                files={"model": "model.onnx", "text_encoder": "text_encoder.onnx"})
+    B, L = 2, 3                                                                 # distinct example sizes
+    example = (torch.zeros(B, channels, size, size), torch.tensor([1, len(abar) - 1], dtype=torch.long),
+               torch.zeros(B, L, encoder.info["n_embd"]), torch.ones(B, L, dtype=torch.bool))
+    batch, prompt = {0: "batch"}, {0: "batch", 1: "prompt"}
+    return GraphSpec("text_denoiser", _wrap("text_denoiser", net), example, ["x", "t", "states", "prompt_mask"],
+                     ["eps"], {"x": batch, "t": batch, "states": prompt, "prompt_mask": prompt, "eps": batch},
+                     {"batch": (1, None), "prompt": (1, encoder.info["context"])}, info,
+                     companions={"text_encoder": encoder})
+
+
 def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec:
     """Example inputs, names and dynamic axes for one network (a backbone name or registry entry),
     plus what the engine must know."""
@@ -234,6 +274,8 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
 
     if kind == "encoder_decoder":
         return encoder_decoder_spec(net, ms, sample)
+    if kind == "text_denoiser":
+        return text_denoiser_spec(net, config, ms, sample)
     c = net.config
     vocab_size, block = int(net.vocab_size), int(c.block_size)
     head_dim = c.n_embd // c.n_head
@@ -392,6 +434,32 @@ def _text_encoder_checks(spec: GraphSpec, net: Any, session: Any) -> list[dict]:
     return checks
 
 
+def _text_denoiser_checks(spec: GraphSpec, net: Any, session: Any, encoder: Any) -> list[dict]:
+    """The text encoder graph (its own checks), then the denoiser on the states PyTorch's encoder gives
+    for random prompts (the null prompt in every batch), against PyTorch's denoise_states."""
+    import torch
+
+    checks = [{**c, "name": f"text encoder, {c['name']}"}
+              for c in _text_encoder_checks(spec.companions["text_encoder"], net.text, encoder)]
+    rng = np.random.default_rng(1)
+    info = spec.info
+    C, S, T, ctx = info["channels"], info["image_size"], info["timesteps"], info["context"]
+    with torch.no_grad():
+        for B, L in ((1, 1), (3, min(7, ctx)), (16, ctx)):
+            ids = rng.integers(0, len(info["vocab"]), (B, L)).astype(np.int64)
+            ids[:, 0] = info["start_id"]
+            lengths = rng.integers(1, L + 1, B)
+            lengths[-1] = 1                                                   # the null prompt
+            ids[np.arange(L)[None, :] >= lengths[:, None]] = info["pad_id"]
+            states, mask = net.text(torch.from_numpy(ids))
+            x = rng.standard_normal((B, C, S, S)).astype(np.float32)
+            t = rng.integers(0, T, B).astype(np.int64)
+            ref = net.denoise_states(torch.from_numpy(x), torch.from_numpy(t), states, mask).numpy()
+            got = session.run(["eps"], {"x": x, "t": t, "states": states.numpy(), "prompt_mask": mask.numpy()})[0]
+            checks.append(_compare(f"denoiser, batch={B} prompt={L}", "eps", got, ref))
+    return checks
+
+
 def _parity_checks(spec: GraphSpec, net: Any, session: Any, companions: Optional[dict] = None) -> list[dict]:
     """onnxruntime against PyTorch eager on fixed random inputs; one dict per (case, output)."""
     import torch
@@ -400,6 +468,8 @@ def _parity_checks(spec: GraphSpec, net: Any, session: Any, companions: Optional
         return _text_encoder_checks(spec, net, session)
     if spec.kind == "encoder_decoder":
         return _encoder_decoder_checks(spec, net, session, (companions or {})["encoder"])
+    if spec.kind == "text_denoiser":
+        return _text_denoiser_checks(spec, net, session, (companions or {})["text_encoder"])
     rng = np.random.default_rng(0)
     checks = []
     with torch.no_grad():

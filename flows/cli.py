@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, default=None, help="class to generate (images)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--prompt", default=None, help="text prompt (text models)")
+    p.add_argument("--prompt", default=None, help="text prompt (text models; the caption of a text-to-image model)")
     p.add_argument("--length", type=int, default=None, help="tokens to generate (text models)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)

@@ -99,6 +99,20 @@ def _sample_images(args: Any, engine: Engine, count: Optional[int]) -> tuple[np.
     return levels, int(engine.config["levels"]), rows
 
 
+def _sample_prompted(args: Any, engine: Any, count: Optional[int]) -> tuple[np.ndarray, int, int]:
+    """-n images (8 by default) of --prompt from a prompt-conditioned model: (levels, grey levels, grid rows)."""
+    prompt = _arg(args, "prompt")
+    if prompt is None:
+        raise ConfigError(f"--prompt: {engine.name} draws images of a caption; give one, e.g. --prompt "
+                          "\"a thick, right-slanted seven\"")
+    _refuse_options(args, engine, {"label": "--label", "length": "--length", "temperature": "--temperature",
+                                   "top_k": "--top-k"})
+    n = count or 8
+    x = engine.sample_prompts([prompt] * n, steps=_arg(args, "steps"), guidance=_arg(args, "guidance"),
+                              seed=int(_arg(args, "seed") or 0))
+    return engine.to_levels(x), int(engine.config.get("levels", 256)), -(-n // 8)
+
+
 def _sample_texts(args: Any, engine: CausalLMEngine | MaskedLMEngine, count: Optional[int], title: str) -> str:
     masked = isinstance(engine, MaskedLMEngine)  # --steps is K, its number of denoising steps
     _refuse_options(args, engine, {"label": "--label", "guidance": "--guidance",
@@ -237,6 +251,9 @@ def sample_cli(args: Any, root: Path) -> Path:
             write_png(out, image_grid(levels, n_levels, -(-len(levels) // 8)))
             for i, one in enumerate(levels):  # each result at the model's size, as an input would be
                 write_png(out.with_name(f"{out.stem}-{i + 1}.png"), image_grid(one[None], n_levels, 1, 1, 0))
+        elif engine.graph == "text_denoiser":
+            levels, n_levels, rows = _sample_prompted(args, engine, count)
+            write_png(out, image_grid(levels, n_levels, rows))
         elif image:
             levels, n_levels, rows = _sample_images(args, engine, count)
             write_png(out, image_grid(levels, n_levels, rows))

@@ -178,9 +178,9 @@ def load_reference(dataset: str, root: Path) -> Reference:
 
     root = Path(root)
     manifest = load_manifest(dataset, root)
-    if manifest.get("kind") != "image":
-        raise ImageMetricsError(f"datasets.{dataset}: image metrics need an image dataset, "
-                                f"got {manifest.get('kind')!r}")
+    if manifest.get("kind") not in ("image", "captions") or not manifest.get("classes"):
+        raise ImageMetricsError(f"datasets.{dataset}: image metrics need images with classes (an image or "
+                                f"labelled captions dataset), got {manifest.get('kind')!r} data")
     h = data_hash(manifest)
     key = (str(root.resolve()), h)
     if key in _REFERENCES:

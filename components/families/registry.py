@@ -23,7 +23,7 @@ ATTENTION_MIN_OPSET = 23            # opset of ONNX's fused Attention op (attent
 
 # Sections of a model's params.yaml entry that belong to one backbone or process; a model's run
 # logs only those its backbone reads (so runs compared in the MLflow UI show settings that mattered).
-NETWORK_SECTIONS = ("unet", "dit", "gpt", "encdec", "diffusion", "masked", "condition")
+NETWORK_SECTIONS = ("unet", "dit", "gpt", "encdec", "textenc", "cross_attention", "diffusion", "masked", "condition")
 
 # Code every model's result depends on, whatever its backbone.
 SHARED_CODE = ("components/training.py", "components/families/base.py", "components/families/registry.py",
@@ -101,6 +101,12 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("encdec", "transformer", "seq2seq", ("pairs",), "transduction", "components.models.encdec:EncDec",
              reads=("encdec",), graph="encoder_decoder", exporter="torchscript",
              code=("components/models/gpt.py", "components/tokenizer.py", "components/evaluation/seq2seq.py")),
+    Backbone("unet-text", "diffusion", "captions", ("captions",), "denoising", "components.models.unet_text:TextUNet",
+             reads=("unet", "textenc", "cross_attention", "diffusion"), graph="text_denoiser", exporter="torchscript",
+             code=DENOISING_CODE + ("components/models/unet.py", "components/models/textenc.py",
+                                    "components/models/encdec.py", "components/models/gpt.py",
+                                    "components/families/diffusion.py", "components/tokenizer.py",
+                                    "components/captions.py")),
 )}
 
 

@@ -13,6 +13,7 @@ noise schedule, the vocabulary; see components/export.py):
     engines.py    one engine per graph kind, read_config, load_engine
     encdec.py     the encoder-decoder's engine (two graphs: encoder once, cached decoder steps)
     superres.py   the super-resolution engine (a denoiser that also reads the low-res image)
+    textdiff.py   the prompt-conditioned denoiser's engine (two graphs: text encoder once, denoiser steps)
 
 The sampling maths come from components/sampling/, shared with the PyTorch processes.
 Where a registered version comes from is the registry's job (components/registry/resolve.py);
@@ -36,9 +37,10 @@ from components.inference.engines import (
 )
 from components.inference.sessions import InferenceError, cpu_cores, make_session, session_options
 from components.inference.superres import SuperResEngine
+from components.inference.textdiff import TextDiffusionEngine
 
 __all__ = [
     "CONFIG_FILE", "ENGINES", "PARITY_FILE", "Randn", "CausalLMEngine", "DiffusionEngine", "EncDecEngine", "Engine",
-    "InferenceError", "MaskedLMEngine", "SuperResEngine", "TextEngine", "cpu_cores", "load_encdec_engine",
-    "load_engine", "make_session", "numpy_randn", "read_config", "session_options",
+    "InferenceError", "MaskedLMEngine", "SuperResEngine", "TextDiffusionEngine", "TextEngine", "cpu_cores",
+    "load_encdec_engine", "load_engine", "make_session", "numpy_randn", "read_config", "session_options",
 ]

@@ -11,6 +11,7 @@ No data-dependent Python control flow on tensors, so the module exports to ONNX 
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -134,19 +135,42 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.config.time_dim)) + self.class_emb(y)  # (B, E)
+        return self.run(x, emb)
+
+    def run(self, x: torch.Tensor, emb: torch.Tensor,
+            attend: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """The network on x (B, C, H, W) with the embedding emb (B, E). ``attend(i, h)``, if given, runs
+        after the i-th residual block (down, middle, up in order; `block_levels` says at which level
+        each sits): conditioning beyond the embedding, e.g. cross-attention to a prompt."""
+        def after(i: int, h: torch.Tensor) -> torch.Tensor:
+            return attend(i, h) if attend is not None else h
+
         h = self.conv_in(x)                                                    # (B, c0, H, W)
-        skips = [h]
+        skips, i = [h], 0
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h, i = after(i, layer(h, emb)), i + 1
+            else:
+                h = layer(h)
             skips.append(h)
         for block in self.mid:
-            h = block(h, emb)                                                  # (B, c_last, H/2^L, W/2^L)
+            h, i = after(i, block(h, emb)), i + 1                              # (B, c_last, H/2^L, W/2^L)
         for layer in self.up:
             if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+                h, i = after(i, layer(torch.cat([h, skips.pop()], dim=1), emb)), i + 1
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))                         # (B, C, H, W)
+
+    def block_levels(self) -> list[tuple[int, int]]:
+        """(level, channels) of each residual block in `run`'s order; level 0 is the full resolution."""
+        out, level = [], 0
+        for layer in [*self.down, *self.mid, *self.up]:
+            if isinstance(layer, ResBlock):
+                out.append((level, layer.conv1.out_channels))
+            else:
+                level += 1 if isinstance(layer, Downsample) else -1
+        return out
 
 
 def count_params(model: nn.Module) -> int:

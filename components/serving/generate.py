@@ -7,7 +7,8 @@ Images: ``{"n", "label", "steps", "guidance", "seed"}`` (a pixel GPT takes tempe
 instead of steps and guidance); a diffusion model also takes ``"inpaint": {"image", "mask", "jump",
 "resample", "resize"}`` (n completions of the image, as `genflow sample --inpaint` draws them,
 never batched with others); text: ``{"prompt", "length", "temperature", "top_k", "seed", "n"}``
-(a masked LM also takes ``steps``: its K). Omitted settings take the model's sample defaults,
+(a masked LM also takes ``steps``: its K); a text-to-image model: ``{"prompt", "n", "steps", "guidance",
+"seed"}``, n images of the caption. Omitted settings take the model's sample defaults,
 as in `genflow sample`; the same seed and version give what `genflow sample` gives (label given:
 ``genflow sample --label L -n N --seed S``). Without a label, image i gets class i mod classes.
 
@@ -25,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from components.errors import ConfigError
+from components.errors import ConfigError, ModelError
 from components.inference import (
     CausalLMEngine,
     DiffusionEngine,
@@ -34,6 +35,7 @@ from components.inference import (
     InferenceError,
     MaskedLMEngine,
     Randn,
+    TextDiffusionEngine,
     numpy_randn,
 )
 from components.sampling.requests import FLAGS
@@ -117,6 +119,44 @@ class SourceRequest(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
+class PromptImageRequest(BaseModel):
+    """POST body for a text-to-image model: n images of one caption."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(..., max_length=100_000, description="the caption to draw")
+    n: int = Field(1, ge=1, description="images to draw (at most --max-n)")
+    steps: Optional[int] = Field(None, ge=1, description="diffusion sampling steps, 1..T")
+    guidance: Optional[float] = Field(None, ge=0, description="classifier-free guidance scale")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+def _plan_prompted(engine: TextDiffusionEngine, req: PromptImageRequest, allowed: dict) -> Job:
+    try:
+        engine.tokenizer.encode_prompt(req.prompt, required=True)   # empty, unknown characters, too long
+    except ModelError as e:
+        raise RequestProblem("prompt", str(e).partition(": ")[2] or str(e), allowed["prompt"], None) from None
+    d = engine.defaults
+    steps = req.steps if req.steps is not None else int(d.get("steps", min(50, engine.timesteps)))
+    guidance = req.guidance if req.guidance is not None else float(d.get("guidance", 1.0))
+    _in_range("steps", steps, 1, engine.timesteps, allowed)
+    return Job("images", {"prompts": [req.prompt] * req.n, "steps": steps, "guidance": guidance, "seed": req.seed},
+               batch_key=("prompted", steps, guidance), n=req.n)
+
+
+def _run_prompted(engine: TextDiffusionEngine, jobs: list["Job"]) -> list[list[str]]:
+    """Prompt jobs with the same steps and guidance in one batch, each request's noise its own stream."""
+    s = jobs[0].settings
+    prompts = [p for j in jobs for p in j.settings["prompts"]]
+    randn = numpy_randn(s["seed"]) if len(jobs) == 1 else batched_randn([(j.settings["seed"], j.n) for j in jobs])
+    levels = engine.to_levels(engine.sample_prompts(prompts, steps=s["steps"], guidance=s["guidance"], randn=randn))
+    images = [png_base64(x, int(engine.config.get("levels", 256))) for x in levels]
+    out, at = [], 0
+    for j in jobs:
+        out.append(images[at:at + j.n])
+        at += j.n
+    return out
+
+
 @dataclass
 class Job:
     """One checked request: what to run and the key of the batch it may share (None: runs alone)."""
@@ -135,7 +175,10 @@ def is_image(engine: Engine) -> bool:
 def allowed_ranges(engine: Engine, limits: Limits) -> dict[str, str]:
     """Allowed values of each request field for this engine (the 422 body quotes them)."""
     out = {"n": f"1..{limits.max_n}", "seed": f"0..{MAX_SEED}"}
-    if isinstance(engine, EncDecEngine):
+    if isinstance(engine, TextDiffusionEngine):
+        out.update(prompt=f"1..{engine.tokenizer.max_chars} characters of the model's captions",
+                   steps=f"1..{engine.timesteps}", guidance=">= 0")
+    elif isinstance(engine, EncDecEngine):
         out.update(source=f"1..{engine.source_len} characters of the model's vocabulary",
                    decoding="greedy | sample | beam", beam_width=">= 1", temperature="> 0", top_k=">= 0")
     elif isinstance(engine, DiffusionEngine):
@@ -154,6 +197,8 @@ def allowed_ranges(engine: Engine, limits: Limits) -> dict[str, str]:
 
 
 def request_schema(engine: Engine) -> type[BaseModel]:
+    if isinstance(engine, TextDiffusionEngine):
+        return PromptImageRequest
     if isinstance(engine, EncDecEngine):
         return SourceRequest
     return ImageRequest if is_image(engine) else TextRequest
@@ -193,6 +238,8 @@ def plan(engine: Engine, body: Any, limits: Limits) -> Job:
         first = details[0]
         raise RequestProblem(first["field"], first["problem"], first["allowed"], first["got"], details[1:]) from None
     _in_range("n", req.n, 1, limits.max_n, allowed)
+    if isinstance(engine, TextDiffusionEngine):
+        return _plan_prompted(engine, req, allowed)
     if isinstance(engine, EncDecEngine):
         try:
             engine.source_ids(req.source)   # the vocabulary and the encoder's context
@@ -379,6 +426,8 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
     An InferenceError of the engine (a request it refuses) is raised as RequestProblem.
     """
     try:
+        if isinstance(engine, TextDiffusionEngine):
+            return _run_prompted(engine, jobs)
         if isinstance(engine, DiffusionEngine) and jobs[0].extra.get("inpaint"):   # never batched
             s, n = jobs[0].settings, jobs[0].n
             x = engine.inpaint(engine.from_levels(s["image"]), s["keep"], n, s["label"], steps=s["steps"],

@@ -25,6 +25,7 @@ from components.inference import (
     EncDecEngine,
     Engine,
     InferenceError,
+    TextDiffusionEngine,
     load_engine,
 )
 from components.inference.replay import replay
@@ -70,7 +71,9 @@ def smoke_check(engine: Engine) -> None:
     session (outputs within export.parity_atol of those the parity gate saw); SmokeCheckFailed says
     what went wrong."""
     try:
-        if isinstance(engine, DiffusionEngine):
+        if isinstance(engine, TextDiffusionEngine):
+            out = engine.sample_prompts([engine.smoke_prompt()], steps=min(2, engine.timesteps), guidance=1.0, seed=0)
+        elif isinstance(engine, DiffusionEngine):
             out = engine.sample([0], steps=min(2, engine.timesteps), guidance=1.0, seed=0)
         elif isinstance(engine, EncDecEngine):
             targets = engine.transduce([str(engine.config.get("vocab") or "a")[:1]], decoding="greedy")

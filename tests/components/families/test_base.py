@@ -35,7 +35,7 @@ def test_registry_entries_are_consistent(project_root):
     for b in base.BACKBONES.values():
         assert b.section in base.NETWORK_SECTIONS and set(b.reads) <= set(base.NETWORK_SECTIONS)
         assert dataclasses.is_dataclass(base.shape_config_class(b))
-        assert b.graph in ("denoiser", "sr_denoiser", "causal_lm", "masked_lm", "encoder_decoder")
+        assert b.graph in ("denoiser", "sr_denoiser", "causal_lm", "masked_lm", "encoder_decoder", "text_denoiser")
         assert b.exporter in ("torchscript", "dynamo")
         for rel in b.code_paths:   # a renamed file would silently drop out of the inputs hash
             assert (project_root / rel).exists(), rel
@@ -91,4 +91,4 @@ def test_a_new_backbone_trains_and_exports_with_one_registry_entry(digits_root, 
     assert isinstance(net, TinyDenoiser) and config["backbone"] == "tinyconv"
     result = export_model("tiny-conv", net, config, ExportConfig(), digits_root)
     assert result["passed"], result.get("reason")
-    assert entry.unused_sections == ("dit", "gpt", "encdec", "masked", "condition")
+    assert entry.unused_sections == ("dit", "gpt", "encdec", "textenc", "cross_attention", "masked", "condition")
