@@ -55,7 +55,9 @@ def test_train_writes_weights_config_and_metrics(setup, trained):
     root, _ = setup
     assert set(trained) == {"train/loss", "perf/train_seconds", "perf/train_items_per_s", "perf/train_steps",
                             "perf/params", "perf/flops_per_item", "perf/peak_rss_train_mb",
-                            "perf/peak_rss_train_delta_mb"}   # the shared training entry measures memory
+                            "perf/peak_rss_train_delta_mb", "perf/peak_flops", "perf/mfu"}   # memory and MFU too
+    assert trained["perf/mfu"] == pytest.approx(trained["perf/flops_per_item"] * trained["perf/train_items_per_s"]
+                                                / trained["perf/peak_flops"])
     assert trained["perf/peak_rss_train_mb"] > 0
     assert trained["perf/train_steps"] == 3 and math.isfinite(trained["train/loss"])
     assert trained["perf/flops_per_item"] > 5 * trained["perf/params"]   # forward + backward per token
