@@ -117,3 +117,27 @@ def register(folder: Path, key: str, artifacts: Path, alias: Optional[str] = "ch
     if alias:
         client.set_registered_model_alias(key, alias, mv.version)
     return str(mv.version)
+
+
+SAMPLE_ARGS = dict(model="", count=2, out=None, label=None, steps=None, guidance=None, prompt=None, length=None,
+                   temperature=None, top_k=None, seed=0, exports=None, inpaint=None, mask=None, jump=None,
+                   resample=None, resize=False, upscale=None)
+
+
+def sample_without_torch(root: Path, imports: tuple[str, ...] = (), **settings) -> str:
+    """Run `genflow sample`'s handler (flows.sample.sample_cli) with `settings` over SAMPLE_ARGS in a
+    fresh interpreter, project `root`; fails unless it succeeds without importing torch (after
+    `imports` too, e.g. the modules the command reaches). Returns its stdout."""
+    import subprocess
+    import sys
+
+    args = {**SAMPLE_ARGS, **settings}
+    code = "\n".join(["import sys", "from argparse import Namespace", "from pathlib import Path",
+                      "from flows.sample import sample_cli", *(f"import {m}" for m in imports),
+                      f"print(sample_cli(Namespace(**{args!r}), Path({str(root)!r})))",
+                      "assert 'torch' not in sys.modules, 'torch was imported'", "print('NO TORCH')"])
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NO TORCH" in out.stdout
+    return out.stdout

@@ -1,10 +1,7 @@
 """A tiny prompt-conditioned U-Net exported (text encoder + conditional denoiser, parity-gated) and sampled
 torch-free: `genflow sample MODEL --prompt TEXT`, the same images as PyTorch, bad prompts in one line."""
 import json
-import subprocess
-import sys
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +13,7 @@ from components.export import export_model
 from components.families import captions as fam
 from components.inference import TextDiffusionEngine, load_engine
 from flows.sample import sample_cli
+from serving_models import sample_without_torch
 
 VOCAB = " ,-acdefghiklnoprstuvwxz"
 CONFIG = {"backbone": "unet-text", "family": "diffusion", "model": "captions-unet", "dataset": "digits-captions",
@@ -111,22 +109,8 @@ def test_the_cli_exits_1_with_one_line(exported, tmp_path, capsys):
 
 def test_sampling_from_a_prompt_never_imports_torch(exported, tmp_path):
     root, _, _ = exported
-    code = f"""
-import sys
-from argparse import Namespace
-from pathlib import Path
-from flows.sample import sample_cli
-base = dict(model="captions-unet", count=2, out=None, label=None, steps=3, guidance=None,
-            prompt="a thick slanted seven", length=None, temperature=None, top_k=None, seed=0,
-            exports={str(root / "exports")!r}, inpaint=None, mask=None, jump=None, resample=None, resize=False)
-print(sample_cli(Namespace(**base), Path({str(tmp_path)!r})))
-assert 'torch' not in sys.modules, 'torch was imported'
-print('NO TORCH')
-"""
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "NO TORCH" in out.stdout
+    sample_without_torch(tmp_path, model="captions-unet", steps=3, prompt="a thick slanted seven",
+                         exports=str(root / "exports"))
     assert (tmp_path / "reports" / "samples" / "captions-unet-local.png").is_file()
 
 
