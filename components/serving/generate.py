@@ -147,9 +147,20 @@ def _run_prompted(engine: TextDiffusionEngine, jobs: list["Job"]) -> list[list[s
     """Prompt jobs with the same steps and guidance in one batch, each request's noise its own stream."""
     s = jobs[0].settings
     prompts = [p for j in jobs for p in j.settings["prompts"]]
-    randn = numpy_randn(s["seed"]) if len(jobs) == 1 else batched_randn([(j.settings["seed"], j.n) for j in jobs])
-    levels = engine.to_levels(engine.sample_prompts(prompts, steps=s["steps"], guidance=s["guidance"], randn=randn))
-    images = [png_base64(x, int(engine.config.get("levels", 256))) for x in levels]
+    x = engine.sample_prompts(prompts, steps=s["steps"], guidance=s["guidance"], randn=_noise(jobs))
+    return _images_per_job(engine, x, jobs)
+
+
+def _noise(jobs: list["Job"]):
+    """One noise stream per request (its seed), so a batched request gets what it gets alone."""
+    if len(jobs) == 1:
+        return numpy_randn(jobs[0].settings["seed"])
+    return batched_randn([(j.settings["seed"], j.n) for j in jobs])
+
+
+def _images_per_job(engine: DiffusionEngine, x, jobs: list["Job"]) -> list[list[str]]:
+    """The batch's images as PNGs (base64), split back into each job's n."""
+    images = [png_base64(v, int(engine.config.get("levels", 256))) for v in engine.to_levels(x)]
     out, at = [], 0
     for j in jobs:
         out.append(images[at:at + j.n])
@@ -437,15 +448,8 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
         if isinstance(engine, DiffusionEngine):
             s = jobs[0].settings
             labels = np.concatenate([np.asarray(j.settings["labels"], dtype=np.int64) for j in jobs])
-            randn = (numpy_randn(s["seed"]) if len(jobs) == 1
-                     else batched_randn([(j.settings["seed"], j.n) for j in jobs]))
-            levels = engine.to_levels(engine.sample(labels, steps=s["steps"], guidance=s["guidance"], randn=randn))
-            images = [png_base64(x, int(engine.config.get("levels", 256))) for x in levels]
-            out, at = [], 0
-            for j in jobs:
-                out.append(images[at:at + j.n])
-                at += j.n
-            return out
+            x = engine.sample(labels, steps=s["steps"], guidance=s["guidance"], randn=_noise(jobs))
+            return _images_per_job(engine, x, jobs)
         if len(jobs) > 1 and isinstance(engine, CausalLMEngine) and jobs[0].kind == "texts":
             return run_causal_batch(engine, jobs)
         if len(jobs) > 1 and isinstance(engine, MaskedLMEngine):

@@ -470,7 +470,9 @@ def test_concurrent_masked_lm_requests_share_one_call_per_denoising_step(registe
         release.set()
         for t in threads:
             t.join(60)
-        assert sizes == [1, 4, 1]
+        # the held first call, then the four of one K in one batch and the other K alone, in the order
+        # their threads reached the queue (either may come first)
+        assert sizes[0] == 1 and sorted(sizes[1:]) == [1, 4], sizes
         for b in bodies:   # each request's texts are the ones it gets alone
             together = batched[b["seed"]][0].json()["texts"]
             assert together == client.post(url, json=b).json()["texts"] and len(together) == b["n"]
