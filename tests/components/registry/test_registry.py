@@ -516,3 +516,70 @@ def test_a_lease_dropped_while_a_waiter_learns_of_the_clash_is_retried_not_raise
         assert c.get_registered_model(name).tags["genflow.lease.owner"] != "other:1:x"
     assert dropped == [name]
     assert not c.search_registered_models(f"name='{name}'")
+
+
+def _move_in_child(key, action, version, root, params, barrier, results, uri):
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    from components import registry as reg
+
+    reg.current_aliases(reg.registry_client(root, params), key)  # connect before the race starts
+    barrier.wait(timeout=120)
+    try:
+        if action == "promote":
+            results.put((action, version, "ok", reg.promote(key, version, "race", params, root).reason))
+        else:
+            results.put((action, version, "ok", reg.rollback(key, root, "race", params)))
+    except RegistryError as e:   # a refusal, e.g. a rollback that found no previous champion: nothing changed
+        results.put((action, version, "refused", str(e)))
+    except Exception as e:  # reported to the parent, which fails the test with it
+        results.put((action, version, "error", f"{type(e).__name__}: {e}"))
+
+
+@pytest.mark.integration
+def test_promotions_and_rollbacks_from_several_machines_against_one_mlflow_server(tmp_path, monkeypatch):
+    """Six processes, each with a project folder of its own (as on six machines), promote or roll
+    back one model at once through a real `mlflow server`: every move is whole, one champion holds,
+    and each version's numbered alias history replays to the aliases the server holds."""
+    from integration.conftest import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path / "server")
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        model = Model(tmp_path)
+        p, key = model.params, model.key
+        registry.gate(key, model.add(1.0), p, tmp_path)
+        registry.promote(key, model.add(0.95), "so that a previous champion exists", p, tmp_path)
+        versions = [model.add(0.9 - i / 10) for i in range(4)]
+        moves = [("promote", v) for v in versions] + [("rollback", None), ("rollback", None)]
+        ctx = multiprocessing.get_context("spawn")
+        barrier, results = ctx.Barrier(len(moves)), ctx.Queue()
+        procs = [ctx.Process(target=_move_in_child, args=(key, action, v, tmp_path / f"machine-{i}", p, barrier,
+                                                          results, server.url))
+                 for i, (action, v) in enumerate(moves)]
+        for proc in procs:
+            proc.start()
+        try:
+            outcomes = [results.get(timeout=300) for _ in procs]
+        finally:
+            for proc in procs:
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.kill()
+        assert not [o for o in outcomes if o[2] == "error"], outcomes
+        assert all(o[2] == "ok" for o in outcomes if o[0] == "promote"), outcomes
+        assert all("previous" in o[3] for o in outcomes if o[2] == "refused"), outcomes
+
+        aliases = model.aliases()
+        assert aliases["champion"] in ["1", "2", *versions] and "challenger" not in aliases
+        for v in ["1", "2", *versions]:
+            history = registry.alias_history(key, v, tmp_path)
+            tags = client().get_model_version(key, v).tags
+            numbers = sorted(int(k.rsplit(".", 1)[1]) for k in tags if k.startswith("genflow.alias_history."))
+            assert numbers == list(range(1, len(history) + 1)), (v, history)   # none lost or overwritten
+            held: set[str] = set()
+            for e in history:
+                (held.add if e["action"] == "set" else held.discard)(e["alias"])
+            assert held == {a for a, holder in aliases.items() if holder == v}, (v, history, aliases)
+        assert not [m.name for m in client().search_registered_models() if m.name.startswith("genflow-lease.")]
+    finally:
+        server.stop()
