@@ -108,7 +108,8 @@ def test_a_change_without_prefect_api_url_is_one_line_and_stays_to_report(projec
     params = user_params(project_root, src)
     lines: list[str] = []
     assert watch_once(params, tmp_path, say=lines.append, warn=lines.append) == []
-    assert lines == [f"watch: digits first seen (4 files, {sum(p.stat().st_size for p in src.rglob('*.png')) / 1e3:.0f} kB), recorded"]
+    kb = sum(p.stat().st_size for p in src.rglob("*.png")) / 1e3
+    assert lines == [f"watch: digits first seen (4 files, {kb:.0f} kB), recorded"]
     recorded = json.loads((tmp_path / ".genflow" / "watch.json").read_text())["digits"]
 
     lines.clear()
