@@ -55,12 +55,16 @@ def watched_datasets(params: Params) -> dict[str, list[str]]:
 def emit_changed(name: str, before: dict, now: dict, change: str, models: list[str]) -> str:
     """Send one `genflow.data.changed` event to PREFECT_API_URL's server; returns its id."""
     if not os.environ.get("PREFECT_API_URL"):
-        raise ServerError(f"{name} changed ({change}), but PREFECT_API_URL is not set: the event needs a "
+        raise ServerError(f"changed ({change}), but PREFECT_API_URL is not set: the event needs a "
                           "Prefect server; start one (`prefect server start --host 127.0.0.1`) and set "
                           "PREFECT_API_URL=http://127.0.0.1:4200/api")
     from flows.preflight import check_prefect_api
 
-    check_prefect_api()   # a server that does not answer: one line, and the change is kept for next time
+    try:
+        check_prefect_api()   # a server that does not answer: one line, and the change is kept for next time
+    except ServerError as e:
+        raise ServerError(f"changed ({change}), but {str(e).split('; ')[0]}; start the Prefect server "
+                          "(or fix PREFECT_API_URL): the change is reported again next time") from None
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
@@ -74,7 +78,7 @@ def emit_changed(name: str, before: dict, now: dict, change: str, models: list[s
                  "source": now["source"], "models": models},
     )
     if event is None:
-        raise ServerError(f"{name} changed ({change}), but the event could not be sent to "
+        raise ServerError(f"changed ({change}), but the event could not be sent to "
                           f"{os.environ['PREFECT_API_URL']}; see the Prefect log above")
     EventsWorker.drain_all(timeout=60)   # sent before this process moves on (or exits)
     return str(event.id)

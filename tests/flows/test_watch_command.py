@@ -9,6 +9,7 @@ from components.errors import ConfigError
 from conftest import make_imagefolder
 from flows.cli import main
 from flows.watch import parse_every, watch_once, watched_datasets
+from integration.conftest import free_port
 
 
 @pytest.mark.parametrize("text, seconds", [("60s", 60), ("5m", 300), ("1h", 3600), ("90", 90), ("1.5s", 1.5)])
@@ -53,9 +54,16 @@ def test_a_change_without_prefect_api_url_is_one_line_and_stays_to_report(projec
     lines.clear()
     errors = watch_once(params, tmp_path, say=lines.append, warn=lines.append)
     assert lines == errors and len(errors) == 1
-    assert errors[0].startswith("watch: digits: digits changed (1 file added), but PREFECT_API_URL is not set")
+    assert errors[0].startswith("watch: digits: changed (1 file added), but PREFECT_API_URL is not set")
     assert "\n" not in errors[0]
     # not recorded: the next look (with a server) reports the change again
+    assert json.loads((tmp_path / ".genflow" / "watch.json").read_text())["digits"] == recorded
+
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")   # nothing listens there
+    lines.clear()
+    (error,) = watch_once(params, tmp_path, say=lines.append, warn=lines.append)
+    assert error.startswith("watch: digits: changed (1 file added), but PREFECT_API_URL=http://127.0.0.1:")
+    assert "does not answer" in error and error.endswith("the change is reported again next time")
     assert json.loads((tmp_path / ".genflow" / "watch.json").read_text())["digits"] == recorded
 
 
