@@ -1,6 +1,11 @@
 """flows/watch.py and `genflow watch` without a server: durations, the datasets watched, the
 progress lines, the state file, and the one-line errors."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -72,3 +77,24 @@ def test_cli_refuses_a_bad_every_in_one_line(project_root, monkeypatch, capsys):
     assert main(["watch", "--every", "soon"]) == 1
     assert capsys.readouterr().err.strip() == ("genflow watch: --every: 'soon' is not a duration of at least "
                                               "1 second; e.g. 60s, 5m or 1h")
+
+
+def test_every_looks_again_until_ctrl_c(project_root, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(project_root), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "watch", "--every", "1s",
+                             "--params", str(project_root / "params.yaml")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while sum(line == "watch: digits unchanged" for line in lines) < 2 and time.monotonic() < deadline:
+            lines.append(proc.stdout.readline().strip())
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert lines[0] == "watch: digits first seen (builtin:digits), recorded"
+    assert lines.count("watch: digits unchanged") == 2, lines
+    assert proc.returncode == 130 and err.strip().endswith("genflow: interrupted")
+    assert set(json.loads((tmp_path / ".genflow" / "watch.json").read_text())) >= {"digits", "pydoc"}
