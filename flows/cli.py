@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--cron", default=None, help="cron expression (default: schedule.cron in params)")
 
+    p = sub.add_parser("watch", help="emit a Prefect event when a dataset's source changes (retraining "
+                       "when data arrives; needs PREFECT_API_URL)")
+    _common(p)
+    p.add_argument("--every", default="60s", metavar="DURATION", help="how often to look: 60s, 5m, 1h (default 60s)")
+    p.add_argument("--once", action="store_true", help="look once and exit (1 if a dataset could not be read)")
+
     p = sub.add_parser("ui", help="start the MLflow UI on this project's tracking store")
     _common(p)
     p.add_argument("--port", type=int, default=5000)
@@ -268,6 +274,15 @@ def cmd_schedule(args) -> int:
     return 0
 
 
+def cmd_watch(args) -> int:
+    from flows.watch import parse_every, watch_loop
+
+    every = parse_every(args.every)
+    params = _load(args)
+    configure_environment(Path.cwd())   # Prefect's settings, before flows.watch imports it to emit
+    return watch_loop(params, Path.cwd(), every, args.once)
+
+
 def cmd_ui(args) -> int:
     import subprocess
 
@@ -323,7 +338,7 @@ LOCKED = ("run", "stage", "promote", "rollback", "compare", "reproduce")
 COMMANDS = {
     "run": cmd_run, "stage": cmd_stage, "models": cmd_models, "promote": cmd_promote,
     "rollback": cmd_rollback, "sample": cmd_sample, "compare": cmd_compare,
-    "reproduce": cmd_reproduce, "schedule": cmd_schedule, "ui": cmd_ui,
+    "reproduce": cmd_reproduce, "schedule": cmd_schedule, "watch": cmd_watch, "ui": cmd_ui,
     "serve": cmd_serve,
 }
 

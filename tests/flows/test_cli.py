@@ -6,7 +6,8 @@ import pytest
 
 from flows.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "stage", "models", "promote", "rollback", "sample", "compare", "schedule", "ui", "serve"]
+SUBCOMMANDS = ["run", "stage", "models", "promote", "rollback", "sample", "compare", "schedule", "watch", "ui",
+               "serve"]
 
 
 def test_help_lists_every_subcommand():

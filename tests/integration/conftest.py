@@ -354,6 +354,16 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A fresh Prefect server for the module (its `url` is the API URL); stopped at the end."""
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        yield server
+    finally:
+        _stop_all([server])
+
+
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """An MLflow server and a Prefect server, started side by side; both stopped at the end."""
     base = tmp_path_factory.mktemp("stack")

@@ -5,8 +5,10 @@ pipeline run logged with the tracking helpers: a parent and two nested model run
 model key, with fake metrics (no training). Debian's chromium, driven by chromedriver through
 selenium, opens the UI's compare-runs page of those runs, waits for it to render, saves a
 screenshot under tmp_path/reports/compare/, and checks that every model key and an eval/ metric
-are on the page. Server (tests/integration/conftest.py) and browser are stopped by PID even
-when the test fails.
+are on the page. A second test logs a model run's data as MLflow dataset inputs
+(components/tracking/datasets.py) and checks that the run page's Datasets panel shows
+`digits/train` with the DVC hash as its digest. Server (tests/integration/conftest.py) and
+browser are stopped by PID even when the test fails.
 """
 import json
 import os
@@ -142,3 +144,38 @@ def test_compare_runs_page_shows_every_model_of_a_pipeline_run(mlflow_server, br
         assert key in text
     assert "eval/fd" in text and "eval/class_acc" in text
     assert "1.52" in text and "0.81" in text  # the models' eval/fd values, side by side
+
+
+DVC_HASH = "6f1ed002ab5595859014ebf0951522d9.dir"   # what dvc.lock holds for a prepared folder
+
+
+def test_run_page_shows_the_logged_datasets_and_their_digest(mlflow_server, browser, tmp_path, monkeypatch):
+    import mlflow
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    params = Params(datasets={"digits": DatasetConfig(source="builtin:digits")},
+                    models={"digits-unet": ModelConfig(family="diffusion", backbone="unet", dataset="digits")})
+    params.tracking.experiment_prefix = f"ds{uuid.uuid4().hex[:6]}"
+    hashes = {"digits": {"raw": "0a1b2c3d4e5f60718293a4b5c6d7e8f9.dir", "prepared": DVC_HASH}}
+    with tracking.pipeline_run(params, tmp_path, flow_run_id="ui-test", models=["digits-unet"],
+                               data_hashes=hashes) as parent:
+        with tracking.model_run("digits-unet", params, tmp_path, parent_run_id=parent.info.run_id) as run:
+            tracking.log_metrics({"eval/fd": 0.81})
+    inputs = mlflow.MlflowClient(mlflow_server).get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted((i.dataset.name, i.dataset.digest) for i in inputs) == [("digits/test", DVC_HASH),
+                                                                           ("digits/train", DVC_HASH)]
+
+    exp_id = run.info.experiment_id
+    browser.get(f"{mlflow_server}/#/experiments/{exp_id}/runs/{run.info.run_id}")
+    body = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    try:
+        WebDriverWait(browser, 120, poll_frequency=1).until(lambda d: "digits/train (" in body())
+    finally:
+        shot = tmp_path / "reports" / "datasets" / "mlflow-run-datasets.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(shot))
+    # the overview's Datasets row: the training input as "name (digest)", its context, the test split as +1
+    # (the tags show the same hash as "key\n: value", so this line is the Datasets panel's)
+    assert f"Datasets\ndigits/train ({DVC_HASH})\nTraining\n+1" in body()
