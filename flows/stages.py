@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from components.config import Params, ParamsError
+from components.config import Params, ParamsError, hash_json
 from components.families.registry import family_of
 from components.layout import Layout
 
@@ -22,10 +22,48 @@ def ingest(params: Params, name: str, root: Path) -> dict:
     return {"path": str(path)}
 
 
-def validate(params: Params, name: str, root: Path) -> dict:
-    from components import validation
+# What a validation result depends on besides the raw data and the dataset's params: the suites and
+# the readers they run on (more than dvc.yaml's validate deps, which name validation.py alone)
+VALIDATION_CODE = ("components/validation.py", "components/data.py", "components/captions.py")
+VALIDATED_DIR = Path(".genflow") / "validated"   # <dataset>.json: the inputs of its last passed validation
 
-    return validation.validate(name, params.dataset(name), root)
+
+def validation_inputs(params: Params, name: str, root: Path) -> str:
+    """Hash of everything the validation of dataset `name` depends on: the bytes of data/raw/<name>,
+    its datasets.<name> params, the validation code and Great Expectations' version."""
+    from importlib import metadata
+
+    from components.data import raw_dir, tree_md5s
+    from components.versioning import code_version
+
+    return hash_json({"raw": tree_md5s(raw_dir(name, root)), "dataset": params.section_hash("datasets", name),
+                       "code": code_version(root, VALIDATION_CODE),
+                       "great_expectations": metadata.version("great_expectations")})
+
+
+def validate(params: Params, name: str, root: Path) -> dict:
+    """The dataset's Great Expectations suite; a passed validation of the same inputs
+    (validation_inputs) is reused, so a scheduled run on unchanged data validates nothing."""
+    import json
+
+    from components import validation
+    from components.files import read_json_cache, write_json
+
+    inputs = validation_inputs(params, name, root)
+    record = root / VALIDATED_DIR / f"{name}.json"
+    report = validation.validation_path(name, root)
+    if read_json_cache(record).get("inputs") == inputs and report.is_file():
+        try:
+            summary = json.loads(report.read_text())
+        except ValueError:
+            summary = {}
+        if summary.get("success") is True:
+            print(f"validate {name}: raw data, params and suite unchanged since it passed; "
+                  f"{report.relative_to(root)} kept")
+            return summary
+    summary = validation.validate(name, params.dataset(name), root)   # raises on failure: nothing recorded
+    write_json(record, {"inputs": inputs})
+    return summary
 
 
 def prepare(params: Params, name: str, root: Path) -> dict:

@@ -267,3 +267,43 @@ def test_many_offenders_are_counted_not_all_named(tmp_path, notes):
     assert message.count("empty text file") == 3 and "and 2 more [not_empty]" in message
     assert rule_result(summary, "not_empty")[0]["unexpected_count"] == 5
     assert len(rule_result(summary, "not_empty")[0]["problems"]) == 5
+
+
+# ---------------------------------------------------------------------------
+# A passed validation of the same inputs is reused (flows/stages.py)
+# ---------------------------------------------------------------------------
+
+def test_a_passed_validation_is_reused_until_the_raw_data_or_params_change(tmp_path, capsys):
+    from components.config import Params
+    from flows import stages
+
+    src = make_imagefolder(tmp_path / "src", {"a": 4, "b": 4})
+    p = Params(datasets={"mine": image_cfg(src)})
+    root = tmp_path / "project"
+    root.mkdir()
+    report = root / "data" / "validation" / "mine.json"
+
+    def validate_again() -> bool:
+        """True when the suite ran (the report written again: a new file), False when it was reused."""
+        before = report.stat().st_ino if report.exists() else None
+        stages.run_stage(p, "validate", "mine", root)
+        reused = "kept" in capsys.readouterr().out
+        assert reused == (report.stat().st_ino == before)
+        return not reused
+
+    stages.run_stage(p, "ingest", "mine", root)
+    assert validate_again()                      # first time: the suite runs
+    assert not validate_again()                  # same raw bytes, params, code: reused
+    Image.fromarray(np.zeros((16, 16), np.uint8), mode="L").save(src / "a" / "new.png")
+    stages.run_stage(p, "ingest", "mine", root)  # new raw bytes
+    assert validate_again()
+    assert not validate_again()
+    p.datasets["mine"].image_validation.min_per_class = 3   # other params: validated again
+    assert validate_again()
+
+    p.datasets["mine"].image_validation.min_per_class = 50  # fails: raises, and nothing is recorded as passed
+    with pytest.raises(DataValidationError):
+        stages.run_stage(p, "validate", "mine", root)
+    p.datasets["mine"].image_validation.min_per_class = 3   # the passed inputs of before: reused again
+    assert not json.loads(report.read_text())["success"]    # ... but the report on disk is the failed one,
+    assert validate_again()                                 # so the suite runs
