@@ -803,6 +803,10 @@ def _prepare_images(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
                             f"within 10% (images are resized to {S}x{S})")
         elif np.min(it.pixels) < 0 or np.max(it.pixels) > top:
             problems.append(f"{it.file}: pixel values outside 0..{top}")
+    if raw.resized:   # an imagefolder's class folder without images: a class the models could never learn
+        per_class = np.bincount([it.label for it in raw.items], minlength=len(raw.classes))
+        problems += [f"{path}: class {c!r} has no images; add images or remove the folder"
+                     for c, path, k in zip(raw.classes, raw.class_paths, per_class) if k == 0]
     if problems:
         _refuse(name, problems)
     if not raw.items:
