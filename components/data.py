@@ -97,12 +97,14 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez with fixed zip timestamps, so the same arrays always give the same bytes (DVC hashes)."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for key, arr in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
+            arr = np.asarray(arr)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue())
+            # streamed into the zip entry (no in-memory copy of the array's bytes); the entry's header
+            # is rewritten with its sizes at the end, so the bytes are those of writestr
+            with zf.open(info, "w", force_zip64=(arr.nbytes + 4096) * 1.05 > zipfile.ZIP64_LIMIT) as entry:
+                np.lib.format.write_array(entry, arr, allow_pickle=False)
 
 
 def display_path(path: Path, root: str | Path) -> str:
@@ -335,7 +337,6 @@ class RawImages:
 
 
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}   # Pillow modes without colour
-DECODE_NOTE_EVERY_S = 5.0   # a progress line this often while a folder is decoded
 
 
 def _decode_image(path: Path, image_size: int, levels: int) -> tuple:
@@ -386,7 +387,7 @@ def decode_images(name: str, files: list[Path], labels: list[int], cfg: DatasetC
     S = cfg.image_size
     pixels = np.zeros((len(files), S, S), dtype=np.uint8)
     items = []
-    progress = Progress(f"datasets.{name}: decoded", len(files), "images", every_s=DECODE_NOTE_EVERY_S)
+    progress = Progress(f"datasets.{name}: decoded", len(files), "images")
     for i, (f, label) in enumerate(zip(files, labels)):
         px, size, error, colour = _decode_image(f, S, cfg.levels)
         if px is not None:

@@ -6,7 +6,7 @@
         progress.step()
     progress.done()
 
-A line every `every_s` seconds on stderr, none at all for a loop that ends sooner, so small
+A line every `every_s` seconds (3) on stderr, none at all for a loop that ends sooner, so small
 datasets stay quiet; plain lines rather than a redrawn bar, because DVC and Prefect keep stage
 output as log lines:
 
@@ -20,7 +20,7 @@ from typing import Callable, Optional, TextIO
 
 
 class Progress:
-    def __init__(self, what: str, total: int, unit: str = "files", every_s: float = 5.0,
+    def __init__(self, what: str, total: int, unit: str = "files", every_s: float = 3.0,
                  stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic):
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
         self.stream, self.clock = stream, clock
