@@ -38,7 +38,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -249,18 +249,22 @@ def _copy_imagefolder(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> No
     if strays:
         raise DataError(f"datasets.{name}.source: {src / strays[0]} is not inside a class sub-folder; "
                         "move every image into the sub-folder named after its class")
-    files = []   # paths only: the bytes are copied one file at a time
     for class_dir in class_dirs:
         (dst / class_dir.name).mkdir()  # kept even when empty, so validation can name the empty class
-        files += [f for f in sorted(class_dir.rglob("*"))
-                  if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
-    _copy_files(name, files, src, dst)
+
+    def images():   # one class folder's listing at a time, never the whole folder's
+        for class_dir in class_dirs:
+            yield from (f for f in sorted(class_dir.rglob("*"))
+                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+
+    _copy_files(name, images, src, dst)
 
 
-def _copy_files(name: str, files: list[Path], src: Path, dst: Path) -> None:
-    """Copy each file to the same place under dst, byte for byte, with a progress line on long copies."""
-    progress = Progress(f"datasets.{name}: ingest copied", len(files), "files")
-    for f in files:
+def _copy_files(name: str, files: Callable[[], Iterable[Path]], src: Path, dst: Path) -> None:
+    """Copy each file that files() yields to the same place under dst, byte for byte, one at a time;
+    files() runs twice (a count for the progress line on long copies, then the copy)."""
+    progress = Progress(f"datasets.{name}: ingest copied", sum(1 for _ in files()), "files")
+    for f in files():
         out = dst / f.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -278,7 +282,7 @@ def _copy_captioned_folder(name: str, cfg: DatasetConfig, src: Path, dst: Path) 
     shutil.copyfile(meta, dst / meta.name)
     files = [f for f in sorted(src.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
              and not any(p.startswith(".") for p in f.relative_to(src).parts)]
-    _copy_files(name, files, src, dst)
+    _copy_files(name, lambda: files, src, dst)
 
 
 def _copy_textfile(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> str:
@@ -290,7 +294,7 @@ def _copy_textfile(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> str:
     files = sorted(p for p in src.rglob("*.txt") if p.is_file())
     if not files:
         raise DataError(f"datasets.{name}.source: {cfg.source} holds no .txt files")
-    _copy_files(name, files, src, dst)
+    _copy_files(name, lambda: files, src, dst)
     return "textfolder"
 
 
@@ -315,7 +319,7 @@ def dataset_fingerprint(name: str, root: str | Path = ".") -> str:
 # Reading a raw snapshot (decoded), shared by validation and prepare
 # ---------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)   # one per image of a folder: no per-object __dict__
 class RawImage:
     file: str                      # as users see it: data/raw/shapes/circle/img_3.png or .../images.npz[17]
     label: int

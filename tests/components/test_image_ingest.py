@@ -63,7 +63,7 @@ def test_decoded_folder_is_one_array_and_prepare_writes_the_per_file_rule(tmp_pa
         assert np.array_equal(x, expected[idx[s]]) and np.array_equal(y, labels[idx[s]])
 
 
-def test_decode_images_takes_any_iterable_of_files_in_order(tmp_path):
+def test_decode_images_keeps_the_order_of_the_files_it_is_given(tmp_path):
     src = make_imagefolder(tmp_path / "src", {"a": 3})
     files = sorted((src / "a").iterdir())
     raw = data.decode_images("d", files, [0, 0, 0], image_cfg(src), tmp_path)
