@@ -27,6 +27,9 @@ Prepared-data API used by the other components: ``load_manifest``, ``load_images
 ``load_pairs``, ``load_captions``.
 Both stages build their folder beside the target and swap it in only when complete, so a failure
 leaves data/raw and data/prepared as they were.
+An imagefolder is streamed: ingest copies one file at a time, decoding fills one preallocated
+(N, S, S) uint8 array one file at a time (`decode_images`; everything done to one file is in
+`_decode_image`), and save_npz streams each array into its zip entry; long loops print a progress line.
 """
 from __future__ import annotations
 
