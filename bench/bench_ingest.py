@@ -4,8 +4,8 @@ streaming code of this tree against the code of an older commit, side by side in
     .venv/bin/python bench/bench_ingest.py [--images 20000] [--size 32] [--old-rev 85ef399] [--repeats 1] [--heap]
 
 Makes a synthetic imagefolder in a temporary folder: `--images` RGB PNGs of `--size` x `--size`
-pixels in 10 class folders (smooth random colour blobs plus noise, so PNG compresses them about as
-much as photos), and prints its size on disk. Each variant then runs in a fresh process (so each
+pixels in 10 class folders (smooth random colour blobs plus noise: PNG compresses them by about a quarter, not to almost
+nothing as it would flat colours), and prints its size on disk. Each variant then runs in a fresh process (so each
 peak RSS is its own): the same `components.data.ingest`, `components.validation.validate` (Data Docs
 included, as `genflow stage validate` writes them) and `components.data.prepare` that
 `genflow stage` calls, on the dataset config below (image_size = --size, 17 levels; until colour
