@@ -27,6 +27,9 @@ Prepared-data API used by the other components: ``load_manifest``, ``load_images
 ``load_pairs``, ``load_captions``.
 Both stages build their folder beside the target and swap it in only when complete, so a failure
 leaves data/raw and data/prepared as they were.
+An imagefolder is streamed: ingest copies one file at a time, decoding fills one preallocated
+(N, S, S) uint8 array one file at a time (`decode_images`; everything done to one file is in
+`_decode_image`), and save_npz streams each array into its zip entry; long loops print a progress line.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -47,6 +50,7 @@ from components.config import DatasetConfig, SplitConfig
 from components.errors import DataError
 from components.files import replaced_dir, write_json
 from components.layout import Layout
+from components.progress import Progress
 from components.stdlib_docs import first_sentence, harvest_pydoc, harvest_pydoc_pairs  # noqa: F401
 from components.textsource import decode_text, documents_fill_splits, split_by_characters
 
@@ -96,12 +100,14 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """np.savez with fixed zip timestamps, so the same arrays always give the same bytes (DVC hashes)."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for key, arr in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
+            arr = np.asarray(arr)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue())
+            # streamed into the zip entry (no in-memory copy of the array's bytes); the entry's header
+            # is rewritten with its sizes at the end, so the bytes are those of writestr
+            with zf.open(info, "w", force_zip64=(arr.nbytes + 4096) * 1.05 > zipfile.ZIP64_LIMIT) as entry:
+                np.lib.format.write_array(entry, arr, allow_pickle=False)
 
 
 def display_path(path: Path, root: str | Path) -> str:
@@ -248,23 +254,38 @@ def _copy_imagefolder(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> No
                         "move every image into the sub-folder named after its class")
     for class_dir in class_dirs:
         (dst / class_dir.name).mkdir()  # kept even when empty, so validation can name the empty class
-        for f in sorted(class_dir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
-                out = dst / class_dir.name / f.relative_to(class_dir)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, out)
+
+    def images():   # one class folder's listing at a time, never the whole folder's
+        for class_dir in class_dirs:
+            yield from (f for f in sorted(class_dir.rglob("*"))
+                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+
+    _copy_files(name, images, src, dst)
+
+
+def _copy_files(name: str, files: Callable[[], Iterable[Path]], src: Path, dst: Path) -> None:
+    """Copy each file that files() yields to the same place under dst, byte for byte, one at a time;
+    files() runs twice (a count for the progress line on long copies, then the copy)."""
+    progress = Progress(f"datasets.{name}: ingest copied", sum(1 for _ in files()), "files")
+    for f in files():
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(f, out)
+        except (PermissionError, IsADirectoryError) as e:   # other OSErrors (disk full) are not the file's fault
+            raise DataError(f"datasets.{name}.source: {f} cannot be read ({e.strerror}); "
+                            "make it readable or remove it from the folder") from None
+        progress.step()
+    progress.done()
 
 
 def _copy_captioned_folder(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> None:
     """The metadata file and every image under src (sub-folders kept), byte for byte."""
     meta = metadata_file(name, cfg, src)
     shutil.copyfile(meta, dst / meta.name)
-    for f in sorted(src.rglob("*")):
-        rel = f.relative_to(src)
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in rel.parts):
-            out = dst / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, out)
+    files = [f for f in sorted(src.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+             and not any(p.startswith(".") for p in f.relative_to(src).parts)]
+    _copy_files(name, lambda: files, src, dst)
 
 
 def _copy_textfile(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> str:
@@ -276,10 +297,7 @@ def _copy_textfile(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> str:
     files = sorted(p for p in src.rglob("*.txt") if p.is_file())
     if not files:
         raise DataError(f"datasets.{name}.source: {cfg.source} holds no .txt files")
-    for f in files:
-        out = dst / f.relative_to(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, out)
+    _copy_files(name, lambda: files, src, dst)
     return "textfolder"
 
 
@@ -304,13 +322,15 @@ def dataset_fingerprint(name: str, root: str | Path = ".") -> str:
 # Reading a raw snapshot (decoded), shared by validation and prepare
 # ---------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)   # one per image of a folder: no per-object __dict__
 class RawImage:
     file: str                      # as users see it: data/raw/shapes/circle/img_3.png or .../images.npz[17]
     label: int
-    pixels: Optional[np.ndarray]   # (H, W) grey levels as stored (npz) or resized+quantised (imagefolder)
+    pixels: Optional[np.ndarray]   # (H, W) grey levels as stored (npz) or resized+quantised (imagefolder);
+    #                                a view into RawImages.pixels, never a copy of its own
     size: Optional[tuple[int, int]]  # (width, height) of the stored image, before any resize
     error: Optional[str] = None    # why it could not be decoded
+    colour: bool = False           # the file holds colour (RGB, palette, CMYK ...), converted to grey
 
 
 @dataclass
@@ -320,24 +340,33 @@ class RawImages:
     items: list[RawImage]
     resized: bool                  # imagefolder: images are cropped to square and resized to image_size
     source_levels: int             # pixels hold 0..source_levels-1 before requantisation
+    pixels: Optional[np.ndarray] = None   # (N, H, W): every item's pixels in one array (zeros where broken)
+
+
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}   # Pillow modes without colour
 
 
 def _decode_image(path: Path, image_size: int, levels: int) -> tuple:
-    """(pixels (S, S) uint8 in 0..levels-1, (w, h), None) or (None, None, error)."""
+    """Everything done to one image file: (pixels (S, S) uint8 in 0..levels-1, (w, h), None, colour)
+    or (None, size or None, error, colour). The EXIF orientation is applied first, so a rotated
+    photo comes out upright and its size is the upright one."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     fmt = IMAGE_SUFFIXES[path.suffix.lower()]
+    if path.stat().st_size == 0:
+        return None, None, f"empty file (0 bytes), not a {fmt}; replace it with the image or remove it", False
     try:
         with Image.open(path) as im:
             im.load()  # open() reads only the header; load() decodes (and finds truncation)
+            colour = im.mode not in GREY_MODES
             im = ImageOps.exif_transpose(im).convert("L")
     except UnidentifiedImageError:
-        return None, None, f"corrupt {fmt} (cannot identify image file)"
+        return None, None, f"corrupt {fmt} (cannot identify image file)", False
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError ... for broken files
         reason = str(e).replace(f" '{path}'", "").replace(str(path), "").strip() or type(e).__name__
         reason = reason.splitlines()[0]  # the message stays one line
-        return None, None, f"corrupt {fmt} ({reason})"
-    return quantise_grey(square_resize(im, image_size), levels), im.size, None
+        return None, None, f"corrupt {fmt} ({reason})", False
+    return quantise_grey(square_resize(im, image_size), levels), im.size, None, colour
 
 
 def square_resize(im, image_size: int, resample=None):
@@ -358,6 +387,37 @@ def quantise_grey(im, levels: int) -> np.ndarray:
     return np.rint(grey * (levels - 1) / 255.0).astype(np.uint8)
 
 
+def decode_images(name: str, files: list[Path], labels: list[int], cfg: DatasetConfig, root) -> RawImages:
+    """Decode image files one at a time into one preallocated (N, S, S) uint8 array: memory is the
+    array plus a small record per file, never a list of decoded images. Broken files keep their error
+    (their rows stay zero). A progress line every few seconds on a long folder."""
+    S = cfg.image_size
+    pixels = np.zeros((len(files), S, S), dtype=np.uint8)
+    items = []
+    progress = Progress(f"datasets.{name}: decoded", len(files), "images")
+    for i, (f, label) in enumerate(zip(files, labels)):
+        px, size, error, colour = _decode_image(f, S, cfg.levels)
+        if px is not None:
+            pixels[i] = px
+        items.append(RawImage(display_path(f, root), label, pixels[i] if px is not None else None, size, error, colour))
+        progress.step()
+    progress.done()
+    return RawImages([], [], items, resized=True, source_levels=cfg.levels, pixels=pixels)
+
+
+def image_files(folder: Path) -> tuple[list[Path], list[int], list[Path]]:
+    """An imagefolder snapshot's image files (sorted by class folder, then path), their labels and
+    the class folders (sorted; a class's label is its index)."""
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(label)
+    return files, labels, class_dirs
+
+
 def read_raw_images(name: str, cfg: DatasetConfig, root: str | Path = ".") -> RawImages:
     """Decode data/raw/<name>/ into one RawImage per image (broken files keep their error)."""
     folder = raw_dir(name, root)
@@ -367,16 +427,10 @@ def read_raw_images(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Ra
     if layout != "imagefolder":
         raise DataError(f"datasets.{name}: data/raw/{name} holds {layout} data, not images; "
                         f"run `genflow stage ingest {name}` again")
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    items = []
-    for label, class_dir in enumerate(class_dirs):
-        for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            pixels, size, error = _decode_image(f, cfg.image_size, cfg.levels)
-            items.append(RawImage(display_path(f, root), label, pixels, size, error))
-    return RawImages([d.name for d in class_dirs], [display_path(d, root) for d in class_dirs], items,
-                     resized=True, source_levels=cfg.levels)
+    files, labels, class_dirs = image_files(folder)
+    raw = decode_images(name, files, labels, cfg, root)
+    raw.classes, raw.class_paths = [d.name for d in class_dirs], [display_path(d, root) for d in class_dirs]
+    return raw
 
 
 def _read_npz_images(path: Path, name: str, cfg: DatasetConfig, root) -> RawImages:
@@ -395,15 +449,36 @@ def _read_npz_images(path: Path, name: str, cfg: DatasetConfig, root) -> RawImag
                         f"got images {images.shape} and labels {labels.shape}")
     items = [RawImage(f"{where}[{i}]", int(labels[i]), images[i], (images.shape[2], images.shape[1]))
              for i in range(len(images))]
-    return RawImages(classes, [where] * len(classes), items, resized=False, source_levels=levels)
+    return RawImages(classes, [where] * len(classes), items, resized=False, source_levels=levels, pixels=images)
+
+
+def to_levels(pixels: np.ndarray, source_levels: int, levels: int) -> np.ndarray:
+    """Pixels (any shape) as uint8 in 0..levels-1, as training will see them (requantised when
+    source levels differ; NaN to 0, out-of-range values clipped)."""
+    x = np.asarray(pixels, dtype=np.float64)
+    if source_levels != levels:
+        x = x * (levels - 1) / (source_levels - 1)
+    return np.clip(np.rint(np.nan_to_num(x)), 0, levels - 1).astype(np.uint8)
 
 
 def image_array(item: RawImage, raw: RawImages, levels: int) -> np.ndarray:
     """(H, W) uint8 in 0..levels-1 as training will see it (requantised when source levels differ)."""
-    x = np.asarray(item.pixels, dtype=np.float64)
-    if raw.source_levels != levels:
-        x = x * (levels - 1) / (raw.source_levels - 1)
-    return np.clip(np.rint(np.nan_to_num(x)), 0, levels - 1).astype(np.uint8)
+    return to_levels(item.pixels, raw.source_levels, levels)
+
+
+CONVERT_CHUNK = 4096   # images requantised at a time: the float64 temporaries stay a few MB
+
+
+def images_at_levels(raw: RawImages, levels: int) -> np.ndarray:
+    """Every image as (N, H, W) uint8 in 0..levels-1: RawImages.pixels itself when it already is
+    (no copy), else converted chunk by chunk into one new array."""
+    x = raw.pixels
+    if x.dtype == np.uint8 and raw.source_levels == levels:
+        return x
+    out = np.empty(x.shape, dtype=np.uint8)
+    for start in range(0, len(x), CONVERT_CHUNK):
+        out[start:start + CONVERT_CHUNK] = to_levels(x[start:start + CONVERT_CHUNK], raw.source_levels, levels)
+    return out
 
 
 @dataclass
@@ -555,8 +630,7 @@ def read_raw_captions(name: str, cfg: DatasetConfig, root: str | Path = ".") -> 
                         f"run `genflow stage ingest {name}` again")
     path = next(folder / m for m in METADATA_FILES if (folder / m).is_file())
     files = [f for f in sorted(folder.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-    items = [RawImage(display_path(f, root), -1, *_decode_image(f, cfg.image_size, cfg.levels)) for f in files]
-    images = RawImages([], [], items, resized=True, source_levels=cfg.levels)
+    images = decode_images(name, files, [-1] * len(files), cfg, root)
     return RawCaptions(images, [f.relative_to(folder).as_posix() for f in files],
                        _read_metadata(path, root), display_path(path, root))
 
@@ -731,21 +805,41 @@ def _prepare_images(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
             problems.append(f"{it.file}: NaN pixel values")
         elif not raw.resized and it.pixels.shape != (cfg.image_size, cfg.image_size):
             problems.append(f"{it.file}: {it.size[0]}x{it.size[1]} pixels, expected {cfg.image_size}x{cfg.image_size}")
+        elif raw.resized and (min(it.size) < cfg.image_size or max(it.size) / min(it.size) > MAX_ASPECT):
+            S = cfg.image_size   # the validation suite's image_size rule, in the same words
+            problems.append(f"{it.file}: {it.size[0]}x{it.size[1]} pixels, expected at least {S}x{S} and square "
+                            f"within 10% (images are resized to {S}x{S})")
         elif np.min(it.pixels) < 0 or np.max(it.pixels) > top:
             problems.append(f"{it.file}: pixel values outside 0..{top}")
+    if raw.resized:   # an imagefolder's class folder without images: a class the models could never learn
+        per_class = np.bincount([it.label for it in raw.items], minlength=len(raw.classes))
+        problems += [f"{path}: class {c!r} has no images; add images or remove the folder"
+                     for c, path, k in zip(raw.classes, raw.class_paths, per_class) if k == 0]
     if problems:
         _refuse(name, problems)
     if not raw.items:
         raise DataError(f"datasets.{name}: data/raw/{name} holds no images")
-    x = np.stack([image_array(it, raw, cfg.levels) for it in raw.items])  # (N, S, S) uint8
+    x = images_at_levels(raw, cfg.levels)                                  # (N, S, S) uint8, no copy
     y = np.array([it.label for it in raw.items], dtype=np.int64)          # (N,)
     idx = split_indices(len(y), cfg.split, labels=y)
     _check_nonempty(name, idx, cfg.split, "images")
     for s in SPLITS:
         save_npz(out / f"{s}.npz", x=x[idx[s]], y=y[idx[s]])
+    modes = {"image_modes": colour_count(name, raw)} if raw.resized else {}   # builtins: manifest as it was
     return {"counts": {s: int(len(idx[s])) for s in SPLITS},
-            "image_size": cfg.image_size, "levels": cfg.levels, "classes": raw.classes,
+            "image_size": cfg.image_size, "levels": cfg.levels, "classes": raw.classes, **modes,
             "class_histogram": {s: np.bincount(y[idx[s]], minlength=len(raw.classes)).tolist() for s in SPLITS}}
+
+
+def colour_count(name: str, raw: RawImages) -> dict[str, int]:
+    """{"grey": files, "colour": files} of a decoded folder; colour files were converted to grey,
+    said in one line naming the first of them."""
+    colour = [it.file for it in raw.items if it.colour]
+    if colour:
+        print(f"datasets.{name}: {len(colour)} of {len(raw.items)} images are colour (first: {colour[0]}), "
+              "converted to grey (the image models take 1 channel); counted in manifest.json image_modes "
+              "[colour_to_grey]", flush=True)
+    return {"grey": len(raw.items) - len(colour), "colour": len(colour)}
 
 
 def _prepare_text(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
@@ -839,7 +933,7 @@ def _prepare_captions(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
         texts.setdefault(ln.file_name, []).extend(ln.texts)
         if ln.record and "words" in ln.record:
             words[ln.file_name] = ln.record["words"]
-    x = np.stack([image_array(it, raw.images, cfg.levels) for it in raw.images.items])   # (N, S, S) uint8
+    x = images_at_levels(raw.images, cfg.levels)                                          # (N, S, S) uint8
     y = np.array([it.label for it in raw.images.items], dtype=np.int64)                    # (N,); -1: no class
     props = measure(x, cfg.levels)   # from the pixels training sees: the values saved beside the captions
     labelled = bool(raw.images.classes)

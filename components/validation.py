@@ -28,6 +28,7 @@ great_expectations is imported only inside ``validate`` (it takes seconds to imp
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from pathlib import Path
@@ -152,10 +153,18 @@ def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[s
     idx = split_indices(len(labels), cfg.split, labels=labels)
     split_of = {int(i): s for s, ids in idx.items() for i in ids}
     usable = [it.error is None and not np.isnan(np.asarray(it.pixels, dtype=np.float64)).any() for it in raw.items]
-    train_copy = {}
+    train_copy = {}   # digest of the pixels -> first train image: 32 bytes per image, not a copy of the pixels
     for i in idx["train"]:
         if usable[i]:
-            train_copy.setdefault(image_array(raw.items[i], raw, cfg.levels).tobytes(), raw.items[i].file)
+            train_copy.setdefault(_pixel_digest(image_array(raw.items[i], raw, cfg.levels)), i)
+
+    def train_twin(it) -> str | None:
+        """The train image with exactly the same pixels as `it`, if any (digests equal, then pixels compared)."""
+        pixels = image_array(it, raw, cfg.levels)
+        j = train_copy.get(_pixel_digest(pixels))
+        if j is not None and np.array_equal(image_array(raw.items[j], raw, cfg.levels), pixels):
+            return raw.items[j].file
+        return None
 
     rows, by_file = [], {}
     for i, it in enumerate(raw.items):
@@ -172,7 +181,7 @@ def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[s
             if not np.isnan(px).all():
                 row.update(pixel_min=float(np.nanmin(px)), pixel_max=float(np.nanmax(px)))
             if usable[i] and split_of[i] == "test":
-                twin = train_copy.get(image_array(it, raw, cfg.levels).tobytes())
+                twin = train_twin(it)
                 row["duplicate_of_train"] = twin is not None
                 row["twin"] = twin
         rows.append(row)
@@ -237,6 +246,10 @@ def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[s
         return list(dict.fromkeys(out))  # one line per file even if two size checks flag it
 
     return rows, columns, expectations, explain
+
+
+def _pixel_digest(pixels: np.ndarray) -> bytes:
+    return hashlib.blake2b(pixels.tobytes(), digest_size=16).digest()
 
 
 def _size_expectations(S: int, resized: bool) -> tuple[list, str]:
