@@ -40,6 +40,7 @@ from components.compare.model import (
     BASELINE_NAMES,
     CLAIMS,
     DISAGREES,
+    IMAGE_KINDS,
     MAIN_METRIC,
     MIXED,
     NOT_MEASURED,
@@ -70,6 +71,7 @@ from components.compare.rows import (
     row_memorisation,
     row_memory,
     row_parallel,
+    row_prompts,
     row_quality,
     row_sampling_speed,
     row_stability,
@@ -78,13 +80,14 @@ from components.compare.rows import (
 
 __all__ = [
     "AGREES", "BASELINE_NAMES", "CLAIMS", "COPIES_NN_RATIO", "DISAGREES", "FAMILY_COLOURS", "GENERALISES_NN_RATIO",
+    "IMAGE_KINDS",
     "MAIN_METRIC", "MIXED", "NOT_MEASURED", "NOT_MEASURED_ROWS", "REQUIRED_METRICS", "SCALING_TIE",
     "STABLE_LOSS_CV", "STABLE_METRIC_CV", "CompareError", "Machine", "ModelResult", "Pipeline", "Report", "Row",
     "achieved_gflops", "check_model", "collect", "combine", "diffusion_samplers", "find_pipeline", "fmt",
     "gpt_sampling", "headline_steps", "known_backbone", "make_plots", "make_report", "make_rows", "mb",
     "model_result", "overall", "plot_compute", "plot_sampling", "plot_stability", "render_html",
     "render_markdown", "report_json", "row_architecture", "row_cost", "row_editing", "row_memorisation", "row_memory",
-    "row_parallel", "row_quality",
+    "row_parallel", "row_prompts", "row_quality",
     "row_sampling_speed", "row_stability", "sample_flops_per_item", "sampler_label", "sampler_steps",
     "seed_history", "sequential_calls", "si", "spread", "summary", "train_flops_per_item", "vote", "write_report",
 ]

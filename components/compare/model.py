@@ -19,7 +19,9 @@ class CompareError(GenflowError, ValueError):
 # Every finished model run must carry these (older genflow runs lack some: refuse, never half a report).
 REQUIRED_METRICS = ("perf/params", "perf/train_seconds", "perf/train_items_per_s", "perf/flops_per_item",
                     "perf/sample_ms_per_item", "train/loss")
-MAIN_METRIC = {"image": "eval/fd", "text": "eval/bits_per_char", "pairs": "eval/bits_per_char"}
+MAIN_METRIC = {"image": "eval/fd", "captions": "eval/fd", "text": "eval/bits_per_char",
+               "pairs": "eval/bits_per_char"}
+IMAGE_KINDS = ("image", "captions")       # dataset kinds whose items are images (captions: prompted images)
 
 AGREES, DISAGREES, MIXED, NOT_MEASURED = "agrees", "disagrees", "mixed", "not measured"
 BASELINE_NAMES = {"real": "real data", "kde": "KDE", "gaussian": "Gaussian"}
@@ -41,6 +43,10 @@ CLAIMS: dict[str, tuple[str, str]] = {
     # the seed's applications and strengths lists: diffusion's versatility, editing in particular
     "Editing (inpainting, super-resolution)": ("versatile: effective in image editing tasks such as inpainting "
                                                "and super-resolution", "(no claim)"),
+    # the seed's applications and architecture sections: text-to-image, conditioned by cross-attention
+    "Text-to-image (prompt adherence)": ("the usual choice for text-to-image: a U-Net with cross-attention to "
+                                         "an encoded prompt", "an encoder-decoder: the decoder writes the image "
+                                                              "with cross-attention to the encoded prompt"),
 }
 NOT_MEASURED_ROWS = ("Data Type Focus", "Long-Range Dependencies", "Interpretability", "Primary Applications")
 
@@ -59,7 +65,7 @@ class ModelResult:
     family: str                       # diffusion | transformer
     backbone: str                     # unet | dit | gpt | mdlm (components.families.base.BACKBONES)
     dataset: str
-    kind: str                         # image | text
+    kind: str                         # image | captions | text | pairs
     run_id: str
     metrics: dict[str, float]
     params: dict[str, str] = field(default_factory=dict)
@@ -84,18 +90,23 @@ class ModelResult:
         return "autoregressive" if self.family == "transformer" else "denoising"
 
     @property
+    def is_image(self) -> bool:
+        """Its items are images (of a plain or a captioned dataset)."""
+        return self.kind in IMAGE_KINDS
+
+    @property
     def main_metric(self) -> str:
         return MAIN_METRIC[self.kind]
 
     @property
     def unit(self) -> str:
         """What one generated item is: an image, or a character of text."""
-        return "image" if self.kind == "image" else "char"
+        return "image" if self.is_image else "char"
 
     @property
     def tokens_per_item(self) -> int:
         """Tokens per generated item for a GPT (pixels of an image; 1 for a character)."""
-        if self.kind == "image":
+        if self.is_image:
             return int(self.param("dataset.image_size", 8)) ** 2
         return 1
 

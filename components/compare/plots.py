@@ -56,11 +56,11 @@ def plot_sampling(ds: str, models: list[ModelResult]) -> Optional[bytes]:
                 ax_t.plot([x], [cached], "s", color=colour, label=f"{m.key} (KV cache)")
             if nocache is not None:
                 ax_t.plot([x], [nocache], "^", color=colour, mfc="none", label=f"{m.key} (no cache)")
-            if m.kind == "image" and m.get("eval/fd") is not None:
+            if m.is_image and m.get("eval/fd") is not None:
                 ax_q.plot([x], [m.get("eval/fd")], "s", color=colour, label=m.key)
                 quality_drawn = True
     ref = models[0]
-    if ref.kind == "image" and quality_drawn:
+    if ref.is_image and quality_drawn:
         for name, style in (("real", ":"), ("kde", "--"), ("gaussian", "-.")):
             v = ref.get(f"baseline/{name}_fd")
             if v is not None:

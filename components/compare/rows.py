@@ -83,7 +83,7 @@ def _missing_family(ds: str, models: list[ModelResult]) -> Optional[str]:
 def row_quality(ds: str, models: list[ModelResult]) -> Row:
     cells, flags, ev = {}, [], []
     for m in models:
-        if m.kind == "image":
+        if m.is_image:
             fd, real = m.get("eval/fd"), m.get("baseline/real_fd")
             simple = {n: m.get(f"baseline/{n}_fd") for n in ("kde", "gaussian")}
             simple = {n: v for n, v in simple.items() if v is not None}
@@ -131,7 +131,7 @@ def row_sampling_speed(ds: str, models: list[ModelResult]) -> Row:
             text = f"{fmt(cached)} ms/{unit} with KV cache"
             if nocache is not None:
                 text += f", {fmt(nocache)} without"
-            if m.kind == "image":
+            if m.is_image:
                 text += f" ({m.tokens_per_item} tokens per image)"
             cells[m.key] = text
             if cached is not None:
@@ -222,7 +222,7 @@ def row_parallel(ds: str, models: list[ModelResult]) -> Row:
             parts.append("training thread scaling not probed")
         calls = sequential_calls(m)
         if m.generation == "autoregressive":
-            parts.append(f"sampling: {m.tokens_per_item if m.kind == 'image' else 1} sequential network call(s) "
+            parts.append(f"sampling: {m.tokens_per_item if m.is_image else 1} sequential network call(s) "
                          f"per {m.unit}, one token each")
         elif m.generation == "masked":
             parts.append(f"sampling: {headline_steps(m)} sequential calls per {m.param('sample.length', 0, int)} "
@@ -392,7 +392,7 @@ def row_editing(ds: str, models: list[ModelResult]) -> Row:
     plus super-resolution when a model with eval/sr_* metrics ran; 'agrees' when the diffusion model
     inpaints every mask, beats nearest-neighbour fill on class accuracy for each and, where measured,
     the transformer on the mask both can do and bicubic upscaling on class accuracy and FD."""
-    inpainters = [m for m in models if m.kind == "image" and _inpaint_masks(m)]
+    inpainters = [m for m in models if m.is_image and _inpaint_masks(m)]
     upscalers = [m for m in models if m.get("eval/sr_psnr") is not None]
     cells = {m.key: _inpaint_cell(m) for m in inpainters}
     for m in upscalers:
@@ -442,13 +442,74 @@ def row_editing(ds: str, models: list[ModelResult]) -> Row:
     return Row(ds, EDITING, cells, vote(flags), "; ".join(ev))
 
 
+PROMPTS = "Text-to-image (prompt adherence)"
+PROMPT_MODELS = {"diffusion": "captions-unet", "transformer": "captions-encdec"}   # the keys params.yaml trains
+
+
+def _prompted(models: list[ModelResult]) -> list[ModelResult]:
+    """The models with prompt-adherence metrics (components/families/captions.py's names)."""
+    return [m for m in models if m.get("eval/prompt_acc") is not None]
+
+
+def _prompt_cell(m: ModelResult) -> str:
+    err, label_only = m.get("eval/attribute_error"), m.get("baseline/label_only_attribute_error")
+    share = f", {err / label_only:.2f}x" if err is not None and label_only else ""
+    text = (f"prompt accuracy {fmt(m.get('eval/prompt_acc'), 2)}; attribute error {fmt(err)} (digit word alone "
+            f"{fmt(label_only)}{share}; real images with their captions "
+            f"{fmt(m.get('baseline/real_attribute_error'))}); FD {fmt(m.get('eval/fd'))} (real data "
+            f"{fmt(m.get('baseline/real_fd'))}); {fmt(m.get('perf/sample_ms_per_item'))} ms/image to sample")
+    if m.generation == "denoising":
+        text += f" ({m.param('sample.steps', 0, int)} steps, guidance {fmt(m.param('sample.guidance', 1.0))})"
+    sf = sample_flops_per_item(m) if m.generation in ("denoising", "autoregressive") else None
+    return text + (f", ~{si(sf, 'FLOP')}/image" if sf is not None else "")
+
+
+def row_prompts(ds: str, models: list[ModelResult]) -> Row:
+    """Both paradigms prompted with the same captions: prompt accuracy, attribute error against the
+    label-only and real baselines, FD and sampling cost. 'agrees' when each model's prompt gets through
+    (attribute error below the digit word alone's) and the diffusion model follows its prompt at least
+    as well as the transformer (prompt accuracy, attribute error) at no worse FD; 'not measured'
+    while either paradigm has not run on this dataset."""
+    prompted = _prompted(models)
+    if not prompted:
+        return Row(ds, PROMPTS, {}, NOT_MEASURED, f"not run: no model with prompt metrics on {ds} (captioned images: "
+                   f"genflow run --only {PROMPT_MODELS['diffusion']},{PROMPT_MODELS['transformer']})")
+    cells = {m.key: _prompt_cell(m) for m in prompted}
+    diff, tr = _families(prompted)
+    missing = [f"{family}: not run (no {family} model with eval/prompt_acc on {ds}; genflow run --only {key})"
+               for family, key, have in (("diffusion", PROMPT_MODELS["diffusion"], diff),
+                                         ("transformer", PROMPT_MODELS["transformer"], tr)) if not have]
+    flags, ev = [], []
+    for m in prompted:
+        err, label_only = m.get("eval/attribute_error"), m.get("baseline/label_only_attribute_error")
+        if err is not None and label_only is not None:
+            flags.append(err < label_only)
+            ev.append(f"{m.key} attribute error {fmt(err)} {'<' if err < label_only else '>='} digit word alone "
+                      f"{fmt(label_only)}")
+    if missing:
+        return Row(ds, PROMPTS, cells, NOT_MEASURED, "; ".join(ev + missing))
+    d, t = diff[0], tr[0]
+    for name, metric, better in (("prompt accuracy", "eval/prompt_acc", max), ("attribute error",
+                                 "eval/attribute_error", min), ("FD", "eval/fd", min)):
+        a, b = d.get(metric), t.get(metric)
+        if a is None or b is None:
+            continue
+        ok = a == better(a, b)
+        flags.append(ok)
+        ev.append(f"{name}: {d.key} {fmt(a)} vs {t.key} {fmt(b)} ({'diffusion' if ok else 'transformer'} "
+                  f"{'ahead' if a != b else 'level'})")
+    ms_d, ms_t = d.get("perf/sample_ms_per_item"), t.get("perf/sample_ms_per_item")
+    ev.append(f"sampling {fmt(ms_d)} vs {fmt(ms_t)} ms/image (shown, not judged)")
+    return Row(ds, PROMPTS, cells, vote(flags), "; ".join(ev))
+
+
 def make_rows(pipeline: Pipeline, machine: Machine) -> list[Row]:
     rows = []
     for ds in pipeline.datasets():
         ms = pipeline.models_of(ds)
         rows += [row_quality(ds, ms), row_sampling_speed(ds, ms), row_cost(ds, ms, machine),
                  row_memory(ds, ms), row_parallel(ds, ms), row_stability(ds, ms), row_memorisation(ds, ms),
-                 row_architecture(ds, ms), row_editing(ds, ms)]
+                 row_architecture(ds, ms), row_editing(ds, ms), row_prompts(ds, ms)]
     return rows
 
 

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from components.errors import ServerError
 from components.inference import InferenceError
 from components.serving.follow import Follower, FollowSettings, Poller, one_line
-from components.serving.generate import ImageRequest, Limits, RequestProblem, TextRequest, plan
+from components.serving.generate import ImageRequest, Limits, RequestProblem, TextRequest, UpscaleRequest, plan
 from components.serving.metrics import CONTENT_TYPE, ServeMetrics
 from components.serving.models import ModelTable, Served, SmokeCheckFailed, VersionNotFound, load_version
 from components.serving.queue import ModelQueue, QueueFull
@@ -81,13 +81,15 @@ def inline_schema(model) -> dict:
 
 
 GENERATE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "oneOf": [inline_schema(ImageRequest), inline_schema(TextRequest)]},
+    "oneOf": [inline_schema(ImageRequest), inline_schema(TextRequest), inline_schema(UpscaleRequest)]},
     "examples": {"image": {"value": {"n": 4, "label": 3, "steps": 20, "guidance": 1.0, "seed": 0}},
                  "inpaint": {"value": {"n": 2, "seed": 0, "inpaint": {
                      "image": [[0, 0, 5, 13, 9, 1, 0, 0]] * 4 + [[0] * 8] * 4,
                      "mask": [[0] * 8] * 4 + [[1] * 8] * 4, "jump": 5, "resample": 2}}},
                  "text": {"value": {"prompt": "Return the ", "length": 64, "temperature": 0.8, "top_k": 0,
-                                    "seed": 0}}}}}}}
+                                    "seed": 0}},
+                 "upscale": {"value": {"upscale": [[0, 6, 9, 0], [0, 11, 3, 0], [0, 9, 0, 0], [0, 5, 2, 0]], "n": 2,
+                                       "steps": 20, "seed": 0}}}}}}}
 
 
 class Unavailable(ServerError):

@@ -8,7 +8,9 @@ instead of steps and guidance); a diffusion model also takes ``"inpaint": {"imag
 "resample", "resize"}`` (n completions of the image, as `genflow sample --inpaint` draws them,
 never batched with others); text: ``{"prompt", "length", "temperature", "top_k", "seed", "n"}``
 (a masked LM also takes ``steps``: its K); a text-to-image model: ``{"prompt", "n", "steps", "guidance",
-"seed"}``, n images of the caption. Omitted settings take the model's sample defaults,
+"seed"}``, n images of the caption; a super-resolution model: ``{"upscale", "n", "steps", "seed"}``,
+n upscalings of one low-res image (a base64 PNG or rows of grey levels, as `genflow sample --upscale`
+reads a file; never batched with others). Omitted settings take the model's sample defaults,
 as in `genflow sample`; the same seed and version give what `genflow sample` gives (label given:
 ``genflow sample --label L -n N --seed S``). Without a label, image i gets class i mod classes.
 
@@ -35,6 +37,7 @@ from components.inference import (
     InferenceError,
     MaskedLMEngine,
     Randn,
+    SuperResEngine,
     TextDiffusionEngine,
     numpy_randn,
 )
@@ -130,6 +133,37 @@ class PromptImageRequest(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
+class UpscaleRequest(BaseModel):
+    """POST body for a super-resolution model: n upscalings of one low-res image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    upscale: Any = Field(..., description="the low-res image: a base64 PNG (read as `genflow sample --upscale` "
+                                          "reads a file), or H/f rows of W/f grey levels 0..levels-1")
+    n: int = Field(1, ge=1, description="upscalings to draw (at most --max-n)")
+    steps: Optional[int] = Field(None, ge=1, description="diffusion sampling steps, 1..T")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+def _plan_upscale(engine: SuperResEngine, req: UpscaleRequest, allowed: dict) -> Job:
+    """n upscalings of the request's low-res image, checked as `genflow sample --upscale` checks its file."""
+    from components.sampling.superres import SuperResInputError, read_upscale_input, upscale_levels
+
+    levels = int(engine.config.get("levels", 256))
+    steps = req.steps if req.steps is not None else int(engine.defaults.get("steps", min(50, engine.timesteps)))
+    _in_range("steps", steps, 1, engine.timesteps, allowed)
+    try:
+        if isinstance(req.upscale, str):
+            lowres = read_upscale_input(_png_bytes(req.upscale, "upscale"), engine.shape, engine.factor, levels,
+                                        model=engine.name, flag="upscale", resize_flag=None)
+        elif isinstance(req.upscale, list):
+            lowres = upscale_levels(req.upscale, engine.shape, engine.factor, levels, engine.name, flag="upscale")
+        else:
+            raise RequestProblem("upscale", "expected a base64 PNG string or rows of integers", allowed["upscale"])
+    except SuperResInputError as e:
+        raise RequestProblem("upscale", str(e).partition(": ")[2] or str(e), allowed["upscale"]) from None
+    return Job("images", {"lowres": lowres, "steps": steps, "seed": req.seed}, n=req.n, extra={"upscale": True})
+
+
 def _plan_prompted(engine: TextDiffusionEngine, req: PromptImageRequest, allowed: dict) -> Job:
     try:
         engine.tokenizer.encode_prompt(req.prompt, required=True)   # empty, unknown characters, too long
@@ -189,6 +223,11 @@ def allowed_ranges(engine: Engine, limits: Limits) -> dict[str, str]:
     if isinstance(engine, TextDiffusionEngine):
         out.update(prompt=f"1..{engine.tokenizer.max_chars} characters of the model's captions",
                    steps=f"1..{engine.timesteps}", guidance=">= 0")
+    elif isinstance(engine, SuperResEngine):
+        _, h, w = engine.lowres_shape
+        top = int(engine.config.get("levels", 256)) - 1
+        out.update(upscale=f"a {w}x{h} base64 PNG, or {h} rows of {w} grey levels 0..{top}",
+                   steps=f"1..{engine.timesteps}")
     elif isinstance(engine, EncDecEngine):
         out.update(source=f"1..{engine.source_len} characters of the model's vocabulary",
                    decoding="greedy | sample | beam", beam_width=">= 1", temperature="> 0", top_k=">= 0")
@@ -210,6 +249,8 @@ def allowed_ranges(engine: Engine, limits: Limits) -> dict[str, str]:
 def request_schema(engine: Engine) -> type[BaseModel]:
     if isinstance(engine, TextDiffusionEngine):
         return PromptImageRequest
+    if isinstance(engine, SuperResEngine):
+        return UpscaleRequest
     if isinstance(engine, EncDecEngine):
         return SourceRequest
     return ImageRequest if is_image(engine) else TextRequest
@@ -251,6 +292,8 @@ def plan(engine: Engine, body: Any, limits: Limits) -> Job:
     _in_range("n", req.n, 1, limits.max_n, allowed)
     if isinstance(engine, TextDiffusionEngine):
         return _plan_prompted(engine, req, allowed)
+    if isinstance(engine, SuperResEngine):
+        return _plan_upscale(engine, req, allowed)
     if isinstance(engine, EncDecEngine):
         try:
             engine.source_ids(req.source)   # the vocabulary and the encoder's context
@@ -439,6 +482,10 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
     try:
         if isinstance(engine, TextDiffusionEngine):
             return _run_prompted(engine, jobs)
+        if isinstance(engine, SuperResEngine):   # never batched: as `genflow sample --upscale -n N --seed S`
+            s, n = jobs[0].settings, jobs[0].n
+            x = engine.upscale(engine.from_levels(s["lowres"]), n, steps=s["steps"], seed=s["seed"])
+            return [[png_base64(v, int(engine.config.get("levels", 256))) for v in engine.to_levels(x)]]
         if isinstance(engine, DiffusionEngine) and jobs[0].extra.get("inpaint"):   # never batched
             s, n = jobs[0].settings, jobs[0].n
             x = engine.inpaint(engine.from_levels(s["image"]), s["keep"], n, s["label"], steps=s["steps"],

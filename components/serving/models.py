@@ -25,6 +25,7 @@ from components.inference import (
     EncDecEngine,
     Engine,
     InferenceError,
+    SuperResEngine,
     TextDiffusionEngine,
     load_engine,
 )
@@ -73,6 +74,8 @@ def smoke_check(engine: Engine) -> None:
     try:
         if isinstance(engine, TextDiffusionEngine):
             out = engine.sample_prompts([engine.smoke_prompt()], steps=min(2, engine.timesteps), guidance=1.0, seed=0)
+        elif isinstance(engine, SuperResEngine):   # a mid-grey low-res image
+            out = engine.upscale(np.zeros(engine.lowres_shape, np.float32), steps=min(2, engine.timesteps), seed=0)
         elif isinstance(engine, DiffusionEngine):
             out = engine.sample([0], steps=min(2, engine.timesteps), guidance=1.0, seed=0)
         elif isinstance(engine, EncDecEngine):

@@ -491,3 +491,73 @@ def test_editing_row_is_not_measured_without_inpainting_metrics():
     assert row.verdict == NOT_MEASURED and row.cells == {}
     assert "eval.inpaint_samples" in row.evidence and "super-resolution: not run" in row.evidence
     assert compare.row_editing("pydoc", [result("pydoc-gpt", GPT_TEXT)]).verdict == NOT_MEASURED
+
+
+# ---------------------------------------------------------------------------
+# The prompt-adherence row: both paradigms on the same captions
+# ---------------------------------------------------------------------------
+
+def prompted(key: str, family: str, backbone: str, **metrics) -> ModelResult:
+    """A captions model's run with components/families/captions.py's metric names."""
+    met = {**IMAGE_BASELINES, "train/loss": 0.06, "perf/params": 700_000.0, "perf/train_seconds": 280.0,
+           "perf/train_items_per_s": 200.0, "perf/flops_per_item": 90e6, "eval/fd": 0.8, "eval/class_acc": 0.95,
+           "eval/prompt_acc": 0.95, "eval/attribute_error": 0.2, "baseline/real_attribute_error": 0.0,
+           "baseline/label_only_attribute_error": 0.8, "perf/sample_ms_per_item": 40.0, **metrics}
+    params = {"dataset.kind": "captions", "dataset.image_size": "8", "sample.sampler": "ddim", "sample.steps": "50",
+              "sample.guidance": "1.5", "diffusion.timesteps": "200"}
+    return ModelResult(key=key, family=family, backbone=backbone, dataset="digits-captions", kind="captions",
+                       run_id=f"run-{key}", metrics=met, params=params)
+
+
+def test_prompt_row_compares_both_paradigms_on_the_same_captions():
+    unet = prompted("captions-unet", "diffusion", "unet-text")
+    encdec = prompted("captions-encdec", "transformer", "encdec", **{
+        "eval/prompt_acc": 0.9, "eval/attribute_error": 0.5, "baseline/label_only_attribute_error": 0.7,
+        "eval/fd": 1.1, "perf/sample_ms_per_item": 12.0})
+    row = compare.row_prompts("digits-captions", [unet, encdec])
+    assert row.feature == "Text-to-image (prompt adherence)" and row.feature in compare.CLAIMS
+    assert "cross-attention" in compare.CLAIMS[row.feature][0] and "cross-attention" in compare.CLAIMS[row.feature][1]
+    assert row.verdict == AGREES
+    assert row.cells["captions-unet"].startswith(
+        "prompt accuracy 0.95; attribute error 0.2 (digit word alone 0.8, 0.25x; real images with their captions 0); "
+        "FD 0.8 (real data 0.66); 40 ms/image to sample (50 steps, guidance 1.5)")
+    assert "~3 GFLOP/image" in row.cells["captions-unet"]     # 50 steps x 2 (guidance) x 90 MFLOP / 3
+    assert row.cells["captions-encdec"].startswith("prompt accuracy 0.9; attribute error 0.5 (digit word alone 0.7")
+    assert "captions-unet attribute error 0.2 < digit word alone 0.8" in row.evidence
+    assert "prompt accuracy: captions-unet 0.95 vs captions-encdec 0.9 (diffusion ahead)" in row.evidence
+    assert "FD: captions-unet 0.8 vs captions-encdec 1.1" in row.evidence
+    assert "sampling 40 vs 12 ms/image" in row.evidence
+
+    # the transformer follows its prompt better: the figures disagree with "diffusion the usual choice" in part
+    sharper = prompted("captions-encdec", "transformer", "encdec", **{"eval/prompt_acc": 0.99,
+                                                                      "eval/attribute_error": 0.1, "eval/fd": 1.1})
+    mixed = compare.row_prompts("digits-captions", [unet, sharper])
+    assert mixed.verdict == MIXED and "(transformer ahead)" in mixed.evidence
+    # neither prompt gets through (no better than the digit word alone) and the transformer wins everything
+    deaf = prompted("captions-unet", "diffusion", "unet-text", **{"eval/prompt_acc": 0.5, "eval/attribute_error": 0.9,
+                                                                  "eval/fd": 2.0})
+    deaf_tr = prompted("captions-encdec", "transformer", "encdec", **{"eval/attribute_error": 0.85})
+    assert compare.row_prompts("digits-captions", [deaf, deaf_tr]).verdict == DISAGREES
+
+
+def test_prompt_row_says_not_run_for_a_missing_paradigm():
+    unet = prompted("captions-unet", "diffusion", "unet-text")
+    row = compare.row_prompts("digits-captions", [unet])
+    assert row.verdict == NOT_MEASURED and list(row.cells) == ["captions-unet"]
+    assert "transformer: not run" in row.evidence and "genflow run --only captions-encdec" in row.evidence
+    assert "captions-unet attribute error 0.2 < digit word alone 0.8" in row.evidence
+    alone = compare.row_prompts("digits-captions", [prompted("captions-encdec", "transformer", "encdec")])
+    assert alone.verdict == NOT_MEASURED and "diffusion: not run" in alone.evidence
+
+    pipeline = compare.Pipeline(run_ids={}, flow_run_id="f", started="", models=[
+        unet, result("digits-unet", UNET), result("digits-gpt", GPT_IMAGES)])
+    rows = compare.make_rows(pipeline, MACHINE)
+    plain = next(r for r in rows if r.dataset == "digits" and r.feature == "Text-to-image (prompt adherence)")
+    assert plain.verdict == NOT_MEASURED and plain.cells == {}
+    assert plain.evidence.startswith("not run: no model with prompt metrics on digits")
+    quality = next(r for r in rows if r.dataset == "digits-captions" and r.feature == "Generation quality")
+    assert quality.cells["captions-unet"].startswith("FD 0.8 (real data 0.66")   # an image model, not text
+    report = compare.make_report(pipeline, MACHINE, plots=False)
+    md = compare.render_markdown(report)
+    assert "Text-to-image (prompt adherence)" in md and "transformer: not run" in md
+    compare.check_model(unet)   # a captioned run's main metric is FD
