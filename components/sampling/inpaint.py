@@ -22,7 +22,7 @@ from components.sampling.requests import FLAGS
 MODE_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "LA": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "CMYK": 4}
 
 
-def _where(source: Union[Path, bytes], flag: str) -> str:
+def input_name(source: Union[Path, bytes], flag: str) -> str:
     """How a message names an input: '--inpaint digit.png' for a file, 'inpaint.image' for bytes."""
     return flag if isinstance(source, (bytes, bytearray)) else f"{flag} {source}"
 
@@ -32,7 +32,7 @@ def open_image(source: Union[Path, bytes], flag: str, error: type[Exception] = I
     one line naming `flag` and the file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    where = _where(source, flag)
+    where = input_name(source, flag)
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     elif not Path(source).is_file():
@@ -56,7 +56,8 @@ def open_with_channels(source: Union[Path, bytes], flag: str, channels: int,
     have = MODE_CHANNELS.get(im.mode, len(im.getbands()))
     if have != channels:
         want = "1 (grayscale)" if channels == 1 else str(channels)
-        raise error(f"{_where(source, flag)}: {have} channels ({im.mode}), the model takes {want}; convert the image")
+        raise error(f"{input_name(source, flag)}: {have} channels ({im.mode}), the model takes {want}; "
+                    "convert the image")
     return im
 
 
@@ -75,11 +76,11 @@ def read_inpaint_inputs(image_path: Union[Path, bytes], mask_path: Union[Path, b
     im = open_with_channels(image_path, names["image"], channels)
     mask = open_image(mask_path, names["mask"])
     if mask.size != im.size:
-        raise InpaintInputError(f"{_where(mask_path, names['mask'])}: {mask.size[0]}x{mask.size[1]} pixels, the "
+        raise InpaintInputError(f"{input_name(mask_path, names['mask'])}: {mask.size[0]}x{mask.size[1]} pixels, the "
                                 f"image is {im.size[0]}x{im.size[1]}; give a mask of the image's size")
     if im.size != (width, height):
         if not resize:
-            raise InpaintInputError(f"{_where(image_path, names['image'])}: {im.size[0]}x{im.size[1]} pixels, the "
+            raise InpaintInputError(f"{input_name(image_path, names['image'])}: {im.size[0]}x{im.size[1]} pixels, the "
                                     f"model takes {width}x{height}; give a {width}x{height} image or add "
                                     f"{names.get('resize', '--resize')}")
         im = square_resize(im, width)

@@ -58,7 +58,7 @@ def read_upscale_input(source: Union[Path, bytes], shape: tuple[int, int, int], 
     resize_flag None: no such option, as over HTTP).
     """
     from components.data import quantise_grey, square_resize
-    from components.sampling.inpaint import _where, open_with_channels
+    from components.sampling.inpaint import input_name, open_with_channels
 
     channels, height, width = shape
     h, w = check_factor(height, factor), check_factor(width, factor)
@@ -67,7 +67,7 @@ def read_upscale_input(source: Union[Path, bytes], shape: tuple[int, int, int], 
     im = open_with_channels(source, flag, channels, SuperResInputError)
     if im.size != (w, h):
         if not resize:
-            raise SuperResInputError(f"{_where(source, flag)}: {im.size[0]}x{im.size[1]} pixels; {model} upscales "
+            raise SuperResInputError(f"{input_name(source, flag)}: {im.size[0]}x{im.size[1]} pixels; {model} upscales "
                                      f"{w}x{h} images to {width}x{height} (1/{factor} of its size); give a "
                                      f"{w}x{h} image" + (f" or add {resize_flag}" if resize_flag else ""))
         im = square_resize(im, w)
