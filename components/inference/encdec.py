@@ -73,6 +73,8 @@ class EncDecEngine(Engine):
     def transduce(self, sources: Sequence[str], *, decoding: Optional[str] = None, beam_width: Optional[int] = None,
                   temperature: Optional[float] = None, top_k: Optional[int] = None, seed: int = 0) -> list[str]:
         """One target per source: greedy, sample or beam (the model's sample defaults when not given)."""
+        if self.prompts is not None:
+            raise InferenceError(f"--source: {self.name} draws images of a prompt; give --prompt TEXT")
         d = self.defaults
         decoding = decoding or d.get("decoding", "greedy")
         beam_width = int(beam_width if beam_width is not None else d.get("beam_width", 1))

@@ -69,6 +69,8 @@ def test_the_engine_writes_the_pixels_pytorch_writes_and_reads_the_prompt(export
     assert got.shape == (2, 1, 8, 8) and got.max() < LEVELS
     assert np.array_equal(got[:, 0], np.round(ref * (LEVELS - 1)).astype(np.int64))
     assert not np.array_equal(got[0], got[1])                          # another prompt, another image
+    with pytest.raises(GenflowError, match=r"^--source: captions-encdec draws images of a prompt"):
+        engine.transduce(["a seven"])
     for cache in ("self", "none"):                                     # caches change nothing
         assert np.array_equal(ref, fam.sample_prompts(net, CONFIG, prompts, top_k=1, cache=cache))
 
