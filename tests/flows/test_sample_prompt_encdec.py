@@ -99,3 +99,21 @@ def test_sampling_from_a_prompt_never_imports_torch(exported, tmp_path):
     root, _, _ = exported
     sample_without_torch(tmp_path, model=KEY, prompt="a thick slanted seven", exports=str(root / "exports"))
     assert (tmp_path / "reports" / "samples" / f"{KEY}-local.png").is_file()
+
+
+def test_serving_plans_and_runs_prompt_requests_as_genflow_sample_draws_them(exported):
+    from components.serving.generate import Limits, RequestProblem, plan, png_base64, run_jobs
+    from components.serving.models import smoke_check
+
+    root, _, _ = exported
+    engine = load_engine(root / "exports" / KEY)
+    smoke_check(engine)
+    job = plan(engine, {"prompt": "a thick seven", "n": 2, "seed": 3, "top_k": 4}, Limits(max_n=8, max_length=64))
+    [images] = run_jobs(engine, [job])
+    alone = engine.sample_prompts(["a thick seven"] * 2, top_k=4, seed=3)
+    assert images == [png_base64(x, LEVELS) for x in alone]
+    for body, field in (({"prompt": ""}, "prompt"), ({"prompt": "a seven!"}, "prompt"), ({"n": 1}, "prompt"),
+                        ({"prompt": "a seven", "steps": 3}, "steps"), ({"prompt": "a seven", "top_k": 99}, "top_k")):
+        with pytest.raises(RequestProblem) as e:
+            plan(engine, body, Limits(max_n=8, max_length=64))
+        assert e.value.detail[0]["field"] == field, body
