@@ -171,19 +171,27 @@ def text_encoder_spec(net: Any, tokenizer: Any) -> GraphSpec:
                      {"batch": (1, None), "prompt": (1, c.context)}, info)
 
 
-def encoder_decoder_spec(net: Any, ms: ModelSpec, sample: dict) -> GraphSpec:
-    """The decoder-step graph (model.onnx) with the encoder graph as its companion (encoder.onnx)."""
+def encoder_decoder_spec(net: Any, ms: ModelSpec, sample: dict, config: Optional[dict] = None) -> GraphSpec:
+    """The decoder-step graph (model.onnx) with the encoder graph as its companion (encoder.onnx).
+    Pairs models take their token ids from the PairTokenizer; a prompt-to-pixels model's spec
+    carries its own (components/families/captions_encdec.py: grey levels, shifted prompt ids)."""
     import torch
 
     c = net.config
     L, H, D = c.n_layer_dec, c.n_head, c.n_embd // c.n_head
-    from components.tokenizer import PairTokenizer
+    config = config or {}
+    if "allowed_tokens" in config:
+        ids = {k: int(config[k]) for k in ("bos_id", "eos_id", "pad_id", "allowed_tokens")}
+        ids.update(image_size=int(config["image_size"]), levels=int(config["levels"]),
+                   prompt_offset=int(config["levels"]))
+    else:
+        from components.tokenizer import PairTokenizer
 
-    tok = PairTokenizer(ms.vocab or "")
+        tok = PairTokenizer(ms.vocab or "")
+        ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, allowed_tokens=tok.allowed_tokens)
     info = dict(vocab_size=int(net.vocab_size), n_layer=L, n_head=H, head_dim=D, n_embd=c.n_embd,
                 source_len=c.source_len, target_len=c.target_len, truncate_source=bool(c.truncate_source),
-                vocab=ms.vocab, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                allowed_tokens=tok.allowed_tokens, sample=sample, kind=ms.kind,
+                vocab=ms.vocab, **ids, sample=sample, kind=ms.kind,
                 files={"model": "model.onnx", "encoder": "encoder.onnx"})
     B, S, T, P = 2, min(5, c.source_len), min(3, c.target_len), min(4, c.target_len - 1)   # distinct sizes
     src, mask = torch.zeros(B, S, dtype=torch.long), torch.ones(B, S, dtype=torch.bool)
@@ -273,7 +281,7 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
         return GraphSpec(kind, _wrap(kind, net), example, names, ["eps"], dynamic, {"batch": (1, None)}, info)
 
     if kind == "encoder_decoder":
-        return encoder_decoder_spec(net, ms, sample)
+        return encoder_decoder_spec(net, ms, sample, config)
     if kind == "text_denoiser":
         return text_denoiser_spec(net, config, ms, sample)
     c = net.config

@@ -105,9 +105,15 @@ def _sample_prompted(args: Any, engine: Any, count: Optional[int]) -> tuple[np.n
     if prompt is None:
         raise ConfigError(f"--prompt: {engine.name} draws images of a caption; give one, e.g. --prompt "
                           "\"a thick, right-slanted seven\"")
+    n = count or 8
+    if engine.graph == "encoder_decoder":   # pixels written one at a time (captions-encdec)
+        _refuse_options(args, engine, {"label": "--label", "length": "--length", "steps": "--steps",
+                                       "guidance": "--guidance"})
+        x = engine.sample_prompts([prompt] * n, temperature=_arg(args, "temperature"), top_k=_arg(args, "top_k"),
+                                  seed=int(_arg(args, "seed") or 0))
+        return x, int(engine.config["levels"]), -(-n // 8)
     _refuse_options(args, engine, {"label": "--label", "length": "--length", "temperature": "--temperature",
                                    "top_k": "--top-k"})
-    n = count or 8
     x = engine.sample_prompts([prompt] * n, steps=_arg(args, "steps"), guidance=_arg(args, "guidance"),
                               seed=int(_arg(args, "seed") or 0))
     return engine.to_levels(x), int(engine.config.get("levels", 256)), -(-n // 8)
@@ -251,7 +257,7 @@ def sample_cli(args: Any, root: Path) -> Path:
             write_png(out, image_grid(levels, n_levels, -(-len(levels) // 8)))
             for i, one in enumerate(levels):  # each result at the model's size, as an input would be
                 write_png(out.with_name(f"{out.stem}-{i + 1}.png"), image_grid(one[None], n_levels, 1, 1, 0))
-        elif engine.graph == "text_denoiser":
+        elif engine.graph == "text_denoiser" or (image and engine.graph == "encoder_decoder"):
             levels, n_levels, rows = _sample_prompted(args, engine, count)
             write_png(out, image_grid(levels, n_levels, rows))
         elif image:

@@ -259,6 +259,23 @@ def prompt_scores(samples: np.ndarray, prompts: list[str], config: dict[str, Any
     return m
 
 
+def prompt_baselines(config: dict[str, Any], root: Path, prompts: list[str], x_label: np.ndarray) -> dict[str, float]:
+    """The image baselines (components/evaluation/images.py) for len(prompts) images, and the
+    attribute error of the real test images under their own first captions (prompts are
+    eval_prompts of the test split) and of x_label, the model's images for the digit word alone."""
+    from components.data import load_captions, load_images
+    from components.evaluation.images import image_baselines
+
+    n_test = len(load_captions(config["dataset"], "test", root))
+    x_real, _ = load_images(config["dataset"], "test", root)
+    real = x_real[[j % n_test for j in range(len(prompts))]] / (config["levels"] - 1)
+    cuts = config["caption_thresholds"]
+    baselines = image_baselines(config["dataset"], root, n=len(prompts), seed=0)
+    baselines["baseline/real_attribute_error"] = attribute_error(real, prompts, config["levels"], cuts)
+    baselines["baseline/label_only_attribute_error"] = attribute_error(x_label, prompts, config["levels"], cuts)
+    return baselines
+
+
 def guidance_table(rows: list[dict], baselines: dict[str, float]) -> str:
     cols = ["fd", "prompt_acc", "attribute_error"]
     lines = ["| guidance | ms/image | " + " | ".join(cols) + " |", "|---:|---:|" + "---:|" * len(cols)]
@@ -276,8 +293,8 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     """Sample one image per test prompt at every guidance scale of eval.guidance_sweep (and the
     headline sample.guidance); score FD, prompt accuracy and attribute error, with the baselines:
     real test images with their own captions, and the same model prompted with the digit word alone."""
-    from components.data import load_captions, load_images
-    from components.evaluation.images import image_baselines, save_grid
+    from components.data import load_captions
+    from components.evaluation.images import save_grid
     from components.families.diffusion import class_rows
     from components.training import set_threads
 
@@ -308,14 +325,8 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
             headline = (x, ms, m)
     samples, ms, quality = headline
 
-    label_prompts = [label_only_prompt(p) for p in prompts]
-    x_label, _ = run(label_prompts, float(s.guidance))
-    x_real, _ = load_images(config["dataset"], "test", root)
-    real = x_real[[j % len(records) for j in range(len(prompts))]] / (config["levels"] - 1)
-    cuts = config["caption_thresholds"]
-    baselines = image_baselines(config["dataset"], root, n=len(prompts), seed=0)
-    baselines["baseline/real_attribute_error"] = attribute_error(real, prompts, config["levels"], cuts)
-    baselines["baseline/label_only_attribute_error"] = attribute_error(x_label, prompts, config["levels"], cuts)
+    x_label, _ = run([label_only_prompt(p) for p in prompts], float(s.guidance))
+    baselines = prompt_baselines(config, root, prompts, x_label)
 
     metrics: dict[str, float] = {**quality, "perf/sample_ms_per_item": ms, **baselines}
     for r in rows:
@@ -336,4 +347,5 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
 
 
 __all__ = ["check", "model_config", "training_data", "build_network", "loss_fn", "flops_per_item", "probe_step",
-           "evaluate", "load_model", "train", "sample_prompts", "attribute_error"]
+           "evaluate", "load_model", "train", "sample_prompts", "attribute_error", "prompt_scores", "prompt_baselines",
+           "eval_prompts", "label_only_prompt", "caption_table"]

@@ -107,6 +107,11 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
                                     "components/models/encdec.py", "components/models/gpt.py",
                                     "components/families/diffusion.py", "components/tokenizer.py",
                                     "components/captions.py")),
+    # the encoder-decoder above on captioned images: prompt characters in, grey levels out (raster order)
+    Backbone("encdec-pixels", "transformer", "captions_encdec", ("captions",), "transduction",
+             "components.models.encdec:EncDec", reads=("encdec",), graph="encoder_decoder", exporter="torchscript",
+             code=("components/models/gpt.py", "components/tokenizer.py", "components/captions.py",
+                   "components/families/captions.py", "components/families/diffusion.py")),
 )}
 
 

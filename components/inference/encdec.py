@@ -48,6 +48,11 @@ class EncDecEngine(Engine):
         from components.tokenizer import PairTokenizer  # numpy only
 
         self.tokenizer = PairTokenizer(c["vocab"])
+        self.prompts = None
+        if "prompt_offset" in c:   # a prompt-to-pixels model (captions-encdec): prompts in, grey levels out
+            from components.tokenizer import PromptTokenizer
+
+            self.prompts = PromptTokenizer(c["vocab"], self.source_len)
 
     # -- requests ------------------------------------------------------------
 
@@ -68,6 +73,8 @@ class EncDecEngine(Engine):
     def transduce(self, sources: Sequence[str], *, decoding: Optional[str] = None, beam_width: Optional[int] = None,
                   temperature: Optional[float] = None, top_k: Optional[int] = None, seed: int = 0) -> list[str]:
         """One target per source: greedy, sample or beam (the model's sample defaults when not given)."""
+        if self.prompts is not None:
+            raise InferenceError(f"--source: {self.name} draws images of a prompt; give --prompt TEXT")
         d = self.defaults
         decoding = decoding or d.get("decoding", "greedy")
         beam_width = int(beam_width if beam_width is not None else d.get("beam_width", 1))
@@ -91,6 +98,24 @@ class EncDecEngine(Engine):
                 ids = self._sample(cross, mask, decoding == "greedy", temperature, top_k, rng)
             out.append(self.tokenizer.decode_target(ids))
         return out
+
+    def sample_prompts(self, prompts: Sequence[str], *, temperature: Optional[float] = None,
+                       top_k: Optional[int] = None, seed: int = 0) -> np.ndarray:
+        """A prompt-to-pixels model's images, one per prompt: grey levels (N, 1, H, W) int64, the
+        pixels drawn one at a time with both caches. Bad prompts are refused in one line first."""
+        if self.prompts is None:
+            raise InferenceError(f"--prompt: {self.name} transduces text; give --source TEXT")
+        temperature = float(temperature if temperature is not None else self.defaults.get("temperature", 1.0))
+        top_k = int(top_k if top_k is not None else self.defaults.get("top_k", 0))
+        if not temperature > 0:
+            raise InferenceError(f"--temperature: must be > 0, got {temperature}")
+        rows = [self.prompts.encode_prompt(p, required=True) + int(self.config["prompt_offset"]) for p in prompts]
+        rng, size, out = np.random.default_rng(seed), int(self.config["image_size"]), []
+        for src in rows:
+            mask = np.ones((1, len(src)), dtype=bool)
+            cross = self.encoder.run(["cross_kv"], {"src_ids": src[None], "src_mask": mask})[0]
+            out.append(self._sample(cross, mask, False, temperature, top_k, rng))
+        return np.asarray(out, dtype=np.int64).reshape(len(rows), 1, size, size)
 
     # -- decoding ------------------------------------------------------------
 

@@ -164,6 +164,22 @@ def _plan_upscale(engine: SuperResEngine, req: UpscaleRequest, allowed: dict) ->
     return Job("images", {"lowres": lowres, "steps": steps, "seed": req.seed}, n=req.n, extra={"upscale": True})
 
 
+class PromptPixelsRequest(BaseModel):
+    """POST body for a prompt-to-pixels encoder-decoder (captions-encdec): n images of one caption."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(..., max_length=100_000, description="the caption to draw")
+    n: int = Field(1, ge=1, description="images to draw (at most --max-n)")
+    temperature: Optional[float] = Field(None, gt=0)
+    top_k: Optional[int] = Field(None, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+def prompts_pixels(engine: Engine) -> bool:
+    """An encoder-decoder that writes pixels from a prompt (captions-encdec), not text from a source."""
+    return isinstance(engine, EncDecEngine) and engine.prompts is not None
+
+
 def _plan_prompted(engine: TextDiffusionEngine, req: PromptImageRequest, allowed: dict) -> Job:
     try:
         engine.tokenizer.encode_prompt(req.prompt, required=True)   # empty, unknown characters, too long
@@ -228,6 +244,9 @@ def allowed_ranges(engine: Engine, limits: Limits) -> dict[str, str]:
         top = int(engine.config.get("levels", 256)) - 1
         out.update(upscale=f"a {w}x{h} base64 PNG, or {h} rows of {w} grey levels 0..{top}",
                    steps=f"1..{engine.timesteps}")
+    elif prompts_pixels(engine):
+        out.update(prompt=f"1..{engine.prompts.max_chars} characters of the model's captions", temperature="> 0",
+                   top_k=f"0..{int(engine.config['levels'])}")
     elif isinstance(engine, EncDecEngine):
         out.update(source=f"1..{engine.source_len} characters of the model's vocabulary",
                    decoding="greedy | sample | beam", beam_width=">= 1", temperature="> 0", top_k=">= 0")
@@ -251,6 +270,8 @@ def request_schema(engine: Engine) -> type[BaseModel]:
         return PromptImageRequest
     if isinstance(engine, SuperResEngine):
         return UpscaleRequest
+    if prompts_pixels(engine):
+        return PromptPixelsRequest
     if isinstance(engine, EncDecEngine):
         return SourceRequest
     return ImageRequest if is_image(engine) else TextRequest
@@ -294,6 +315,14 @@ def plan(engine: Engine, body: Any, limits: Limits) -> Job:
         return _plan_prompted(engine, req, allowed)
     if isinstance(engine, SuperResEngine):
         return _plan_upscale(engine, req, allowed)
+    if prompts_pixels(engine):
+        try:
+            engine.prompts.encode_prompt(req.prompt, required=True)   # empty, unknown characters, too long
+        except ModelError as e:
+            raise RequestProblem("prompt", str(e).partition(": ")[2] or str(e), allowed["prompt"], None) from None
+        _in_range("top_k", req.top_k, 0, int(engine.config["levels"]), allowed)
+        return Job("pixels", {"prompts": [req.prompt] * req.n, "temperature": req.temperature, "top_k": req.top_k,
+                              "seed": req.seed}, n=req.n)
     if isinstance(engine, EncDecEngine):
         try:
             engine.source_ids(req.source)   # the vocabulary and the encoder's context
@@ -505,6 +534,10 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
             raise ValueError("only diffusion and text requests are batched")
         job = jobs[0]
         s = dict(job.settings)
+        if job.kind == "pixels":   # as `genflow sample MODEL --prompt` draws them
+            assert isinstance(engine, EncDecEngine)
+            levels = engine.sample_prompts(**s)
+            return [[png_base64(x, int(engine.config["levels"])) for x in levels]]
         if job.kind == "targets":   # as `genflow sample MODEL --source` writes them: seed + i for the i-th
             assert isinstance(engine, EncDecEngine)
             source, seed = s.pop("source"), s.pop("seed")

@@ -78,6 +78,8 @@ def smoke_check(engine: Engine) -> None:
             out = engine.upscale(np.zeros(engine.lowres_shape, np.float32), steps=min(2, engine.timesteps), seed=0)
         elif isinstance(engine, DiffusionEngine):
             out = engine.sample([0], steps=min(2, engine.timesteps), guidance=1.0, seed=0)
+        elif isinstance(engine, EncDecEngine) and engine.prompts is not None:   # prompt -> pixels
+            out = engine.sample_prompts([next((c for c in str(engine.config.get("vocab")) if c.strip()), "a")], seed=0)
         elif isinstance(engine, EncDecEngine):
             targets = engine.transduce([str(engine.config.get("vocab") or "a")[:1]], decoding="greedy")
             out = np.zeros(1) if targets and isinstance(targets[0], str) else np.full(1, np.nan)
