@@ -35,7 +35,7 @@ import numpy as np
 
 from components.config import EncDecConfig, ModelConfig, Params
 from components.errors import ModelError
-from components.families import base
+from components.families import base, seq2seq
 from components.files import write_json
 from components.layout import Layout
 from components.spec import ModelSpec
@@ -168,20 +168,9 @@ def loss_fn(config: dict[str, Any]):
     return loss
 
 
-def flops_per_item(net, config: dict[str, Any]) -> float:
-    """Forward + backward FLOPs per pixel at the full prompt context."""
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    c = config["encdec"]
-    src = torch.zeros(1, c["source_len"], dtype=torch.long, device=base.device_of(net))
-    tgt = torch.zeros(1, c["target_len"], dtype=torch.long, device=src.device)
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        net(src, tgt).float().logsumexp(-1).sum().backward()
-    net.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / c["target_len"]
+# forward + backward FLOPs per target token (here: per pixel) at the full prompt context: the
+# encoder-decoder's own count, the same network as pydoc-seq2seq's
+flops_per_item = seq2seq.flops_per_item
 
 
 def probe_step(net, config: dict[str, Any], batch_size: int, gen):

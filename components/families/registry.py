@@ -111,7 +111,8 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("encdec-pixels", "transformer", "captions_encdec", ("captions",), "transduction",
              "components.models.encdec:EncDec", reads=("encdec",), graph="encoder_decoder", exporter="torchscript",
              code=("components/models/gpt.py", "components/tokenizer.py", "components/captions.py",
-                   "components/families/captions.py", "components/families/diffusion.py")),
+                   "components/families/captions.py", "components/families/diffusion.py",
+                   "components/families/seq2seq.py")),
 )}
 
 
