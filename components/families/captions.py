@@ -219,6 +219,20 @@ def sample_prompts(net, config: dict[str, Any], prompts: list[str], *, sampler: 
 # Evaluate: prompt adherence against guidance scale
 # ---------------------------------------------------------------------------
 
+def evaluation_prompts(key: str, config: dict[str, Any], root: Path, n: int,
+                 error: type[Exception]) -> tuple[list[dict], list[str], np.ndarray]:
+    """(the test split's caption records, n evaluation prompts, the digit each prompt asks for);
+    `error` in one line when the dataset has no digit classes (a user's captions)."""
+    from components.data import load_captions
+
+    if not config.get("classes"):
+        raise error(f"models.{key}.dataset: {config['dataset']} has no digit classes (a user's captions); prompt "
+                    "accuracy needs labelled captions such as builtin:digits-captions")
+    records = load_captions(config["dataset"], "test", root)
+    prompts = eval_prompts(records, n)
+    return records, prompts, np.array([records[j % len(records)]["label"] for j in range(n)])
+
+
 def eval_prompts(records: list[dict], n: int) -> list[str]:
     """n prompts from the test split's captions: image j's first caption (every property it has),
     cycling over the split."""
@@ -293,7 +307,6 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     """Sample one image per test prompt at every guidance scale of eval.guidance_sweep (and the
     headline sample.guidance); score FD, prompt accuracy and attribute error, with the baselines:
     real test images with their own captions, and the same model prompted with the digit word alone."""
-    from components.data import load_captions
     from components.evaluation.images import save_grid
     from components.families.diffusion import class_rows
     from components.training import set_threads
@@ -302,11 +315,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     mc = params.model(key)
     net, config = load_model(key, root)
     set_threads(mc.train.threads)
-    if not config.get("classes"):
-        raise CaptionsFamilyError(f"models.{key}.dataset: {config['dataset']} has no digit classes (a user's "
-                                  "captions); prompt accuracy needs labelled captions such as builtin:digits-captions")
-    records = load_captions(config["dataset"], "test", root)
-    prompts = eval_prompts(records, mc.eval.num_samples)
+    records, prompts, digits = evaluation_prompts(key, config, root, mc.eval.num_samples, CaptionsFamilyError)
     s = mc.sample
     scales = sorted(set(mc.eval.guidance_sweep or []) | {float(s.guidance)})
 
@@ -335,7 +344,6 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
         metrics.update({f"eval/{k}_{tag}": r[k] for k in ("fd", "prompt_acc", "attribute_error")})
 
     out = Layout(root).report_dir(key)
-    digits = np.array([records[j % len(records)]["label"] for j in range(len(prompts))])
     save_grid(class_rows(samples, digits, len(config["classes"])), out / "samples.png", nrow=10)
     write_json(out / "guidance.json", {"num_samples": len(prompts), "sampler": s.sampler, "steps": s.steps,
                                        "eta": s.eta, "headline_guidance": s.guidance, "rows": rows,
@@ -348,4 +356,4 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
 
 __all__ = ["check", "model_config", "training_data", "build_network", "loss_fn", "flops_per_item", "probe_step",
            "evaluate", "load_model", "train", "sample_prompts", "attribute_error", "prompt_scores", "prompt_baselines",
-           "eval_prompts", "label_only_prompt", "caption_table"]
+           "eval_prompts", "evaluation_prompts", "label_only_prompt", "caption_table"]

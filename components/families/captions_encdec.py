@@ -257,9 +257,9 @@ def decode_speed(net, config: dict[str, Any], prompts: list[str]) -> dict[str, f
 def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     """One image per test prompt (the test split's first captions, as captions-unet): FD, prompt
     accuracy, attribute error and their baselines; bits/dim of the test images given their prompts."""
-    from components.data import load_captions, load_images
+    from components.data import load_images
     from components.evaluation.images import save_grid
-    from components.families.captions import eval_prompts, label_only_prompt, prompt_baselines, prompt_scores
+    from components.families.captions import evaluation_prompts, label_only_prompt, prompt_baselines, prompt_scores
     from components.families.diffusion import class_rows
     from components.training import set_threads
 
@@ -268,11 +268,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     check(key, mc)
     net, config = load_model(key, root)
     set_threads(mc.train.threads)
-    if not config.get("classes"):
-        raise CaptionsEncDecError(f"models.{key}.dataset: {config['dataset']} has no digit classes (a user's "
-                                  "captions); prompt accuracy needs labelled captions such as builtin:digits-captions")
-    records = load_captions(config["dataset"], "test", root)
-    prompts = eval_prompts(records, mc.eval.num_samples)
+    records, prompts, digits = evaluation_prompts(key, config, root, mc.eval.num_samples, CaptionsEncDecError)
 
     t0 = time.perf_counter()
     samples = sample_prompts(net, config, prompts, seed=mc.train.seed)
@@ -289,7 +285,6 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     metrics.update(decode_speed(net, config, prompts[:SPEED_PROMPTS]))
 
     out = Layout(root).report_dir(key)
-    digits = np.array([records[j % len(records)]["label"] for j in range(len(prompts))])
     save_grid(class_rows(samples, digits, len(config["classes"])), out / "samples.png", nrow=10)
     write_json(out / "metrics.json", metrics)
     return metrics
