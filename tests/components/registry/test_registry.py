@@ -352,6 +352,23 @@ def test_models_table_and_format(model, tmp_path):
 # Two promotions at once
 # ---------------------------------------------------------------------------
 
+def race(target, arg_lists: list[tuple], timeout: float = 300) -> list[tuple]:
+    """Start one spawned process per argument tuple, all released at once by a barrier (appended
+    to each tuple with the results queue); their reports, in the order they finished."""
+    ctx = multiprocessing.get_context("spawn")  # a forked child would share the parent's SQLite connections
+    barrier, results = ctx.Barrier(len(arg_lists)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, results)) for args in arg_lists]
+    for proc in procs:
+        proc.start()
+    try:
+        return [results.get(timeout=timeout) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
 def _promote_in_child(key, version, root, params, barrier, results):
     from components import registry as reg
 
@@ -367,18 +384,7 @@ def test_two_concurrent_promotions_leave_one_champion_and_a_consistent_history(m
     p, key = model.params, model.key
     registry.gate(key, model.add(1.0), p, tmp_path)
     v2, v3 = model.add(0.9), model.add(0.8)
-    ctx = multiprocessing.get_context("spawn")  # a forked child would share the parent's SQLite connections
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_promote_in_child, args=(key, v, tmp_path, p, barrier, results)) for v in (v2, v3)]
-    for proc in procs:
-        proc.start()
-    try:
-        outcomes = [results.get(timeout=180) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+    outcomes = race(_promote_in_child, [(key, v, tmp_path, p) for v in (v2, v3)], timeout=180)
     assert all(status == "ok" for _, status, _ in outcomes), outcomes
 
     aliases = model.aliases()
@@ -410,19 +416,7 @@ def test_promotions_from_several_machines_leave_one_champion_and_a_complete_hist
     p, key = model.params, model.key
     registry.gate(key, model.add(1.0), p, tmp_path)
     racers = [model.add(0.9 - i / 10) for i in range(4)]
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(len(racers)), ctx.Queue()
-    procs = [ctx.Process(target=_promote_in_child, args=(key, v, tmp_path / f"machine-{v}", p, barrier, results))
-             for v in racers]
-    for proc in procs:
-        proc.start()
-    try:
-        outcomes = [results.get(timeout=300) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+    outcomes = race(_promote_in_child, [(key, v, tmp_path / f"machine-{v}", p) for v in racers])
     assert all(status == "ok" for _, status, _ in outcomes), outcomes
 
     aliases = model.aliases()
@@ -518,7 +512,7 @@ def test_a_lease_dropped_while_a_waiter_learns_of_the_clash_is_retried_not_raise
     assert not c.search_registered_models(f"name='{name}'")
 
 
-def _move_in_child(key, action, version, root, params, barrier, results, uri):
+def _move_in_child(uri, key, action, version, root, params, barrier, results):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from components import registry as reg
 
@@ -551,20 +545,8 @@ def test_promotions_and_rollbacks_from_several_machines_against_one_mlflow_serve
         registry.promote(key, model.add(0.95), "so that a previous champion exists", p, tmp_path)
         versions = [model.add(0.9 - i / 10) for i in range(4)]
         moves = [("promote", v) for v in versions] + [("rollback", None), ("rollback", None)]
-        ctx = multiprocessing.get_context("spawn")
-        barrier, results = ctx.Barrier(len(moves)), ctx.Queue()
-        procs = [ctx.Process(target=_move_in_child, args=(key, action, v, tmp_path / f"machine-{i}", p, barrier,
-                                                          results, server.url))
-                 for i, (action, v) in enumerate(moves)]
-        for proc in procs:
-            proc.start()
-        try:
-            outcomes = [results.get(timeout=300) for _ in procs]
-        finally:
-            for proc in procs:
-                proc.join(timeout=30)
-                if proc.is_alive():
-                    proc.kill()
+        outcomes = race(_move_in_child, [(server.url, key, action, v, tmp_path / f"machine-{i}", p)
+                                         for i, (action, v) in enumerate(moves)])
         assert not [o for o in outcomes if o[2] == "error"], outcomes
         assert all(o[2] == "ok" for o in outcomes if o[0] == "promote"), outcomes
         assert all("previous" in o[3] for o in outcomes if o[2] == "refused"), outcomes
