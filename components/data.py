@@ -1014,3 +1014,24 @@ def load_pairs(name: str, split: str, root: str | Path = ".") -> list[tuple[str,
     """One split's (source, target) pairs, in file order."""
     lines = _split_path(name, split, root, ".jsonl").read_text(encoding="utf-8").splitlines()
     return [(d["source"], d["target"]) for d in map(json.loads, lines)]
+
+
+# ---------------------------------------------------------------------------
+# Channels: grey (N, H, W) and colour (N, H, W, C) images, and the networks' (N, C, H, W)
+# ---------------------------------------------------------------------------
+
+def image_channels(x: np.ndarray) -> int:
+    """1 for grey images (N, H, W), C for colour images (N, H, W, C)."""
+    return 1 if np.ndim(x) == 3 else int(np.shape(x)[-1])
+
+
+def to_nchw(x: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, 1, H, W); (N, H, W, C) -> (N, C, H, W)."""
+    x = np.asarray(x)
+    return x[:, None] if x.ndim == 3 else np.moveaxis(x, -1, 1)
+
+
+def from_nchw(x: np.ndarray) -> np.ndarray:
+    """(N, 1, H, W) -> (N, H, W); (N, C, H, W) -> (N, H, W, C): the inverse of to_nchw."""
+    x = np.asarray(x)
+    return x[:, 0] if x.shape[1] == 1 else np.moveaxis(x, 1, -1)

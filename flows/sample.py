@@ -32,14 +32,20 @@ CHUNK = 256  # images generated per batch by `genflow sample`
 
 
 def image_grid(levels: np.ndarray, n_levels: int, rows: int, scale: int = 4, pad: int = 2) -> np.ndarray:
-    """(N, C, H, W) grey levels -> one uint8 picture, `rows` rows, each pixel scale x scale, grey gaps
-    (the layout of the evaluation's samples.png: 0 is black, the top level white)."""
+    """(N, C, H, W) levels -> one uint8 picture, `rows` rows, each pixel scale x scale, grey gaps
+    (the layout of the evaluation's samples.png: 0 is black, the top level white). One channel: a grey
+    picture (rows, cols); three: an RGB one (rows, cols, 3), each channel scaled the same way."""
     N, C, H, W = levels.shape
     cols = -(-N // rows)
-    grey = (levels[:, 0].astype(np.float64) * (255.0 / max(n_levels - 1, 1))).round().astype(np.uint8)  # (N, H, W)
-    grey = grey.repeat(scale, axis=1).repeat(scale, axis=2)                        # (N, sH, sW)
+    if C == 1:
+        grey = (levels[:, 0].astype(np.float64) * (255.0 / max(n_levels - 1, 1))).round().astype(np.uint8)  # (N, H, W)
+    elif C == 3:   # colour: channels last, as PIL's RGB
+        grey = (np.moveaxis(levels, 1, -1).astype(np.float64) * (255.0 / max(n_levels - 1, 1))).round().astype(np.uint8)
+    else:
+        raise InferenceError(f"images: {C} channels; a PNG holds 1 (grey) or 3 (RGB)")
+    grey = grey.repeat(scale, axis=1).repeat(scale, axis=2)                        # (N, sH, sW[, 3])
     h, w = H * scale, W * scale
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 128, dtype=np.uint8)
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, *grey.shape[3:]), 128, dtype=np.uint8)
     for i in range(N):
         r, c = divmod(i, cols)
         canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = grey[i]
@@ -49,8 +55,8 @@ def image_grid(levels: np.ndarray, n_levels: int, rows: int, scale: int = 4, pad
 def write_png(path: Path, picture: np.ndarray) -> None:
     from PIL import Image
 
-    with atomic_file(path) as tmp:
-        Image.fromarray(picture, mode="L").save(tmp, format="PNG")
+    with atomic_file(path) as tmp:   # (H, W) grey, (H, W, 3) colour
+        Image.fromarray(picture, mode="L" if picture.ndim == 2 else "RGB").save(tmp, format="PNG")
 
 
 # ---------------------------------------------------------------------------
@@ -73,7 +79,7 @@ def _refuse_options(args: Any, engine: Engine, names: dict[str, str]) -> None:
 
 
 def _sample_images(args: Any, engine: Engine, count: Optional[int]) -> tuple[np.ndarray, int, int]:
-    """Returns (levels (N,1,H,W), number of grey levels, grid rows)."""
+    """Returns (levels (N,C,H,W), number of levels, grid rows)."""
     label = _arg(args, "label")
     classes = engine.config["num_classes"]
     if label is not None:

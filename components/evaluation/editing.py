@@ -4,7 +4,8 @@
     metrics = inpaint_evaluation(complete, "digits", root, n=100, masks=("bottom",))   # a pixel GPT
 
 `complete(levels (N, H, W) uint8, keep (N, H, W) bool) -> (N, H, W) float in [0, 1]` fills the
-pixels where keep is False; the family's evaluate supplies it (RePaint for a diffusion model, a
+pixels where keep is False (colour images: levels and completions (N, H, W, C), keep still per
+pixel, (N, H, W), for every channel of it); the family's evaluate supplies it (RePaint for a diffusion model, a
 prefix completion for a pixel GPT). The same n test images (balanced over classes) and the same
 masks go to every model, so the numbers of two models and of the baselines are comparable.
 
@@ -15,7 +16,8 @@ was done) as their mean over the masks:
 
 - ``inpaint_class_acc``: share of completions the reference classifier of
   components/evaluation/images.py assigns to the image's true label (the model is never told it);
-- ``inpaint_mse``: mean squared error on the regenerated pixels (intensities in [0, 1]);
+  not measured for an unlabelled dataset (manifest "labelled": false): NOT_APPLICABLE;
+- ``inpaint_mse``: mean squared error on the regenerated pixels (intensities in [0, 1], every channel);
 - ``inpaint_consistency``: mean squared difference between 4-neighbour pixels on either side of
   the mask border; the true images have their own value (``baseline/real_inpaint_*``): a fill
   that is far rougher at the border than that does not fit what it continues.
@@ -38,7 +40,23 @@ from components.evaluation.images import ImageMetricsError, balanced_pick, load_
 MASKS = ("bottom", "left", "centre", "random")
 INPAINT_METRICS = ("class_acc", "mse", "consistency")
 
-Complete = Callable[[np.ndarray, np.ndarray], np.ndarray]   # (levels (N,H,W), keep (N,H,W)) -> (N,H,W) in [0, 1]
+Complete = Callable[[np.ndarray, np.ndarray], np.ndarray]   # (levels (N,H,W[,C]), keep (N,H,W)) -> (N,H,W[,C])
+NOT_APPLICABLE = "not applicable (unlabelled)"   # what a summary shows for a label-needing metric of unlabelled data
+
+
+def dataset_labelled(dataset: str, root: Path) -> bool:
+    """Whether the prepared dataset has labels a classifier can be scored on (manifest "labelled"; absent: True)."""
+    from components.data import load_manifest
+
+    return bool(load_manifest(dataset, Path(root)).get("labelled", True))
+
+
+def pixel_mask(keep: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """keep (N, H, W) per pixel, as the images' shape: unchanged for grey, every channel for (N, H, W, C)."""
+    keep = np.asarray(keep, dtype=bool)
+    if np.ndim(images) == keep.ndim + 1:
+        return np.broadcast_to(keep[..., None], np.shape(images))
+    return keep
 
 
 # ---------------------------------------------------------------------------
@@ -86,14 +104,15 @@ def raster_prefix_length(keep: np.ndarray) -> int:
 # ---------------------------------------------------------------------------
 
 def masked_mse(completions: np.ndarray, truth: np.ndarray, keep: np.ndarray) -> float:
-    """Mean squared error over the regenerated pixels (keep False) of all images."""
-    hole = ~np.asarray(keep, dtype=bool)
+    """Mean squared error over the regenerated pixels (keep False; every channel of them) of all images."""
+    hole = ~pixel_mask(keep, completions)
     return float(((np.asarray(completions, np.float64) - truth)[hole] ** 2).mean())
 
 
 def border_consistency(images: np.ndarray, keep: np.ndarray) -> float:
     """Mean squared difference between horizontally or vertically adjacent pixels of which one is
-    kept and the other regenerated (every such pair of every image counts once)."""
+    kept and the other regenerated (every such pair of every image counts once; colour images
+    (N, H, W, C) with keep (N, H, W): every channel of the pair)."""
     x, k = np.asarray(images, np.float64), np.asarray(keep, dtype=bool)
     diffs = []
     for a, b, ka, kb in ((x[:, :, :-1], x[:, :, 1:], k[:, :, :-1], k[:, :, 1:]),     # left-right pairs
@@ -104,19 +123,20 @@ def border_consistency(images: np.ndarray, keep: np.ndarray) -> float:
     return float(d.mean()) if d.size else float("nan")
 
 
-def score_inpaint(completions: np.ndarray, truth: np.ndarray, keep: np.ndarray, labels: np.ndarray,
+def score_inpaint(completions: np.ndarray, truth: np.ndarray, keep: np.ndarray, labels: Optional[np.ndarray],
                   predict: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
-    """{"class_acc", "mse", "consistency"} of completions (N, H, W) of truth with keep (N, H, W).
+    """{"class_acc", "mse", "consistency"} of completions (N, H, W[, C]) of truth with keep (N, H, W);
+    labels None (an unlabelled dataset): no class_acc.
 
-    predict: flattened images (N, H*W) -> class ids (the reference classifier's).
+    predict: flattened images (N, H*W[*C]) -> class ids (the reference classifier's).
     """
     c = np.asarray(completions, dtype=np.float64)
     if c.shape != truth.shape:
         raise ImageMetricsError(f"completions: shape {c.shape}, expected {truth.shape}")
     if not np.isfinite(c).all() or c.min() < 0 or c.max() > 1:
         raise ImageMetricsError("completions: values must be finite and in [0, 1]")
-    return {"class_acc": float((predict(c.reshape(len(c), -1)) == labels).mean()),
-            "mse": masked_mse(c, truth, keep), "consistency": border_consistency(c, keep)}
+    out = {} if labels is None else {"class_acc": float((predict(c.reshape(len(c), -1)) == labels).mean())}
+    return {**out, "mse": masked_mse(c, truth, keep), "consistency": border_consistency(c, keep)}
 
 
 # ---------------------------------------------------------------------------
@@ -126,10 +146,10 @@ def score_inpaint(completions: np.ndarray, truth: np.ndarray, keep: np.ndarray, 
 def nearest_neighbour_fill(truth: np.ndarray, keep: np.ndarray, train: np.ndarray) -> np.ndarray:
     """Each image's hole filled from the training image closest (squared distance) on its kept pixels.
 
-    truth (N, H, W), keep (N, H, W), train (M, H, W); returns (N, H, W).
+    truth (N, H, W[, C]), keep (N, H, W), train (M, H, W[, C]); returns truth's shape.
     """
     x = np.asarray(truth, np.float64).reshape(len(truth), -1)
-    k = np.asarray(keep, dtype=bool).reshape(len(keep), -1).astype(np.float64)
+    k = pixel_mask(keep, truth).reshape(len(keep), -1).astype(np.float64)
     t = np.asarray(train, np.float64).reshape(len(train), -1)
     # sum_k (x - t)^2 over kept pixels = k.x^2 - 2 (k x) t^T + k (t^2)^T, per image's own mask
     d = (k * x * x).sum(1)[:, None] - 2 * (k * x) @ t.T + k @ (t * t).T         # (N, M)
@@ -140,7 +160,7 @@ def nearest_neighbour_fill(truth: np.ndarray, keep: np.ndarray, train: np.ndarra
 def mean_fill(truth: np.ndarray, keep: np.ndarray, train: np.ndarray) -> np.ndarray:
     """Each image's hole filled with the per-pixel mean of the training images."""
     mean = np.asarray(train, np.float64).mean(0)
-    return np.where(keep, truth, mean[None])
+    return np.where(pixel_mask(keep, truth), truth, mean[None])
 
 
 # ---------------------------------------------------------------------------
@@ -160,6 +180,8 @@ def inpaint_evaluation(complete: Complete, dataset: str, root: Path, n: int, mas
     The mean names (eval/inpaint_class_acc, ...) are written only when `masks` holds every mask,
     so that one chart in the MLflow UI compares like with like; perf/inpaint_ms_per_item is the
     completion time per image over the masks done, perf/inpaint_seconds the whole evaluation's.
+    Colour datasets: images (N, H, W, C), the masks per pixel. An unlabelled dataset (manifest
+    "labelled": false) gets no *_class_acc (NOT_APPLICABLE).
     """
     from threadpoolctl import threadpool_limits
 
@@ -168,10 +190,12 @@ def inpaint_evaluation(complete: Complete, dataset: str, root: Path, n: int, mas
         raise ImageMetricsError(f"eval.inpaint_samples: {n}; give at least 1 (0 turns inpainting evaluation off)")
     ref = load_reference(dataset, Path(root))
     pick = balanced_pick(ref.test_y, n, seed)
-    h, w = ref.image_shape
-    truth, labels = ref.test_x[pick].reshape(-1, h, w), ref.test_y[pick]
+    shape = tuple(ref.image_shape)                     # (H, W) grey, (H, W, C) colour
+    h, w = shape[:2]
+    truth = ref.test_x[pick].reshape(-1, *shape)
+    labels = ref.test_y[pick] if dataset_labelled(dataset, root) else None
     levels = np.rint(truth * (ref.levels - 1)).astype(np.uint8)
-    train = ref.train_x.reshape(-1, h, w)
+    train = ref.train_x.reshape(-1, *shape)
     out: dict[str, float] = {}
     ms = []
     for mask, keep in inpaint_masks(len(pick), h, w, masks, seed).items():

@@ -2,7 +2,7 @@
 
     metrics = train("captions-unet", params, root)      # models/captions-unet/model.pt (U-Net + text encoder)
     metrics = evaluate("captions-unet", params, root)   # reports/captions-unet/: metrics, guidance sweep, samples
-    x = sample_prompts(net, config, ["a thick, right-slanted seven"], guidance=2.0)   # (1, H, W) in [0, 1]
+    x = sample_prompts(net, config, ["a thick, right-slanted seven"], guidance=2.0)   # (1, H, W[, C]) in [0, 1]
 
 The same process as digits-unet (components/models/diffusion.py: loss, DDPM/DDIM, guidance) and the
 same training loop (components/training.py via base.train). The condition of a batch row is its
@@ -23,7 +23,13 @@ import numpy as np
 from components.config import CrossAttentionConfig, ModelConfig, Params, TextEncoderConfig
 from components.errors import ModelError
 from components.families import base
-from components.families.diffusion import levels_to_model, model_to_unit
+from components.families.diffusion import (
+    check_data_shape,
+    image_shape,
+    levels_to_model,
+    manifest_channels,
+    model_to_unit,
+)
 from components.files import write_json, write_text
 from components.layout import Layout
 from components.spec import ModelSpec
@@ -68,7 +74,8 @@ def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path]
     tok = PromptTokenizer.for_dataset(manifest, textenc.context, f"models.{key}.textenc.context")
     spec = ModelSpec(model=key, backbone=mc.backbone, dataset=mc.dataset, kind="image",
                      network=dataclasses.asdict(mc.unet), process=dataclasses.asdict(mc.diffusion),
-                     sample=dataclasses.asdict(mc.sample), image_size=int(manifest["image_size"]), channels=1,
+                     sample=dataclasses.asdict(mc.sample), image_size=int(manifest["image_size"]),
+                     channels=manifest_channels(key, mc, manifest, CaptionsFamilyError),
                      levels=int(manifest["levels"]), classes=tuple(manifest.get("classes") or ()),
                      vocab=tok.vocab, vocab_size=tok.vocab_size).to_config()
     spec.update(textenc=dataclasses.asdict(textenc),
@@ -113,7 +120,7 @@ def caption_table(records: list[dict], tok) -> tuple[np.ndarray, np.ndarray]:
 
 
 def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path):
-    """(get_batch(step, gen) -> (images (B, 1, H, W) in [-1, 1], prompt ids (B, L)), images per batch);
+    """(get_batch(step, gen) -> (images (B, C, H, W) in [-1, 1], prompt ids (B, L)), images per batch);
     each row's prompt is one of its image's captions, drawn per step."""
     import torch
 
@@ -121,7 +128,8 @@ def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path)
 
     x, _ = load_images(mc.dataset, "train", root)
     table, counts = caption_table(load_captions(mc.dataset, "train", root), tokenizer(config))
-    x0 = torch.from_numpy(levels_to_model(x, config["levels"]))             # (N, 1, H, W)
+    check_data_shape(x, config, mc.dataset, CaptionsFamilyError)
+    x0 = torch.from_numpy(levels_to_model(x, config["levels"]))             # (N, C, H, W)
     ids, n_caps = torch.from_numpy(table), torch.from_numpy(counts)          # (N, K, L), (N,)
     B = mc.train.batch_size
 
@@ -189,7 +197,7 @@ train = base.train
 
 def sample_prompts(net, config: dict[str, Any], prompts: list[str], *, sampler: str = "ddim", steps: int = 50,
                    eta: float = 0.0, guidance: float = 1.0, seed: int = 0, batch_size: int = 256) -> np.ndarray:
-    """One image per prompt, (N, H, W) float32 in [0, 1] on the data's grey levels. Bad prompts
+    """One image per prompt, (N, H, W) grey or (N, H, W, C) colour, float32 in [0, 1] on the data's levels. Bad prompts
     (empty, unknown characters, too long) are refused in one line before any network call."""
     import torch
 
@@ -212,7 +220,7 @@ def sample_prompts(net, config: dict[str, Any], prompts: list[str], *, sampler: 
             x = process(config, n).sample(denoise, torch.arange(n), shape, sampler=sampler, steps=steps, eta=eta,
                                           guidance=guidance, generator=gen)
             out.append(model_to_unit(x.numpy(), config["levels"]))
-    return np.concatenate(out) if out else np.zeros((0, *shape[1:]), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, *image_shape(config)), np.float32)
 
 
 # ---------------------------------------------------------------------------

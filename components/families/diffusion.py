@@ -4,7 +4,8 @@
     metrics = evaluate("digits-unet", params, root)   # reports/digits-unet/metrics.json, samples.png, sampling.*
     net, config = load_model("digits-unet", root)     # network with EMA weights + its config dict
 
-Images are the prepared dataset's grey levels scaled to [-1, 1], one channel. The network is
+Images are the prepared dataset's levels scaled to [-1, 1]: one channel for grey images (N, H, W),
+C for colour images (N, H, W, C) (the manifest's "channels"; the network reads (N, C, H, W)). The network is
 picked by ``backbone`` from the registry (components/families/base.py); every backbone is a
 module ``Net(cfg, image_size=, in_channels=, num_classes=)`` with the call ``(x, t, y) -> eps``, so the process in
 components.models.diffusion trains and samples any of them the same way.
@@ -57,8 +58,18 @@ def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path]
     section = base.BACKBONES[mc.backbone].section
     return ModelSpec(model=key, backbone=mc.backbone, dataset=mc.dataset, kind="image",
                      network=dataclasses.asdict(getattr(mc, section)), process=dataclasses.asdict(mc.diffusion),
-                     sample=dataclasses.asdict(mc.sample), image_size=int(manifest["image_size"]), channels=1,
+                     sample=dataclasses.asdict(mc.sample), image_size=int(manifest["image_size"]),
+                     channels=manifest_channels(key, mc, manifest, DiffusionFamilyError),
                      levels=int(manifest["levels"]), classes=tuple(manifest["classes"])).to_config()
+
+
+def manifest_channels(key: str, mc: ModelConfig, manifest: dict, error: type[Exception]) -> int:
+    """The dataset's channel count (manifest "channels": 1 grey, 3 colour; absent: 1); `error` otherwise."""
+    channels = manifest.get("channels", 1)
+    if channels not in (1, 3):
+        raise error(f"models.{key}.dataset: {mc.dataset}'s manifest says channels={channels!r}; image models take "
+                    "1 (grey) or 3 (colour) channels; prepare the dataset again")
+    return int(channels)
 
 
 def build_network(config: dict[str, Any]):
@@ -77,24 +88,36 @@ def make_diffusion(config: dict[str, Any]):
 
 
 def levels_to_model(x: np.ndarray, levels: int) -> np.ndarray:
-    """uint8 grey levels (N, H, W) -> float32 (N, 1, H, W) in [-1, 1]."""
+    """uint8 levels (N, H, W) grey or (N, H, W, C) colour -> float32 (N, C, H, W) in [-1, 1] (C = 1 for grey)."""
+    if np.ndim(x) == 4:   # colour, channels last -> the network's channels first
+        x = np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1))
+        return x.astype(np.float32) / (levels - 1) * 2 - 1
     return (x.astype(np.float32) / (levels - 1) * 2 - 1)[:, None]
 
 
 def model_to_unit(x: np.ndarray, levels: int) -> np.ndarray:
-    """Network output (N, 1, H, W) in [-1, 1] -> (N, H, W) in [0, 1], rounded to the data's grey levels."""
-    unit = np.clip((x[:, 0] + 1) / 2, 0.0, 1.0)
+    """Network output (N, C, H, W) in [-1, 1] -> (N, H, W) for C == 1, else (N, H, W, C), in [0, 1]
+    and rounded to the data's levels (per channel)."""
+    unit = np.clip((x[:, 0] + 1) / 2, 0.0, 1.0) if x.shape[1] == 1 else \
+        np.clip((np.moveaxis(x, 1, -1) + 1) / 2, 0.0, 1.0)
     return (np.round(unit * (levels - 1)) / (levels - 1)).astype(np.float32)
 
 
+def image_shape(config: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of one image as the model's outputs hold it: (H, W) grey, (H, W, C) colour."""
+    s, c = config["image_size"], config.get("channels", 1)
+    return (s, s) if c == 1 else (s, s, c)
+
+
 def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path):
-    """(get_batch(step, gen) -> (images (B, 1, H, W) in [-1, 1], labels (B,)), images per batch)."""
+    """(get_batch(step, gen) -> (images (B, C, H, W) in [-1, 1], labels (B,)), images per batch)."""
     import torch
 
     from components.data import load_images
 
     x, y = load_images(mc.dataset, "train", root)
-    x0 = torch.from_numpy(levels_to_model(x, config["levels"]))              # (N, 1, H, W) in [-1, 1]
+    check_data_shape(x, config, mc.dataset, DiffusionFamilyError)
+    x0 = torch.from_numpy(levels_to_model(x, config["levels"]))              # (N, C, H, W) in [-1, 1]
     labels = torch.from_numpy(y.astype(np.int64))                            # (N,)
     B = mc.train.batch_size
 
@@ -102,6 +125,15 @@ def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path)
         idx = torch.randint(len(x0), (B,), generator=gen)
         return x0[idx], labels[idx]
     return get_batch, B
+
+
+def check_data_shape(x: np.ndarray, config: dict[str, Any], dataset: str, error: type[Exception]) -> None:
+    """Refuse prepared images whose shape is not the model spec's (N, H, W) or (N, H, W, C), in one line."""
+    want = image_shape(config)
+    if tuple(x.shape[1:]) != want:
+        raise error(f"data/prepared/{dataset}: images of shape {tuple(x.shape[1:])}, the model spec says {want} "
+                    f"(image_size {config['image_size']}, channels {config.get('channels', 1)}); prepare the "
+                    "dataset again")
 
 
 def loss_fn(config: dict[str, Any]):
@@ -169,7 +201,7 @@ def parse_sampler(name: str, config: dict[str, Any]) -> tuple[str, int]:
 
 def sample_images(net, config: dict[str, Any], labels: np.ndarray, *, sampler: str = "ddim", steps: int = 50,
                   eta: float = 0.0, guidance: float = 1.0, seed: int = 0, batch_size: int = 512) -> np.ndarray:
-    """Class-conditional samples (N, H, W) float32 in [0, 1], on the data's grey levels."""
+    """Class-conditional samples (N, H, W) grey or (N, H, W, C) colour, float32 in [0, 1] on the data's levels."""
     import torch
 
     diffusion = make_diffusion(config)
@@ -183,7 +215,7 @@ def sample_images(net, config: dict[str, Any], labels: np.ndarray, *, sampler: s
             x = diffusion.sample(net, labels[i:i + batch_size], shape, sampler=sampler, steps=steps,
                                  eta=eta, guidance=guidance, generator=gen)
             out.append(model_to_unit(x.numpy(), config["levels"]))
-    return np.concatenate(out) if out else np.zeros((0, *shape[1:]), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, *image_shape(config)), np.float32)
 
 
 LABEL_TIMESTEPS = 5   # timesteps (x 2 noise draws) the diffusion classifier of inpaint_images averages over
@@ -193,8 +225,9 @@ def inpaint_images(net, config: dict[str, Any], levels: np.ndarray, keep: np.nda
                    steps: int = 50, eta: float = 0.0, guidance: float = 1.0, jump_length: int = 1,
                    jump_n_sample: int = 1, infer_label: bool = False, seed: int = 0,
                    batch_size: int = 512) -> np.ndarray:
-    """RePaint completions of grey levels (N, H, W) where keep (N, H, W) is False; (N, H, W) float32 in
-    [0, 1] on the data's grey levels (the components/evaluation/editing.py `complete`).
+    """RePaint completions of levels (N, H, W) grey or (N, H, W, C) colour where keep (N, H, W) is False
+    (a pixel's every channel: the mask is per pixel); the same shape, float32 in [0, 1] on the data's
+    levels (the components/evaluation/editing.py `complete`).
 
     Unconditional (the null class), or with infer_label: the model picks each image's class itself,
     as a pixel GPT does from its likelihood: the class whose noise predictions fit the kept pixels
@@ -204,8 +237,10 @@ def inpaint_images(net, config: dict[str, Any], levels: np.ndarray, keep: np.nda
     import torch
 
     diffusion = make_diffusion(config)
-    known = torch.from_numpy(levels_to_model(levels, config["levels"]))             # (N, 1, H, W) in [-1, 1]
+    known = torch.from_numpy(levels_to_model(levels, config["levels"]))             # (N, C, H, W) in [-1, 1]
     keep_t = torch.from_numpy(np.asarray(keep, dtype=bool)[:, None].copy())          # (N, 1, H, W)
+    if known.shape[1] > 1:                                                            # every channel of a pixel
+        keep_t = keep_t.expand(-1, known.shape[1], -1, -1).contiguous()
     gen = torch.Generator().manual_seed(seed)
     T = config["diffusion"]["timesteps"]
     probe = [int(t) for t in np.linspace(T * 0.05, T * 0.9, LABEL_TIMESTEPS)]

@@ -24,13 +24,16 @@ from components.config import ModelConfig, Params
 from components.families import base
 from components.families.diffusion import (
     DiffusionFamilyError,
+    check_data_shape,
+    image_shape,
     levels_to_model,
     make_diffusion,
+    manifest_channels,
     model_to_unit,
 )
 from components.files import write_json, write_text
 from components.layout import Layout
-from components.sampling.superres import SuperResInputError, check_factor, downsample
+from components.sampling.superres import SuperResInputError, check_factor, downsample_images
 from components.spec import ModelSpec
 
 BACKBONE = "unet-sr"
@@ -71,7 +74,8 @@ def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path]
     return ModelSpec(model=key, backbone=mc.backbone, dataset=mc.dataset, kind="image",
                      network=dataclasses.asdict(mc.unet), process=dataclasses.asdict(mc.diffusion),
                      sample=dataclasses.asdict(mc.sample), condition=dataclasses.asdict(mc.condition),
-                     image_size=size, channels=1, levels=int(manifest["levels"]),
+                     image_size=size, channels=manifest_channels(key, mc, manifest, SuperResFamilyError),
+                     levels=int(manifest["levels"]),
                      classes=tuple(manifest["classes"])).to_config()
 
 
@@ -86,15 +90,16 @@ def build_network(config: dict[str, Any]):
 
 
 def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path):
-    """(get_batch(step, gen) -> (images (B, 1, H, W), low-res images (B, 1, H/f, W/f)), both in [-1, 1])."""
+    """(get_batch(step, gen) -> (images (B, C, H, W), low-res images (B, C, H/f, W/f)), both in [-1, 1])."""
     import torch
 
     from components.data import load_images
 
     x, _ = load_images(mc.dataset, "train", root)
     levels, factor = config["levels"], config["condition"]["factor"]
-    x0 = torch.from_numpy(levels_to_model(x, levels))                                    # (N, 1, H, W)
-    lowres = torch.from_numpy(levels_to_model(downsample(x, factor, levels), levels))    # (N, 1, H/f, W/f)
+    check_data_shape(x, config, mc.dataset, SuperResFamilyError)
+    x0 = torch.from_numpy(levels_to_model(x, levels))                                          # (N, C, H, W)
+    lowres = torch.from_numpy(levels_to_model(downsample_images(x, factor, levels), levels))   # (N, C, H/f, W/f)
     B = mc.train.batch_size
 
     def get_batch(step: int, gen: torch.Generator):
@@ -164,12 +169,13 @@ train = base.train   # the one training entry (components/families/base.py)
 
 def upscale_images(net, config: dict[str, Any], lowres: np.ndarray, *, sampler: str = "ddim", steps: int = 50,
                    eta: float = 0.0, seed: int = 0, batch_size: int = 512) -> np.ndarray:
-    """Low-res grey levels (N, H/f, W/f) -> upscaled images (N, H, W) float32 in [0, 1], on the grey levels."""
+    """Low-res levels (N, H/f, W/f) grey or (N, H/f, W/f, C) colour -> upscaled images (N, H, W[, C])
+    float32 in [0, 1], on the data's levels."""
     import torch
 
     diffusion = make_diffusion(config)
     levels, size = config["levels"], config["image_size"]
-    cond = torch.from_numpy(levels_to_model(np.asarray(lowres), levels))                # (N, 1, h, w)
+    cond = torch.from_numpy(levels_to_model(np.asarray(lowres), levels))                # (N, C, h, w)
     labels = torch.zeros(len(cond), dtype=torch.long)   # any valid class: guidance 0 feeds the null class
     diffusion.check_request(labels, steps, 0.0, sampler, eta)
     gen = torch.Generator().manual_seed(seed)
@@ -181,7 +187,7 @@ def upscale_images(net, config: dict[str, Any], lowres: np.ndarray, *, sampler: 
                                  (config["channels"], size, size), sampler=sampler, steps=steps, eta=eta,
                                  guidance=0.0, generator=gen)
             out.append(model_to_unit(x.numpy(), levels))
-    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, *image_shape(config)), np.float32)
 
 
 def comparison_grid(lowres: np.ndarray, bicubic: np.ndarray, upscaled: np.ndarray, originals: np.ndarray,
@@ -211,7 +217,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     x_te, y_te = load_images(config["dataset"], "test", root)
     pick = balanced_pick(y_te, min(mc.eval.num_samples, len(y_te)), seed=0)   # every class, evenly
     originals_levels, labels = x_te[pick], y_te[pick].astype(np.int64)
-    lowres_levels = downsample(originals_levels, factor, levels)
+    lowres_levels = downsample_images(originals_levels, factor, levels)
     originals, lowres = originals_levels / np.float32(levels - 1), lowres_levels / np.float32(levels - 1)
 
     t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """Super-resolution without torch: the low-res image a model is trained on and the one a user gives.
 
     lowres = downsample(levels, factor=2, levels=17)                  # (N, H, W) -> (N, H/2, W/2) grey levels
+    lowres = downsample_images(rgb, factor=2, n_levels=16)            # (N, H, W, 3) -> (N, H/2, W/2, 3)
     lowres = read_upscale_input(png, (1, 8, 8), factor=2, levels=17)  # a user's 4x4 image, (1, 4, 4)
     lowres = upscale_levels(rows, (1, 8, 8), factor=2, levels=17)     # 4 rows of 4 grey levels, (1, 4, 4)
 
@@ -45,6 +46,14 @@ def downsample(levels: np.ndarray, factor: int, n_levels: int) -> np.ndarray:
     check_factor(W, factor, "downsample: width")
     blocks = levels.astype(np.float64).reshape(*lead, H // factor, factor, W // factor, factor)
     return np.clip(np.rint(blocks.mean(axis=(-3, -1))), 0, n_levels - 1).astype(np.uint8)
+
+
+def downsample_images(images: np.ndarray, factor: int, n_levels: int) -> np.ndarray:
+    """Images (N, H, W) grey or (N, H, W, C) colour -> (N, H/f, W/f[, C]): `downsample` per channel."""
+    images = np.asarray(images)
+    if images.ndim == 4:   # channels last: the blocks are over H and W of every channel
+        return np.ascontiguousarray(np.moveaxis(downsample(np.moveaxis(images, -1, 1), factor, n_levels), 1, -1))
+    return downsample(images, factor, n_levels)
 
 
 def read_upscale_input(source: Union[Path, bytes], shape: tuple[int, int, int], factor: int, levels: int,

@@ -494,12 +494,15 @@ def run_masked_batch(engine: MaskedLMEngine, jobs: list[Job]) -> list[list[str]]
 
 
 def png_base64(levels: np.ndarray, n_levels: int) -> str:
-    """(1, H, W) grey levels 0..n_levels-1 -> a base64 PNG, 0 black, the top level white."""
+    """(1, H, W) grey levels 0..n_levels-1 -> a base64 PNG, 0 black, the top level white; (3, H, W)
+    colour levels -> an RGB PNG, each channel scaled the same way."""
     from PIL import Image
 
-    grey = (levels[0].astype(np.float64) * (255.0 / max(n_levels - 1, 1))).round().astype(np.uint8)
+    colour = levels.shape[0] == 3
+    pixels = np.moveaxis(levels, 0, -1) if colour else levels[0]                  # (H, W, 3) or (H, W)
+    grey = (pixels.astype(np.float64) * (255.0 / max(n_levels - 1, 1))).round().astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(grey, mode="L").save(buf, format="PNG")
+    Image.fromarray(grey, mode="RGB" if colour else "L").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
