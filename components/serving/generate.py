@@ -240,10 +240,10 @@ def allowed_ranges(engine: Engine, limits: Limits) -> dict[str, str]:
         out.update(prompt=f"1..{engine.tokenizer.max_chars} characters of the model's captions",
                    steps=f"1..{engine.timesteps}", guidance=">= 0")
     elif isinstance(engine, SuperResEngine):
-        _, h, w = engine.lowres_shape
+        c, h, w = engine.lowres_shape
         top = int(engine.config.get("levels", 256)) - 1
-        out.update(upscale=f"a {w}x{h} base64 PNG, or {h} rows of {w} grey levels 0..{top}",
-                   steps=f"1..{engine.timesteps}")
+        out.update(upscale=f"a {w}x{h} base64 PNG, or {h} rows of {w} grey levels 0..{top}" if c == 1 else
+                   f"a {w}x{h} base64 RGB PNG", steps=f"1..{engine.timesteps}")
     elif prompts_pixels(engine):
         out.update(prompt=f"1..{engine.prompts.max_chars} characters of the model's captions", temperature="> 0",
                    top_k=f"0..{int(engine.config['levels'])}")

@@ -65,6 +65,25 @@ def root(tmp_path_factory):
     return make_colour_dataset(root, "colour-captions", captions=True)
 
 
+def rgb_png(levels: np.ndarray) -> str:
+    """Levels 0..15 (H, W, 3) (or (H, W): grey) -> a base64 PNG, as a user's 8-bit image of them would be."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.rint(levels * (255 / 15)).astype(np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decoded(png_b64: str) -> np.ndarray:
+    import base64
+    import io
+
+    with Image.open(io.BytesIO(base64.b64decode(png_b64))) as im:
+        assert im.mode == "RGB"
+        return np.asarray(im)
+
+
 def on_levels(unit: np.ndarray) -> bool:
     scaled = unit * (LEVELS - 1)
     return bool(np.all((unit >= 0) & (unit <= 1)) and np.allclose(scaled, np.round(scaled), atol=1e-5))
@@ -190,6 +209,17 @@ def test_colour_inpainting_keeps_every_channel_of_the_kept_pixels(root, tmp_path
     assert filled.shape == (2, 3, SIZE, SIZE)
     assert (filled[:, kept] == pixels[kept]).all()
 
+    # served: {"inpaint": {"image": RGB PNG, "mask": PNG}} gives RGB completions keeping the kept pixels
+    from components.serving.generate import Limits, plan, run_jobs
+
+    mask = rgb_png(np.where(keep[0], 0, 15))                          # white: regenerate
+    body = {"n": 2, "steps": 3, "seed": 0, "inpaint": {"image": rgb_png(levels[0]), "mask": mask}}
+    (images,) = run_jobs(engine, [plan(engine, body, Limits())])
+    served = np.stack([decoded(b) for b in images])                   # (2, H, W, 3) 0..255
+    assert served.shape == (2, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(served[:, keep[0]], np.broadcast_to(np.rint(levels[0][keep[0]] * (255 / 15)),
+                                                                      served[:, keep[0]].shape))
+
 
 # ---------------------------------------------------------------------------
 # Super-resolution: unet-sr
@@ -220,6 +250,18 @@ def test_a_colour_super_resolution_model_trains_exports_and_upscales_without_tor
     assert isinstance(engine, SuperResEngine) and engine.lowres_shape == (3, SIZE // 2, SIZE // 2)
     got = engine.upscale(engine.from_levels(np.moveaxis(low[0], -1, 0)), 3, steps=3, seed=0)
     assert got.shape == (3, 3, SIZE, SIZE) and on_levels(fam.model_to_unit(got, LEVELS))
+
+    # served: an RGB low-res PNG in, RGB PNGs out (what `genflow sample --upscale` draws for the seed)
+    from components.serving.generate import Limits, RequestProblem, plan, run_jobs
+
+    job = plan(engine, {"upscale": rgb_png(low[0]), "n": 3, "steps": 3, "seed": 0}, Limits())
+    np.testing.assert_array_equal(job.settings["lowres"], np.moveaxis(low[0], -1, 0))
+    (images,) = run_jobs(engine, [job])
+    served = np.stack([decoded(b) for b in images])
+    assert served.shape == (3, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(served, np.rint(np.moveaxis(engine.to_levels(got), 1, -1) * (255 / 15)))
+    with pytest.raises(RequestProblem, match="channels"):
+        plan(engine, {"upscale": rgb_png(low[0][..., 0]), "n": 1}, Limits())   # a grey PNG: 1 channel, not 3
 
 
 # ---------------------------------------------------------------------------
