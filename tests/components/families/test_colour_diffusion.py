@@ -151,6 +151,9 @@ def test_a_colour_denoiser_trains_exports_and_samples_without_torch(root, traine
     batch, _ = fam.training_data(key, params().models[key], config, root)
     x0, _ = batch(0, torch.Generator().manual_seed(0))
     assert x0.shape == (8, 3, SIZE, SIZE) and x0.min() >= -1 and x0.max() <= 1
+    assert metrics["perf/flops_per_item"] > 2 * metrics["perf/params"]
+    step, items = fam.probe_step(net, config, 2, torch.Generator().manual_seed(0))
+    assert items == 2 and np.isfinite(step().detach().item())     # the thread probe's step at 3 channels
     samples = fam.sample_images(net, config, np.array([0, 1, 2]), steps=3, guidance=1.0)
     assert samples.shape == (3, SIZE, SIZE, 3) and on_levels(samples)
 
@@ -262,6 +265,18 @@ def test_a_colour_super_resolution_model_trains_exports_and_upscales_without_tor
     np.testing.assert_array_equal(served, np.rint(np.moveaxis(engine.to_levels(got), 1, -1) * (255 / 15)))
     with pytest.raises(RequestProblem, match="channels"):
         plan(engine, {"upscale": rgb_png(low[0][..., 0]), "n": 1}, Limits())   # a grey PNG: 1 channel, not 3
+
+    # `genflow sample c-sr --upscale small.png` in a fresh interpreter without torch: RGB grid and files
+    from serving_models import sample_without_torch
+
+    Image.fromarray(np.rint(low[0] * (255 / 15)).astype(np.uint8)).save(root / "small.png")
+    sample_without_torch(root, model="c-sr", exports=str(root / "exports"), upscale=str(root / "small.png"),
+                         count=2, steps=2)
+    for name in ("c-sr-local-upscale.png", "c-sr-local-upscale-1.png", "c-sr-local-upscale-2.png"):
+        with Image.open(root / "reports" / "samples" / name) as im:
+            assert im.mode == "RGB"
+    with Image.open(root / "reports" / "samples" / "c-sr-local-upscale-1.png") as im:
+        assert im.size == (SIZE, SIZE)
 
 
 # ---------------------------------------------------------------------------
