@@ -47,11 +47,14 @@ def colour_images(per_class: int = 40, size: int = SIZE, levels: int = LEVELS, c
 
 
 def make_colour_dataset(root: Path, name: str = "colours", *, per_class: int = 40, labelled: bool = True,
-                        captions: bool = False, seed: int = 0) -> Path:
-    """Write data/prepared/<name>/ under root (see the module doc); returns root."""
+                        captions: bool = False, channels: int = 3, seed: int = 0) -> Path:
+    """Write data/prepared/<name>/ under root (see the module doc); returns root. channels=1: the same
+    images in grey (N, H, W), the channels' mean."""
     root = Path(root)
     classes = tuple(COLOURS) if labelled else ("red",)
     x, y = colour_images(per_class, classes=classes, seed=seed)
+    if channels == 1:
+        x = np.rint(x.mean(axis=-1)).astype(np.uint8)
     order = np.random.default_rng(seed + 1).permutation(len(y))
     x, y = x[order], y[order]
     out = root / "data" / "prepared" / name
@@ -73,7 +76,7 @@ def make_colour_dataset(root: Path, name: str = "colours", *, per_class: int = 4
             (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         at += n
     manifest = {"name": name, "kind": "captions" if captions else "image", "counts": counts,
-                "image_size": SIZE, "levels": LEVELS, "channels": 3, "classes": list(classes),
+                "image_size": SIZE, "levels": LEVELS, "channels": channels, "classes": list(classes),
                 "labelled": labelled, "files": {f"{s}.npz": f"{name}-{s}-{seed}" for s, _ in SPLIT_SHARES}}
     if captions:
         manifest.update(vocab="".join(sorted(set("".join(texts_all)))),

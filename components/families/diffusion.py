@@ -268,8 +268,10 @@ def class_rows(samples: np.ndarray, labels: np.ndarray, num_classes: int, per_ro
     return np.concatenate(rows)
 
 
-def sampling_table(rows: list[dict[str, Any]], baselines: dict[str, float]) -> str:
-    """Markdown speed/quality table of the sampler sweep, with the real-data floor and baselines."""
+def sampling_table(rows: list[dict[str, Any]], baselines: dict[str, float], labelled: bool = True) -> str:
+    """Markdown speed/quality table of the sampler sweep, with the real-data floor and baselines; for an
+    unlabelled dataset a line saying class accuracy is not applicable."""
+    from components.evaluation.editing import NOT_APPLICABLE
     from components.evaluation.images import METRICS
 
     cols = [c for c in METRICS if all(c in r for r in rows)]
@@ -282,6 +284,8 @@ def sampling_table(rows: list[dict[str, Any]], baselines: dict[str, float]) -> s
         if f"baseline/{b}_fd" in baselines:
             lines.append(f"| {b} (baseline) | | | "
                          + " | ".join(f"{baselines.get(f'baseline/{b}_{c}', float('nan')):.4f}" for c in cols) + " |")
+    if not labelled:
+        lines += ["", f"class_acc: {NOT_APPLICABLE}"]
     return "\n".join(lines) + "\n"
 
 
@@ -295,11 +299,13 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     root = Path(root)
     mc = params.model(key)
     net, config = load_model(key, root)
+    from components.evaluation.editing import dataset_labelled
     from components.training import set_threads
 
     set_threads(mc.train.threads)
     n, s = mc.eval.num_samples, mc.sample
     labels = cycling_labels(n, config["num_classes"])
+    scored = labels if dataset_labelled(config["dataset"], root) else None   # unlabelled: no class accuracy
     sweep = [(name, *parse_sampler(name, config)) for name in mc.eval.sampler_sweep]  # refuse bad names first
     make_diffusion(config).check_request(torch.as_tensor(labels), s.steps, s.guidance, s.sampler, s.eta)
 
@@ -312,7 +318,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
                               guidance=s.guidance, seed=mc.train.seed)
         ms = (time.perf_counter() - t0) * 1000 / max(n, 1)
         sample_memory.append(mem)
-        return x, ms, image_metrics(x, labels, config["dataset"], root)
+        return x, ms, image_metrics(x, scored, config["dataset"], root)
 
     results: dict[tuple[str, int], tuple[np.ndarray, float, dict[str, float]]] = {}
     rows = []
@@ -351,7 +357,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
                                         "headline": {"sampler": s.sampler, "steps": s.steps},
                                         "samplers": rows,
                                         "baselines": baselines})
-    table = sampling_table(rows, baselines)
+    table = sampling_table(rows, baselines, labelled=scored is not None)
     title = f"# {key}: sampling speed and quality ({n} images, guidance {s.guidance})"
     write_text(out / "sampling.md", f"{title}\n\n{table}")
     write_json(out / "metrics.json", metrics)

@@ -342,3 +342,22 @@ def test_served_images_are_rgb_pngs_for_colour_and_grey_for_grey():
         assert im.getpixel((1, 1)) == (0, 0, 255) and im.getpixel((0, 0)) == (0, 0, 0)
     with Image.open(io.BytesIO(base64.b64decode(png_base64(np.full((1, 2, 2), 16, np.uint8), 17)))) as im:
         assert im.mode == "L" and im.getpixel((0, 0)) == 255
+
+
+# ---------------------------------------------------------------------------
+# Unlabelled data: one class, trained unconditionally, class accuracy not applicable
+# ---------------------------------------------------------------------------
+
+def test_an_unlabelled_dataset_is_evaluated_without_class_accuracy(tmp_path):
+    from components.evaluation.editing import NOT_APPLICABLE
+
+    root = make_colour_dataset(tmp_path, "blobs", labelled=False, channels=1)
+    p = Params(datasets={"blobs": DatasetConfig(source="imagefolder:blobs", image_size=SIZE, levels=LEVELS)},
+               models={"u-unet": model("unet", dataset="blobs",
+                                       eval=EvalConfig(num_samples=12, sampler_sweep=["ddim2"], inpaint_samples=4))})
+    fam.train("u-unet", p, root)
+    metrics = fam.evaluate("u-unet", p, root)
+    assert np.isfinite(metrics["eval/fd"]) and np.isfinite(metrics["eval/inpaint_mse"])
+    assert not [k for k in metrics if "class_acc" in k and k.startswith("eval/")]
+    table = (root / "reports" / "u-unet" / "sampling.md").read_text()
+    assert f"class_acc: {NOT_APPLICABLE}" in table
