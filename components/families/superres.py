@@ -4,12 +4,13 @@
     metrics = evaluate("digits-sr", params, root)   # reports/digits-sr/metrics.json, superres.md, samples.png
     net, config = load_model("digits-sr", root)     # SuperResUNet with EMA weights + its config dict
 
-The low-res image of a training image is its factor x factor block means on the data's grey
-levels (components/sampling/superres.py); the network (components/models/srunet.py) upsamples it
-and reads it beside the noisy image. Training, schedule, loss and samplers are the image
-diffusion family's (components/families/diffusion.py, components/models/diffusion.py), with the
-low-res batch bound into the network call. No label conditioning: every call gets the null class
-(sampling with guidance 0), so an upscaling knows only the low-res image, like the baselines.
+The low-res image of a training image is its factor x factor block means on the data's levels,
+channel by channel for colour images (components/sampling/superres.py); the network
+(components/models/srunet.py) upsamples it and reads it beside the noisy image. Training,
+schedule, loss and samplers are the image diffusion family's (components/families/diffusion.py,
+components/models/diffusion.py), with the low-res batch bound into the network call. No label
+conditioning: every call gets the null class (sampling with guidance 0), so an upscaling knows
+only the low-res image, like the baselines.
 """
 from __future__ import annotations
 

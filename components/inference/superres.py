@@ -6,7 +6,7 @@ that also takes the low-res image to upscale:
     model.onnx  x [B,C,H,W] f32, t [B] i64, y [B] i64, lowres [B,C,H/f,W/f] f32 -> eps [B,C,H,W]
 
     engine = load_engine(Path("exports/digits-sr"))
-    x = engine.upscale(engine.from_levels(lowres_levels), count=4)     # (4, 1, 8, 8) in [-1, 1]
+    x = engine.upscale(engine.from_levels(lowres_levels), count=4)     # (4, C, 8, 8) in [-1, 1]; C = 1 grey, 3 colour
 
 The denoising loop is components/sampling/diffusion.sample_loop (the PyTorch process runs the
 same one) with the low-res image bound into every network call and the null class as the label.
