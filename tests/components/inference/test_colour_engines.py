@@ -126,3 +126,31 @@ def test_encdec_engine_steps_match_pytorch_and_write_colour_images(exports):
     assert images.shape == (2, SIZE, SIZE, 3)
     assert np.array_equal(images * (LEVELS - 1), levels.transpose(0, 2, 3, 1).astype(np.float32))
     assert engine.sample_prompts([], seed=0).shape == (0, 3, SIZE, SIZE)
+
+
+def _png(b64: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_serving_answers_colour_models_with_rgb_pngs_of_the_sampled_levels(exports):
+    from components.serving.generate import Job, run_jobs
+
+    root, _ = exports
+    gpt = load_engine(root / "exports" / "rgb-gpt")
+    [pngs] = run_jobs(gpt, [Job("images", {"labels": [1, 0], "temperature": 1.0, "top_k": 0, "seed": 5}, n=2)])
+    levels = gpt.sample_digits([1, 0], seed=5)
+    for b64, lv in zip(pngs, levels):
+        img = _png(b64)
+        assert img.mode == "RGB" and img.size == (SIZE, SIZE)
+        assert np.array_equal(np.asarray(img), np.round(lv.transpose(1, 2, 0) * (255 / (LEVELS - 1))))
+    encdec = load_encdec_engine(root / "exports" / "rgb-encdec")
+    [pngs] = run_jobs(encdec, [Job("pixels", {"prompts": ["dab"], "temperature": 1.0, "top_k": 0, "seed": 0})])
+    assert _png(pngs[0]).mode == "RGB" and _png(pngs[0]).size == (SIZE, SIZE)
+    grey = load_engine(root / "exports" / "grey-gpt")
+    [pngs] = run_jobs(grey, [Job("images", {"labels": [0], "temperature": 1.0, "top_k": 0, "seed": 0})])
+    assert _png(pngs[0]).mode == "L"
