@@ -44,6 +44,13 @@ from components.layout import Layout
 from components.spec import ModelSpec
 
 EVAL_BATCH = 128
+EVAL_BATCH_TOKENS = EVAL_BATCH * 64   # prompts decoded or scored at once: at most this many pixel tokens
+
+
+def eval_batch(config: dict[str, Any], batch_size: int = EVAL_BATCH) -> int:
+    """Prompts per network batch: batch_size, fewer for long (large or colour) images so that the
+    caches and activations stay bounded (8x8 grey keeps its 128)."""
+    return max(1, min(int(batch_size), EVAL_BATCH_TOKENS // int(config["encdec"]["target_len"])))
 SPEED_PROMPTS = 4          # prompts decoded one at a time for the perf/decode figures
 
 
@@ -219,6 +226,7 @@ def sample_prompts(net, config: dict[str, Any], prompts: list[str], *, temperatu
     s = config.get("sample", {})
     temperature = float(s.get("temperature", 1.0) if temperature is None else temperature)
     top_k = int(s.get("top_k", 0) if top_k is None else top_k)
+    batch_size = eval_batch(config, batch_size)
     tensors = [prompt_tensors(config, prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     gen = torch.Generator().manual_seed(seed)
     from components.tokenizer import tokens_to_images
@@ -244,9 +252,10 @@ def pixel_nll(net, config: dict[str, Any], x: np.ndarray, prompts: list[str]) ->
 
     nats = 0.0
     with torch.inference_mode():
-        for i in range(0, len(x), EVAL_BATCH):
-            src, mask = prompt_tensors(config, prompts[i:i + EVAL_BATCH])
-            tgt_in, tgt_out = pixel_tensors(config, x[i:i + EVAL_BATCH])
+        step = eval_batch(config)
+        for i in range(0, len(x), step):
+            src, mask = prompt_tensors(config, prompts[i:i + step])
+            tgt_in, tgt_out = pixel_tensors(config, x[i:i + step])
             logits = pixel_logits(net, config, src, mask, tgt_in)
             nats += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), reduction="sum"))
     return nats

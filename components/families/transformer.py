@@ -55,6 +55,17 @@ from components.spec import ModelSpec
 
 TEXT_EVAL_STRIDE_DIVISOR = 4  # bits/char windows start every block_size // 4 characters
 LOGREG_MAX_DIMS = 256         # the logistic-regression pixel baseline's largest image (values per image)
+IMAGE_BATCH_TOKENS = 512 * 65  # images sampled or scored at once: at most this many tokens (8x8 grey: 512)
+FLOP_COUNT_MAX_TOKENS = 4096  # longer contexts: FLOPs per token extrapolated from two shorter ones
+
+
+def image_batch(batch_size: int, config: dict) -> int:
+    """Images per network batch: batch_size, fewer for long (large or colour) images so that the
+    activations and the KV cache stay bounded (8x8 grey keeps its 512)."""
+    from components.tokenizer import image_token_count
+
+    tokens = image_token_count(config["image_size"], int(config.get("channels", 1))) + 1
+    return max(1, min(int(batch_size), IMAGE_BATCH_TOKENS // tokens))
 
 
 class ModelNotTrainedError(ModelError):
@@ -248,12 +259,23 @@ def flops_per_item(net, config: dict[str, Any]) -> float:
 
     Attention runs through SDPA's math backend here so that its matmuls are counted (the CPU
     flash kernel has no FLOP formula); the full T x T products count, as in the usual 6N + 12LTC.
+    Above FLOP_COUNT_MAX_TOKENS (a large colour image: 64x64x3 = 12288 tokens) the math backend's
+    T x T matrices would take gigabytes, so the counts at two shorter contexts are extrapolated
+    linearly (per token: the matmuls are constant and attention linear in T, so it is exact).
     """
+    T = tokens_per_sequence(config)
+    if T > FLOP_COUNT_MAX_TOKENS:
+        half = FLOP_COUNT_MAX_TOKENS // 2
+        a, b = _flops_per_token(net, half), _flops_per_token(net, FLOP_COUNT_MAX_TOKENS)
+        return a + (b - a) * (T - half) / (FLOP_COUNT_MAX_TOKENS - half)
+    return _flops_per_token(net, T)
+
+
+def _flops_per_token(net, T: int) -> float:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    T = tokens_per_sequence(config)
     idx = torch.zeros(1, T, dtype=torch.long, device=base.device_of(net))
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
@@ -332,6 +354,7 @@ def sample_images(model, config: dict, labels: np.ndarray, *, temperature: float
         raise ModelError(f"labels: must be class indices 0..{config['num_classes'] - 1}")
     gen = torch.Generator().manual_seed(seed)
     out = []
+    batch_size = image_batch(batch_size, config)
     for i in range(0, len(labels), batch_size):
         start = torch.from_numpy(levels + labels[i:i + batch_size])[:, None]  # (b, 1) class tokens
         if prefix is not None:                                                # (b, 1 + P)
@@ -380,6 +403,7 @@ def image_log_likelihoods(model, config: dict, x: np.ndarray, batch_size: int = 
     levels, C = config["levels"], config["num_classes"]
     n = len(x)
     out = np.zeros((n, C))
+    batch_size = image_batch(batch_size, config)
     with torch.no_grad():
         for c in range(C):
             seq = torch.from_numpy(image_sequences(x, np.full(n, c), levels))  # (N, 1 + D)

@@ -199,6 +199,23 @@ def test_unlabelled_colour_data_trains_unconditionally_on_one_class_token(root):
     assert transformer.sample_images(model, config, np.zeros(2, np.int64)).shape == (2, SIZE, SIZE, 3)
 
 
+def test_long_images_are_batched_by_tokens_and_grey_8x8_keeps_its_batches():
+    grey, rgb64 = {"image_size": 8}, {"image_size": 64, "channels": 3}
+    assert transformer.image_batch(512, grey) == 512 and transformer.image_batch(512, rgb64) == 2
+    assert captions_encdec.eval_batch({"encdec": {"target_len": 64}}) == captions_encdec.EVAL_BATCH
+    assert captions_encdec.eval_batch({"encdec": {"target_len": 64 * 64 * 3}}) == 1
+
+
+def test_flops_of_a_long_context_extrapolate_the_counts_of_two_shorter_ones(monkeypatch):
+    from components.models.gpt import GPT
+
+    net = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=D), LEVELS + 2)
+    config = {"kind": "image", "image_size": SIZE, "channels": 3, "gpt": {"block_size": D}}
+    exact = transformer.flops_per_item(net, config)                    # counted at T = 192
+    monkeypatch.setattr(transformer, "FLOP_COUNT_MAX_TOKENS", 64)      # counted at 32 and 64, extrapolated
+    assert transformer.flops_per_item(net, config) == pytest.approx(exact, rel=1e-9)
+
+
 # ---------------------------------------------------------------------------
 # captions-encdec on colour
 # ---------------------------------------------------------------------------
@@ -217,7 +234,7 @@ def test_colour_encdec_writes_rgb_values_given_a_prompt(root, encdec):
 def test_colour_encdec_nll_counts_every_channel_value():
     from components.models.encdec import EncDec
 
-    config = {"levels": LEVELS, "vocab": "abc ", "encdec": {"source_len": 8}, "bos_id": LEVELS + 7}
+    config = {"levels": LEVELS, "vocab": "abc ", "encdec": {"source_len": 8, "target_len": D}, "bos_id": LEVELS + 7}
     net = EncDec(EncDecConfig(n_layer_enc=1, n_layer_dec=1, n_head=2, n_embd=16, source_len=8, target_len=D),
                  LEVELS + 8).eval()
     for p in net.parameters():
