@@ -159,6 +159,11 @@ def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path)
     n_caps = torch.from_numpy(counts)
     pad = config["pad_id"] - config["levels"]
     tgt_in, tgt_out = pixel_tensors(config, x)
+    if tgt_out.shape[1] != config["encdec"]["target_len"]:
+        raise CaptionsEncDecError(f"datasets.{mc.dataset}: the train split's images are {tuple(x.shape[1:])} "
+                                  f"({tgt_out.shape[1]} values), but the manifest gives "
+                                  f"{config['encdec']['target_len']} ({config.get('channels', 1)} channel(s)); "
+                                  "prepare the dataset again (genflow stage prepare)")
     B = mc.train.batch_size
 
     def get_batch(step: int, gen: torch.Generator):

@@ -321,3 +321,16 @@ def test_serving_writes_a_colour_image_as_an_rgb_png(exported):
     assert np.array_equal(np.asarray(img), want)
     grey = Image.open(io.BytesIO(base64.b64decode(token_image_png(levels[:1], LEVELS))))
     assert grey.mode == "L" and grey.size == (SIZE, SIZE)
+
+
+def test_encdec_refuses_images_that_disagree_with_the_manifests_channels(root, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(root / "data" / "prepared" / "shapes-cap", tmp_path / "data" / "prepared" / "shapes-cap")
+    path = tmp_path / "data" / "prepared" / "shapes-cap" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "channels": 1}))
+    mc = tiny_params(target_len=64).models[ENC_KEY]
+    config = captions_encdec.model_config(ENC_KEY, mc, data.load_manifest("shapes-cap", tmp_path), tmp_path)
+    with pytest.raises(captions_encdec.CaptionsEncDecError, match=r"\(8, 8, 3\) \(192 values\).*prepare the dataset"):
+        captions_encdec.training_data(ENC_KEY, mc, config, tmp_path)
