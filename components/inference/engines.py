@@ -343,6 +343,38 @@ class CausalLMEngine(TextEngine):
         tokens = ids[:, 1:] - pixel_offset                                         # (B, H*W*C) in 0..levels-1
         return tokens_to_nchw(tokens, size, channels).astype(np.uint8)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of a pixel model's images, as sample_digits returns them."""
+        size = int(self.config["image_size"])
+        return (int(self.config.get("channels", 1)), size, size)
+
+    def complete_image(self, image: np.ndarray, keep: np.ndarray, labels: Sequence[int], **kw: Any) -> np.ndarray:
+        """Completions of one image, levels (C, H, W), whose keep mask (H, W) or (C, H, W) (True: kept)
+        holds the first P pixels in raster order; a kept pixel keeps all its channels. One per label:
+        levels (B, C, H, W). A mask that keeps a later pixel, or one channel of a pixel but not the
+        others, is refused in one line (a raster-order model cannot condition on later values)."""
+        shape = self.image_shape
+        image, keep = np.asarray(image), np.asarray(keep, dtype=bool)
+        if image.shape != shape:
+            raise SamplingRequestError(f"{FLAGS['image']}: shape {image.shape}, {self.name} takes {shape} "
+                                       "(channels, height, width)")
+        if keep.shape == shape:
+            if not (keep == keep[:1]).all():
+                raise SamplingRequestError(f"{FLAGS['mask']}: keeps some channels of a pixel but not "
+                                           "the others; a pixel is kept or regenerated whole")
+            keep = keep[0]
+        if keep.shape != shape[1:]:
+            raise SamplingRequestError(f"{FLAGS['mask']}: shape {keep.shape}, expected {shape[1:]}")
+        flat = keep.reshape(-1)
+        p = int(flat.sum())
+        if not (0 < p < flat.size and flat[:p].all()):
+            raise SamplingRequestError(f"{FLAGS['mask']}: {self.name} writes pixels in raster order "
+                                       "and completes only a mask that regenerates every pixel after the first "
+                                       "ones (e.g. the bottom rows)")
+        prefix = image.transpose(1, 2, 0).reshape(-1, shape[0])[:p]                # (P, C): whole pixels
+        return self.sample_digits(labels, prefix=prefix, **kw)
+
     def sample_images(self, labels: Sequence[int], **kw: Any) -> np.ndarray:
         """sample_digits as images: (B, H, W) float32 in [0, 1] grey, (B, H, W, C) colour (channels last)."""
         return nchw_to_images(self.sample_digits(labels, **kw), int(self.config["levels"]))

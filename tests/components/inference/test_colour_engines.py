@@ -154,3 +154,26 @@ def test_serving_answers_colour_models_with_rgb_pngs_of_the_sampled_levels(expor
     grey = load_engine(root / "exports" / "grey-gpt")
     [pngs] = run_jobs(grey, [Job("images", {"labels": [0], "temperature": 1.0, "top_k": 0, "seed": 0})])
     assert _png(pngs[0]).mode == "L"
+
+
+def test_complete_image_keeps_the_top_rows_of_a_colour_image_and_refuses_other_masks(exports):
+    root, _ = exports
+    engine = load_engine(root / "exports" / "rgb-gpt")
+    assert engine.image_shape == (3, SIZE, SIZE)
+    image = np.random.default_rng(6).integers(0, LEVELS, (3, SIZE, SIZE))
+    keep = np.zeros((SIZE, SIZE), dtype=bool)
+    keep[:1] = True
+    keep[1, :2] = True                                                          # the first 6 pixels
+    out = engine.complete_image(image, keep, [0, 1], seed=0)
+    assert out.shape == (2, 3, SIZE, SIZE)
+    flat = out.transpose(0, 2, 3, 1).reshape(2, -1, 3)
+    assert np.array_equal(flat[:, :6], np.stack([image.transpose(1, 2, 0).reshape(-1, 3)[:6]] * 2))
+    assert np.array_equal(engine.complete_image(image, np.stack([keep] * 3), [0, 1], seed=0), out)
+    with pytest.raises(SamplingRequestError, match="^--mask: .*raster order"):
+        engine.complete_image(image, ~keep, [0])                                # keeps the bottom instead
+    split = np.stack([keep] * 3)
+    split[2, 0, 0] = False
+    with pytest.raises(SamplingRequestError, match="^--mask: keeps some channels of a pixel"):
+        engine.complete_image(image, split, [0])
+    with pytest.raises(SamplingRequestError, match=r"^--inpaint: shape \(1, 4, 4\)"):
+        engine.complete_image(image[:1], keep, [0])
