@@ -17,8 +17,8 @@ target and output, laid out as
     levels .. levels+P-1          the prompt tokenizer's P ids, shifted by levels
     levels+P                      the decoder's start marker
 
-The loss is the cross-entropy of every pixel given the prompt and the pixels before it, over the
-grey levels only; each step draws one of every image's captions (as captions-unet does). There is
+The loss is the cross-entropy of every value given the prompt and the values before it, over the
+levels only; each step draws one of every image's captions (as captions-unet does). There is
 no end marker: the decoder writes exactly image_size^2 x C tokens (encdec.target_len).
 
 Evaluation uses captions-unet's metrics (components/families/captions.py: prompt_scores,
@@ -45,13 +45,13 @@ from components.spec import ModelSpec
 
 EVAL_BATCH = 128
 EVAL_BATCH_TOKENS = EVAL_BATCH * 64   # prompts decoded or scored at once: at most this many pixel tokens
+SPEED_PROMPTS = 4          # prompts decoded one at a time for the perf/decode figures
 
 
 def eval_batch(config: dict[str, Any], batch_size: int = EVAL_BATCH) -> int:
     """Prompts per network batch: batch_size, fewer for long (large or colour) images so that the
     caches and activations stay bounded (8x8 grey keeps its 128)."""
     return max(1, min(int(batch_size), EVAL_BATCH_TOKENS // int(config["encdec"]["target_len"])))
-SPEED_PROMPTS = 4          # prompts decoded one at a time for the perf/decode figures
 
 
 class CaptionsEncDecError(ModelError):
@@ -228,14 +228,14 @@ def sample_prompts(net, config: dict[str, Any], prompts: list[str], *, temperatu
     Bad prompts are refused in one line before any network call."""
     import torch
 
+    from components.tokenizer import tokens_to_images
+
     s = config.get("sample", {})
     temperature = float(s.get("temperature", 1.0) if temperature is None else temperature)
     top_k = int(s.get("top_k", 0) if top_k is None else top_k)
     batch_size = eval_batch(config, batch_size)
     tensors = [prompt_tensors(config, prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     gen = torch.Generator().manual_seed(seed)
-    from components.tokenizer import tokens_to_images
-
     size, levels, D = config["image_size"], config["levels"], config["encdec"]["target_len"]
     channels = int(config.get("channels", 1))
     out = []

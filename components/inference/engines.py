@@ -2,7 +2,7 @@
 
     denoiser   (x [B,C,H,W] f32, t [B] i64, y [B] i64) -> eps        U-Net, DiT
     causal_lm  (input_ids [B,T] i64, past_kv [L,2,B,nh,P,hs] f32)
-                 -> logits [B,T,V], present_kv [L,2,B,nh,P+T,hs]       GPT (text, digit pixels)
+                 -> logits [B,T,V], present_kv [L,2,B,nh,P+T,hs]       GPT (text; pixels, grey or colour)
     masked_lm  input_ids [B,T] i64 (with [MASK]) -> logits [B,T,V-1]   masked diffusion LM (K steps)
 
 The sampling maths (DDPM/DDIM steps, guidance, the unmasking schedule, token draws) come from
