@@ -8,8 +8,8 @@ pixels in 10 class folders (smooth random colour blobs plus noise: PNG compresse
 nothing as it would flat colours), and prints its size on disk. Each variant then runs in a fresh process (so each
 peak RSS is its own): the same `components.data.ingest`, `components.validation.validate` (Data Docs
 included, as `genflow stage validate` writes them) and `components.data.prepare` that
-`genflow stage` calls, on the dataset config below (image_size = --size, 17 levels; until colour
-lands, colour files are converted to grey, which is what the current rules do). The old variant is
+`genflow stage` calls, on the dataset config below (image_size = --size, 17 levels, channels 3: the
+colour is kept, a (N, S, S, 3) array; code from before colour converts to grey, a third of that). The old variant is
 `git archive` of --old-rev (default: the last commit before streaming) unpacked into a temporary
 folder; nothing of it is imported into this process. Repeats alternate the variants.
 
@@ -73,8 +73,11 @@ def child(code: Path, src: Path, root: Path, size: int, heap: bool) -> None:
     from components import data, validation
     from components.config import DatasetConfig, ImageValidationConfig
 
+    import dataclasses
+
+    colour = {"channels": 3} if "channels" in {f.name for f in dataclasses.fields(DatasetConfig)} else {}
     cfg = DatasetConfig(source=f"imagefolder:{src}", kind="image", image_size=size, levels=17,
-                        image_validation=ImageValidationConfig(min_per_class=2))
+                        image_validation=ImageValidationConfig(min_per_class=2), **colour)
 
     def rss_mb() -> float:
         with open("/proc/self/statm") as f:

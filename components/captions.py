@@ -38,7 +38,8 @@ TEMPLATES = ("{a} {adjs} {digit}", "the digit {digit}, {adjs_and}", "{digit}, {a
 
 
 def measure(images: np.ndarray, levels: int) -> dict[str, np.ndarray]:
-    """Properties of grey images (N, H, W) or one (H, W), values 0..levels-1, from their moments.
+    """Properties of images (N, H, W) grey or (N, H, W, 3) RGB (the channel mean), or one (H, W) grey,
+    values 0..levels-1, from their moments.
 
     ink    mean intensity in 0..1 (the share of the image covered by ink, weighted by darkness)
     slant  -mu11 / mu02: columns moved right per row up (> 0 leans right, < 0 leans left)
@@ -47,7 +48,9 @@ def measure(images: np.ndarray, levels: int) -> dict[str, np.ndarray]:
     """
     x = np.asarray(images, dtype=np.float64)
     one = x.ndim == 2
-    x = x[None] if one else x                                  # (N, H, W)
+    x = x[None] if one else x                                  # (N, H, W) or (N, H, W, 3)
+    if x.ndim == 4:                                            # RGB: the moments of the channel mean
+        x = x.mean(axis=-1)
     x = x / float(levels - 1)
     N, H, W = x.shape
     mass = x.sum(axis=(1, 2))                                  # (N,)

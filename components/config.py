@@ -75,7 +75,9 @@ class DatasetConfig:
     # captions: images with text; imagefolder:PATH then holds metadata.jsonl or metadata.csv
     kind: Literal["image", "text", "pairs", "captions"] = "image"
     image_size: int = 8       # images are resized to image_size x image_size
-    levels: int = 17          # grey levels images are quantised to (digits: 0..16)
+    levels: int = 17          # levels each channel is quantised to (digits: grey 0..16)
+    channels: Optional[int] = None   # imagefolder: 3 (RGB) or 1 (grey); none: as the files are (any colour -> 3)
+    mixed_modes: Literal["convert", "refuse"] = "convert"   # grey and colour files in one folder
     min_doc_chars: int = 40   # text: documents shorter than this are dropped
     split: SplitConfig = field(default_factory=SplitConfig)
     image_validation: ImageValidationConfig = field(default_factory=ImageValidationConfig)
@@ -500,6 +502,11 @@ def _check_links(params: Params) -> None:
             raise ParamsError(f"datasets.{name}.source: {d.source!r} is not KIND:VALUE "
                               "(builtin:digits, builtin:pydoc, builtin:pydoc-pairs, builtin:digits-captions, "
                               "imagefolder:PATH, textfile:PATH, pairs:PATH)")
+        if d.channels not in (None, 1, 3):
+            raise ParamsError(f"datasets.{name}.channels: expected 1 (grey) or 3 (RGB), or leave it out to take "
+                              f"the files as they are, got {d.channels!r}")
+        if not 2 <= d.levels <= 256:
+            raise ParamsError(f"datasets.{name}.levels: expected 2..256 levels per channel, got {d.levels}")
         s = d.split
         if not (0 <= s.val < 1 and 0 < s.test < 1 and s.val + s.test < 1):
             raise ParamsError(f"datasets.{name}.split: val and test must be shares in [0, 1) "

@@ -244,11 +244,16 @@ def ingest(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Path:
 
 
 def _copy_imagefolder(name: str, cfg: DatasetConfig, src: Path, dst: Path) -> None:
+    """Class sub-folders (one label each), or images straight in the folder: one unlabelled class."""
     class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"datasets.{name}.source: {cfg.source} has no class sub-folders; "
-                        f"put images in one sub-folder per class, e.g. {src / 'cat' / '0.png'}")
-    strays = sorted(p.name for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    strays = sorted(p.name for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.name.startswith("."))
+    if not class_dirs and not strays:
+        raise DataError(f"datasets.{name}.source: {cfg.source} holds no images; put them in one sub-folder per "
+                        f"class, e.g. {src / 'cat' / '0.png'}, or straight in the folder (one unlabelled class)")
+    if not class_dirs:   # unlabelled: the images as they lie (sub-folders of none)
+        _copy_files(name, lambda: (src / n for n in strays), src, dst)
+        return
     if strays:
         raise DataError(f"datasets.{name}.source: {src / strays[0]} is not inside a class sub-folder; "
                         "move every image into the sub-folder named after its class")
@@ -326,11 +331,11 @@ def dataset_fingerprint(name: str, root: str | Path = ".") -> str:
 class RawImage:
     file: str                      # as users see it: data/raw/shapes/circle/img_3.png or .../images.npz[17]
     label: int
-    pixels: Optional[np.ndarray]   # (H, W) grey levels as stored (npz) or resized+quantised (imagefolder);
+    pixels: Optional[np.ndarray]   # (H, W) grey or (H, W, 3) RGB levels as stored (npz) or resized+quantised;
     #                                a view into RawImages.pixels, never a copy of its own
     size: Optional[tuple[int, int]]  # (width, height) of the stored image, before any resize
     error: Optional[str] = None    # why it could not be decoded
-    colour: bool = False           # the file holds colour (RGB, palette, CMYK ...), converted to grey
+    colour: bool = False           # the file holds colour (RGB, palette, CMYK ...); grey datasets convert it
 
 
 @dataclass
@@ -340,16 +345,22 @@ class RawImages:
     items: list[RawImage]
     resized: bool                  # imagefolder: images are cropped to square and resized to image_size
     source_levels: int             # pixels hold 0..source_levels-1 before requantisation
-    pixels: Optional[np.ndarray] = None   # (N, H, W): every item's pixels in one array (zeros where broken)
+    pixels: Optional[np.ndarray] = None   # (N, H, W) or (N, H, W, 3): every item's pixels (zeros where broken)
+    labelled: bool = True          # False: a folder without class sub-folders, one class of every image
+
+    @property
+    def channels(self) -> int:
+        return image_channels(self.pixels) if self.pixels is not None else 1
 
 
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}   # Pillow modes without colour
 
 
-def _decode_image(path: Path, image_size: int, levels: int) -> tuple:
-    """Everything done to one image file: (pixels (S, S) uint8 in 0..levels-1, (w, h), None, colour)
-    or (None, size or None, error, colour). The EXIF orientation is applied first, so a rotated
-    photo comes out upright and its size is the upright one."""
+def _decode_image(path: Path, image_size: int, levels: int, channels: int = 1) -> tuple:
+    """Everything done to one image file: (pixels (S, S) or (S, S, 3) uint8 in 0..levels-1, (w, h), None,
+    colour) or (None, size or None, error, colour). The EXIF orientation is applied first, so a rotated
+    photo comes out upright and its size is the upright one. Colour files become grey with Pillow's
+    ITU-R 601-2 luma (channels 1); grey files become RGB with three equal channels (channels 3)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     fmt = IMAGE_SUFFIXES[path.suffix.lower()]
@@ -359,7 +370,7 @@ def _decode_image(path: Path, image_size: int, levels: int) -> tuple:
         with Image.open(path) as im:
             im.load()  # open() reads only the header; load() decodes (and finds truncation)
             colour = im.mode not in GREY_MODES
-            im = ImageOps.exif_transpose(im).convert("L")
+            im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
     except UnidentifiedImageError:
         return None, None, f"corrupt {fmt} (cannot identify image file)", False
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError ... for broken files
@@ -382,21 +393,44 @@ def square_resize(im, image_size: int, resample=None):
 
 
 def quantise_grey(im, levels: int) -> np.ndarray:
-    """A 0..255 image (PIL or array, (H, W) or (H, W, C)) -> uint8 grey levels 0..levels-1, as the data holds them."""
+    """A 0..255 image (PIL or array, (H, W) or (H, W, C)) -> uint8 levels 0..levels-1 per channel, as the data
+    holds them."""
     grey = np.asarray(im, dtype=np.float64)
     return np.rint(grey * (levels - 1) / 255.0).astype(np.uint8)
 
 
+def file_channels(cfg: DatasetConfig, files: Iterable[Path]) -> int:
+    """The channels a folder's images are decoded to: datasets.*.channels when set, else as the files
+    are: 3 when colour files are at least half of them, 1 when grey ones are the majority (read from
+    the file headers only; the minority is converted and counted in the manifest)."""
+    if cfg.channels in (1, 3):
+        return cfg.channels
+    from PIL import Image
+
+    colour = grey = 0
+    for f in files:
+        try:
+            with Image.open(f) as im:   # the header only: no pixels are decoded
+                if im.mode in GREY_MODES:
+                    grey += 1
+                else:
+                    colour += 1
+        except Exception:   # a broken file: decode_images names it
+            continue
+    return 3 if colour and colour >= grey else 1
+
+
 def decode_images(name: str, files: list[Path], labels: list[int], cfg: DatasetConfig, root) -> RawImages:
-    """Decode image files one at a time into one preallocated (N, S, S) uint8 array: memory is the
-    array plus a small record per file, never a list of decoded images. Broken files keep their error
-    (their rows stay zero). A progress line every few seconds on a long folder."""
-    S = cfg.image_size
-    pixels = np.zeros((len(files), S, S), dtype=np.uint8)
+    """Decode image files one at a time into one preallocated (N, S, S) (grey) or (N, S, S, 3) (RGB)
+    uint8 array: memory is the array plus a small record per file, never a list of decoded images.
+    Broken files keep their error (their rows stay zero). A progress line every few seconds on a
+    long folder."""
+    S, C = cfg.image_size, file_channels(cfg, files)
+    pixels = np.zeros((len(files), S, S) if C == 1 else (len(files), S, S, C), dtype=np.uint8)
     items = []
     progress = Progress(f"datasets.{name}: decoded", len(files), "images")
     for i, (f, label) in enumerate(zip(files, labels)):
-        px, size, error, colour = _decode_image(f, S, cfg.levels)
+        px, size, error, colour = _decode_image(f, S, cfg.levels, C)
         if px is not None:
             pixels[i] = px
         items.append(RawImage(display_path(f, root), label, pixels[i] if px is not None else None, size, error, colour))
@@ -407,8 +441,12 @@ def decode_images(name: str, files: list[Path], labels: list[int], cfg: DatasetC
 
 def image_files(folder: Path) -> tuple[list[Path], list[int], list[Path]]:
     """An imagefolder snapshot's image files (sorted by class folder, then path), their labels and
-    the class folders (sorted; a class's label is its index)."""
+    the class folders (sorted; a class's label is its index). A snapshot without class folders is
+    one unlabelled class: its images, label 0 each, and [] for the class folders."""
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return files, [0] * len(files), []
     files, labels = [], []
     for label, class_dir in enumerate(class_dirs):
         for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
@@ -430,6 +468,8 @@ def read_raw_images(name: str, cfg: DatasetConfig, root: str | Path = ".") -> Ra
     files, labels, class_dirs = image_files(folder)
     raw = decode_images(name, files, labels, cfg, root)
     raw.classes, raw.class_paths = [d.name for d in class_dirs], [display_path(d, root) for d in class_dirs]
+    if not class_dirs:   # one unlabelled class, named after the dataset
+        raw.classes, raw.class_paths, raw.labelled = [name], [display_path(folder, root)], False
     return raw
 
 
@@ -462,7 +502,7 @@ def to_levels(pixels: np.ndarray, source_levels: int, levels: int) -> np.ndarray
 
 
 def image_array(item: RawImage, raw: RawImages, levels: int) -> np.ndarray:
-    """(H, W) uint8 in 0..levels-1 as training will see it (requantised when source levels differ)."""
+    """(H, W) or (H, W, 3) uint8 in 0..levels-1 as training will see it (requantised when source levels differ)."""
     return to_levels(item.pixels, raw.source_levels, levels)
 
 
@@ -470,7 +510,7 @@ CONVERT_CHUNK = 4096   # images requantised at a time: the float64 temporaries s
 
 
 def images_at_levels(raw: RawImages, levels: int) -> np.ndarray:
-    """Every image as (N, H, W) uint8 in 0..levels-1: RawImages.pixels itself when it already is
+    """Every image as (N, H, W[, 3]) uint8 in 0..levels-1: RawImages.pixels itself when it already is
     (no copy), else converted chunk by chunk into one new array."""
     x = raw.pixels
     if x.dtype == np.uint8 and raw.source_levels == levels:
@@ -811,6 +851,8 @@ def _prepare_images(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
                             f"within 10% (images are resized to {S}x{S})")
         elif np.min(it.pixels) < 0 or np.max(it.pixels) > top:
             problems.append(f"{it.file}: pixel values outside 0..{top}")
+    if raw.resized and cfg.mixed_modes == "refuse":
+        problems += mixed_mode_problems(name, raw)
     if raw.resized:   # an imagefolder's class folder without images: a class the models could never learn
         per_class = np.bincount([it.label for it in raw.items], minlength=len(raw.classes))
         problems += [f"{path}: class {c!r} has no images; add images or remove the folder"
@@ -819,27 +861,56 @@ def _prepare_images(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
         _refuse(name, problems)
     if not raw.items:
         raise DataError(f"datasets.{name}: data/raw/{name} holds no images")
-    x = images_at_levels(raw, cfg.levels)                                  # (N, S, S) uint8, no copy
+    x = images_at_levels(raw, cfg.levels)                                  # (N, S, S[, 3]) uint8, no copy
     y = np.array([it.label for it in raw.items], dtype=np.int64)          # (N,)
     idx = split_indices(len(y), cfg.split, labels=y)
     _check_nonempty(name, idx, cfg.split, "images")
     for s in SPLITS:
         save_npz(out / f"{s}.npz", x=x[idx[s]], y=y[idx[s]])
-    modes = {"image_modes": colour_count(name, raw)} if raw.resized else {}   # builtins: manifest as it was
-    return {"counts": {s: int(len(idx[s])) for s in SPLITS},
+    modes = {"image_modes": colour_count(name, raw), **image_layout(raw)} if raw.resized else {}
+    return {"counts": {s: int(len(idx[s])) for s in SPLITS},   # builtins: the manifest as it always was
             "image_size": cfg.image_size, "levels": cfg.levels, "classes": raw.classes, **modes,
             "class_histogram": {s: np.bincount(y[idx[s]], minlength=len(raw.classes)).tolist() for s in SPLITS}}
 
 
+def image_layout(raw: RawImages) -> dict:
+    """The manifest keys beyond a grey labelled folder's: "channels" when RGB, "labelled" when not;
+    absent means 1 channel and labelled (so a grey folder's manifest reads as it always did)."""
+    out = {}
+    if raw.channels != 1:
+        out["channels"] = raw.channels
+    if not raw.labelled:
+        out["labelled"] = False
+    return out
+
+
 def colour_count(name: str, raw: RawImages) -> dict[str, int]:
-    """{"grey": files, "colour": files} of a decoded folder; colour files were converted to grey,
-    said in one line naming the first of them."""
+    """{"grey": files, "colour": files} of a decoded folder; the minority converted to the dataset's
+    channels (colour to grey luma, or grey to three equal channels), said in one line naming the first."""
     colour = [it.file for it in raw.items if it.colour]
-    if colour:
+    grey = [it.file for it in raw.items if not it.colour and it.error is None]
+    if colour and raw.channels == 1:
         print(f"datasets.{name}: {len(colour)} of {len(raw.items)} images are colour (first: {colour[0]}), "
-              "converted to grey (the image models take 1 channel); counted in manifest.json image_modes "
-              "[colour_to_grey]", flush=True)
+              f"converted to grey (datasets.{name}.channels: 3 keeps colour); counted in manifest.json "
+              "image_modes [colour_to_grey]", flush=True)
+    elif grey and colour and raw.channels == 3:
+        print(f"datasets.{name}: {len(grey)} of {len(raw.items)} images are grey (first: {grey[0]}), "
+              "converted to RGB with three equal channels; counted in manifest.json image_modes "
+              "[grey_to_rgb]", flush=True)
     return {"grey": len(raw.items) - len(colour), "colour": len(colour)}
+
+
+def mixed_mode_problems(name: str, raw: RawImages) -> list[str]:
+    """datasets.*.mixed_modes: refuse: one line per file in the minority mode, when a folder mixes grey
+    and colour files."""
+    colour = [it.file for it in raw.items if it.colour]
+    grey = [it.file for it in raw.items if not it.colour and it.error is None]
+    if not colour or not grey:
+        return []
+    odd, kind = (grey, "grey") if len(grey) <= len(colour) else (colour, "colour")
+    other = "colour" if kind == "grey" else "grey"
+    return [f"{f}: a {kind} image among {other} ones (datasets.{name}.mixed_modes: refuse); convert it to "
+            f"{other} or set mixed_modes: convert" for f in odd]
 
 
 def _prepare_text(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
@@ -933,7 +1004,7 @@ def _prepare_captions(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
         texts.setdefault(ln.file_name, []).extend(ln.texts)
         if ln.record and "words" in ln.record:
             words[ln.file_name] = ln.record["words"]
-    x = images_at_levels(raw.images, cfg.levels)                                          # (N, S, S) uint8
+    x = images_at_levels(raw.images, cfg.levels)                                    # (N, S, S[, 3]) uint8
     y = np.array([it.label for it in raw.images.items], dtype=np.int64)                    # (N,); -1: no class
     props = measure(x, cfg.levels)   # from the pixels training sees: the values saved beside the captions
     labelled = bool(raw.images.classes)
@@ -956,6 +1027,7 @@ def _prepare_captions(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
     return {"counts": {s: int(len(idx[s])) for s in SPLITS},
             "captions": {s: len(split_texts[s]) for s in SPLITS},
             "image_size": cfg.image_size, "levels": cfg.levels, "classes": raw.images.classes,
+            **({"channels": raw.images.channels} if raw.images.channels != 1 else {}),
             "vocab": vocab, "max_caption_chars": max(len(t) for ts in split_texts.values() for t in ts),
             "unseen_chars": {s: "".join(sorted(set("".join(split_texts[s])) - set(vocab))) for s in ("val", "test")},
             "caption_thresholds": raw.thresholds,
@@ -993,7 +1065,8 @@ def _split_path(name: str, split: str, root, suffix: str) -> Path:
 
 
 def load_images(name: str, split: str, root: str | Path = ".") -> tuple[np.ndarray, np.ndarray]:
-    """x (N, H, W) uint8 in 0..levels-1 and y (N,) int64 class indices of one split."""
+    """x uint8 in 0..levels-1, (N, H, W) grey or (N, H, W, C) colour (channels last; the manifest's
+    "channels"), and y (N,) int64 class indices of one split."""
     with np.load(_split_path(name, split, root, ".npz"), allow_pickle=False) as z:
         return z["x"], z["y"]
 
@@ -1017,21 +1090,29 @@ def load_pairs(name: str, split: str, root: str | Path = ".") -> list[tuple[str,
 
 
 # ---------------------------------------------------------------------------
-# Channels: grey (N, H, W) and colour (N, H, W, C) images, and the networks' (N, C, H, W)
+# Image layout: (N, H, W) grey or (N, H, W, C) colour, channels last, everywhere outside the networks
 # ---------------------------------------------------------------------------
 
 def image_channels(x: np.ndarray) -> int:
-    """1 for grey images (N, H, W), C for colour images (N, H, W, C)."""
-    return 1 if np.ndim(x) == 3 else int(np.shape(x)[-1])
+    """Channels of images (N, H, W) -> 1 or (N, H, W, C) -> C."""
+    return 1 if x.ndim == 3 else int(x.shape[-1])
 
 
 def to_nchw(x: np.ndarray) -> np.ndarray:
-    """(N, H, W) -> (N, 1, H, W); (N, H, W, C) -> (N, C, H, W)."""
-    x = np.asarray(x)
+    """(N, H, W) -> (N, 1, H, W); (N, H, W, C) -> (N, C, H, W): the networks' layout (a view, no copy)."""
     return x[:, None] if x.ndim == 3 else np.moveaxis(x, -1, 1)
 
 
 def from_nchw(x: np.ndarray) -> np.ndarray:
-    """(N, 1, H, W) -> (N, H, W); (N, C, H, W) -> (N, H, W, C): the inverse of to_nchw."""
-    x = np.asarray(x)
+    """(N, 1, H, W) -> (N, H, W); (N, C, H, W) -> (N, H, W, C): back from the networks' layout."""
     return x[:, 0] if x.shape[1] == 1 else np.moveaxis(x, 1, -1)
+
+
+def manifest_channels(manifest: dict) -> int:
+    """The prepared images' channels (absent: 1, every dataset before colour)."""
+    return int(manifest.get("channels", 1))
+
+
+def manifest_labelled(manifest: dict) -> bool:
+    """False for a folder without class sub-folders (one class; label metrics do not apply)."""
+    return bool(manifest.get("labelled", True))

@@ -183,7 +183,7 @@ def encoder_decoder_spec(net: Any, ms: ModelSpec, sample: dict, config: Optional
     if "allowed_tokens" in config:
         ids = {k: int(config[k]) for k in ("bos_id", "eos_id", "pad_id", "allowed_tokens")}
         ids.update(image_size=int(config["image_size"]), levels=int(config["levels"]),
-                   prompt_offset=int(config["levels"]))
+                   channels=int(config.get("channels", 1)), prompt_offset=int(config["levels"]))
     else:
         from components.tokenizer import PairTokenizer
 
@@ -290,8 +290,8 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
     info = dict(vocab_size=vocab_size, block_size=block, n_layer=c.n_layer, n_head=c.n_head,
                 head_dim=head_dim, n_embd=c.n_embd, vocab=ms.vocab, sample=sample)
     info["kind"] = ms.kind
-    if ms.kind == "image":  # digit pixels: [class token] + image_size^2 pixel tokens
-        levels, num_classes, size = ms.levels, ms.num_classes, ms.image_size
+    if ms.kind == "image":  # pixels: [class token] + image_size^2 x channels value tokens (a pixel's channels together)
+        levels, num_classes, size, channels = ms.levels, ms.num_classes, ms.image_size, int(ms.channels or 1)
         class_offset = int(config.get("class_token_offset", levels))
         pixel_offset = int(config.get("pixel_token_offset", 0))
         if not (levels and num_classes and size):
@@ -299,9 +299,11 @@ def graph_spec(entry: Union[str, Backbone], net: Any, config: dict) -> GraphSpec
         if class_offset + num_classes > vocab_size or pixel_offset + levels > vocab_size:
             raise ExportError(f"config.class_token_offset: classes at {class_offset}.. and pixels at "
                               f"{pixel_offset}.. do not fit the vocabulary of {vocab_size} tokens")
-        if 1 + size * size > block:
-            raise ExportError(f"gpt.block_size: {block} is shorter than a class token + {size * size} pixels")
-        info.update(levels=levels, num_classes=num_classes, image_size=size, channels=1,
+        if size * size * channels > block:   # the last value is never an input
+            raise ExportError(f"gpt.block_size: {block} is shorter than a class token + {size * size * channels} "
+                              f"values less the last; set it to at least {size * size * channels}")
+        info.update(levels=levels, num_classes=num_classes, image_size=size, channels=channels,
+                    labelled=bool(config.get("labelled", True)),
                     classes=list(ms.classes) or None, class_token_offset=class_offset,
                     pixel_token_offset=pixel_offset)
     # distinct example sizes: equal ones could be merged into one symbol by the exporter

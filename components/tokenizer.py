@@ -205,3 +205,43 @@ class PromptTokenizer(CharTokenizer):
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
         return ids, ids != self.pad_id
+
+
+# ---------------------------------------------------------------------------
+# Image tokens (the pixel GPT and the prompt-to-pixels encoder-decoder)
+# ---------------------------------------------------------------------------
+#
+# An image of C channels (1 grey, 3 colour) is H*W*C tokens in raster order, each pixel's C values
+# consecutive (R, G, B of pixel 0, then of pixel 1, ...); a token is the value 0..levels-1 itself
+# (levels per channel), so a grey image's tokens are its pixels in raster order, as they always were.
+# Images are (N, H, W) for C == 1 and (N, H, W, C) for C == 3 (channels last, the data's layout):
+# flattening that row-major is exactly this order.
+
+def image_token_count(image_size: int, channels: int = 1) -> int:
+    """Tokens of one image: image_size^2 pixels x channels values."""
+    return int(image_size) * int(image_size) * int(channels)
+
+
+def image_tokens(x: np.ndarray) -> np.ndarray:
+    """(N, H*W*C) int64 tokens of images x (N, H, W) or (N, H, W, C) of levels 0..levels-1."""
+    x = np.asarray(x)
+    if x.ndim not in (3, 4):
+        raise ModelError(f"images: shape {x.shape}, expected (N, H, W) or (N, H, W, C)")
+    return x.reshape(len(x), -1).astype(np.int64)
+
+
+def tokens_to_images(tokens: np.ndarray, image_size: int, channels: int = 1) -> np.ndarray:
+    """Images from tokens (N, H*W*C): (N, H, W) for one channel, (N, H, W, C) otherwise (same dtype)."""
+    tokens = np.asarray(tokens)
+    want = image_token_count(image_size, channels)
+    if tokens.ndim != 2 or tokens.shape[1] != want:
+        raise ModelError(f"tokens: shape {tokens.shape}, expected (N, {want}) for {image_size}x{image_size}x"
+                         f"{channels} images")
+    shape = (image_size, image_size) if int(channels) == 1 else (image_size, image_size, int(channels))
+    return tokens.reshape(len(tokens), *shape)
+
+
+def tokens_to_nchw(tokens: np.ndarray, image_size: int, channels: int = 1) -> np.ndarray:
+    """Levels (N, C, H, W) from tokens (N, H*W*C): the layout the onnxruntime engines return."""
+    x = tokens_to_images(tokens, image_size, channels)
+    return x[:, None] if int(channels) == 1 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -13,7 +13,8 @@ line naming every failed rule and the offending files, e.g.
 Rules (the ``rule`` of each expectation; params.yaml keys in brackets):
     images  decodable, image_size, no_nan, value_range, known_label, class_present,
             min_per_class [image_validation.min_per_class],
-            train_test_duplicates [image_validation.max_duplicate_share]
+            train_test_duplicates [image_validation.max_duplicate_share],
+            one_mode (only with datasets.*.mixed_modes: refuse: grey and colour files not mixed)
     text    readable_utf8, not_empty, no_control_chars (newline and tab allowed),
             min_chars [text_validation.min_chars], max_vocab [text_validation.max_vocab]
     pairs   readable (UTF-8, a JSON line or two TSV columns), not_empty (source and target),
@@ -47,6 +48,7 @@ from components.data import (
     caption_problems,
     display_path,
     image_array,
+    mixed_mode_problems,
     pair_splits,
     raw_dir,
     read_raw_captions,
@@ -90,7 +92,7 @@ def validate(name: str, cfg: DatasetConfig, root: str | Path = ".", *, docs: boo
     Raises DataValidationError (after writing the summary) when any expectation fails.
     """
     if cfg.kind == "image":
-        rows, columns, expectations, explain = _image_table(cfg, read_raw_images(name, cfg, root))
+        rows, columns, expectations, explain = _image_table(name, cfg, read_raw_images(name, cfg, root))
     elif cfg.kind == "captions":
         rows, columns, expectations, explain = _captions_table(name, cfg, read_raw_captions(name, cfg, root), root)
     elif cfg.kind == "pairs":
@@ -141,7 +143,7 @@ def validate(name: str, cfg: DatasetConfig, root: str | Path = ".", *, docs: boo
 # Images: one row per image
 # ---------------------------------------------------------------------------
 
-def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[str, str], list, Callable]:
+def _image_table(name: str, cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[str, str], list, Callable]:
     """Rows (one per image), their column dtypes, the image suite's expectations, and explain(rule, files)."""
     import great_expectations.expectations as gxe
 
@@ -172,7 +174,7 @@ def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[s
                "width": None, "height": None, "aspect": None, "nan_count": None,
                "pixel_min": None, "pixel_max": None,
                "class_count": per_class[it.label] if 0 <= it.label < n_classes else None,
-               "duplicate_of_train": None}
+               "duplicate_of_train": None, "colour": it.colour if it.error is None else None}
         if it.error is None:
             px = np.asarray(it.pixels, dtype=np.float64)  # (H, W)
             w, h = it.size
@@ -188,7 +190,7 @@ def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[s
         by_file[it.file] = (row, it)
     columns = {"file": "string", "label": "Int64", "decoded": "boolean", "width": "Int64", "height": "Int64",
                "aspect": "Float64", "nan_count": "Int64", "pixel_min": "Float64", "pixel_max": "Float64",
-               "class_count": "Int64", "duplicate_of_train": "boolean"}
+               "class_count": "Int64", "duplicate_of_train": "boolean", "colour": "boolean"}
 
     def rule(name: str, expectation):
         expectation.meta = {"rule": name}
@@ -217,6 +219,13 @@ def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[s
             column="duplicate_of_train", value_set=[False], mostly=1.0 - share,
             description=f"at most {share:.0%} of test images are exact copies of train images")),
     ]
+    mixed = {line.split(": ", 1)[0]: line for line in mixed_mode_problems(name, raw)} \
+        if raw.resized and cfg.mixed_modes == "refuse" else {}
+    if mixed:   # grey and colour files in one folder, refused: the minority's files are named
+        minority_colour = {it.file: it.colour for it in raw.items}[next(iter(mixed))]
+        expectations.append(rule("one_mode", gxe.ExpectColumnValuesToBeInSet(
+            column="colour", value_set=[not minority_colour], description="every image is grey, or every image colour "
+            "(datasets.*.mixed_modes: refuse)")))
 
     def explain(rule_name: str, files: list[str]) -> list[str]:
         if rule_name == "class_present":
@@ -240,6 +249,8 @@ def _image_table(cfg: DatasetConfig, raw: RawImages) -> tuple[list[dict], dict[s
                 out.append(f"{f}: pixel values {row['pixel_min']:g}..{row['pixel_max']:g} outside 0..{top}")
             elif rule_name == "known_label":
                 out.append(f"{f}: label {row['label']} is not a known class (0..{n_classes - 1})")
+            elif rule_name == "one_mode":
+                out.append(mixed[f])
             elif rule_name == "train_test_duplicates":
                 out.append(f"{f}: test image with the same pixels as train image {row['twin']} "
                            f"(image_validation.max_duplicate_share={share})")

@@ -10,7 +10,8 @@ dataset lacks one family or a number. The thresholds behind the verdicts are in 
 
 The package, by job (each module imports the others' public names only):
 
-    model.py     ModelResult, Pipeline, Machine, Row, Report; the claims, verdict words, CompareError
+    model.py     ModelResult, Pipeline, Machine, Row, Report; the claims, verdict words, CompareError;
+                 NOT_APPLICABLE: a metric the data cannot have ("n/a" with its reason)
     collect.py   reading MLflow: find_pipeline, model_result, collect, seed_history
     derive.py    samplers and their steps, FLOPs, spread; fmt/si/mb for numbers people read
     rows.py      row_* (one per feature), make_rows, overall, combine/vote and the thresholds
@@ -43,6 +44,8 @@ from components.compare.model import (
     IMAGE_KINDS,
     MAIN_METRIC,
     MIXED,
+    NOT_APPLICABLE,
+    NOT_APPLICABLE_TAG,
     NOT_MEASURED,
     NOT_MEASURED_ROWS,
     REQUIRED_METRICS,
@@ -81,7 +84,8 @@ from components.compare.rows import (
 __all__ = [
     "AGREES", "BASELINE_NAMES", "CLAIMS", "COPIES_NN_RATIO", "DISAGREES", "FAMILY_COLOURS", "GENERALISES_NN_RATIO",
     "IMAGE_KINDS",
-    "MAIN_METRIC", "MIXED", "NOT_MEASURED", "NOT_MEASURED_ROWS", "REQUIRED_METRICS", "SCALING_TIE",
+    "MAIN_METRIC", "MIXED", "NOT_APPLICABLE", "NOT_APPLICABLE_TAG", "NOT_MEASURED", "NOT_MEASURED_ROWS",
+    "REQUIRED_METRICS", "SCALING_TIE",
     "STABLE_LOSS_CV", "STABLE_METRIC_CV", "CompareError", "Machine", "ModelResult", "Pipeline", "Report", "Row",
     "achieved_gflops", "check_model", "collect", "combine", "diffusion_samplers", "find_pipeline", "fmt",
     "gpt_sampling", "headline_steps", "known_backbone", "make_plots", "make_report", "make_rows", "mb",

@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from components.compare.model import REQUIRED_METRICS, CompareError, ModelResult, Pipeline, known_backbone
+from components.compare.model import (
+    NOT_APPLICABLE_TAG,
+    REQUIRED_METRICS,
+    CompareError,
+    ModelResult,
+    Pipeline,
+    known_backbone,
+)
 
 
 def _get_run(client, run_id: str):
@@ -83,7 +90,19 @@ def model_result(run, note: str = "") -> ModelResult:
     kind = params.get("dataset.kind") or (entry.data_kinds[0] if entry else "image")
     return ModelResult(key=key, family=family, backbone=backbone, dataset=tags.get("genflow.dataset", ""),
                        kind=kind, run_id=run.info.run_id, metrics=dict(run.data.metrics), params=dict(params),
-                       experiment_id=run.info.experiment_id, note=note)
+                       experiment_id=run.info.experiment_id, note=note, not_applicable=not_applicable(run))
+
+
+def not_applicable(run) -> dict[str, str]:
+    """{metric: reason} the run cannot have: its tag genflow.not_applicable (JSON), and class accuracy
+    when its dataset params say the data is unlabelled (dataset.labelled false)."""
+    from components.evaluation.images import UNLABELLED
+
+    tag = _json_tag(run, NOT_APPLICABLE_TAG)
+    out = {str(k): str(v) for k, v in tag.items()} if isinstance(tag, dict) else {}
+    if str(run.data.params.get("dataset.labelled", "")).lower() in ("false", "0", "no"):
+        out.setdefault("class_acc", UNLABELLED)
+    return out
 
 
 def check_model(m: ModelResult) -> None:

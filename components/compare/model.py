@@ -24,6 +24,9 @@ MAIN_METRIC = {"image": "eval/fd", "captions": "eval/fd", "text": "eval/bits_per
 IMAGE_KINDS = ("image", "captions")       # dataset kinds whose items are images (captions: prompted images)
 
 AGREES, DISAGREES, MIXED, NOT_MEASURED = "agrees", "disagrees", "mixed", "not measured"
+# A metric the data cannot have (class accuracy on unlabelled images): shown as "n/a" with the reason.
+NOT_APPLICABLE = "n/a"
+NOT_APPLICABLE_TAG = "genflow.not_applicable"   # optional run tag: JSON {metric: reason}
 BASELINE_NAMES = {"real": "real data", "kde": "KDE", "gaussian": "Gaussian"}
 
 # The essay's words, quoted (Table 1, or its strengths/weaknesses lists where Table 1 has no row).
@@ -74,6 +77,7 @@ class ModelResult:
     seeds: list[dict[str, float]] = field(default_factory=list)   # one per seed: seed, train/loss, main metric
     seeds_source: str = ""            # "mlflow" (runs found) or "retrained" (--seeds)
     scaling: dict[int, float] = field(default_factory=dict)       # threads -> training items/s (live probe)
+    not_applicable: dict[str, str] = field(default_factory=dict)  # metric (or short name) -> why it has none
 
     def param(self, name: str, default: Any = None, cast=float) -> Any:
         try:
@@ -114,6 +118,28 @@ class ModelResult:
         v = self.metrics.get(name)
         return v if v is not None and math.isfinite(v) else None
 
+    def not_applicable_reason(self, name: str) -> Optional[str]:
+        """Why metric `name` cannot exist for this run (None: it does, or it is merely missing).
+
+        From not_applicable (a key matches the full name, its short name, or a suffix of it: "class_acc"
+        covers eval/class_acc, baseline/real_class_acc, eval/sr_class_acc), else inferred: an image run
+        with the real-data floor but no baseline/real_class_acc was scored without classes
+        (components/evaluation/images.py leaves class accuracy out for unlabelled data).
+        """
+        if self.get(name) is not None:
+            return None
+        short = name.split("/", 1)[-1]
+        for key, why in self.not_applicable.items():
+            k = key.split("/", 1)[-1]
+            if key == name or short == k or short.endswith("_" + k):
+                return why
+        if (short.endswith("class_acc") and self.is_image and self.get("baseline/real_fd") is not None
+                and self.get("baseline/real_class_acc") is None):
+            from components.evaluation.images import UNLABELLED
+
+            return UNLABELLED
+        return None
+
 
 @dataclass
 class Pipeline:
@@ -152,6 +178,7 @@ class Row:
     cells: dict[str, str]             # model key -> what was measured, in words and numbers
     verdict: str
     evidence: str                     # the numbers behind the verdict, one sentence
+    notes: dict[str, str] = field(default_factory=dict)   # model key -> why its cell's "n/a" has no number
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -21,7 +22,7 @@ from typing import Optional
 import jinja2
 
 from components.compare.derive import fmt
-from components.compare.model import CLAIMS, NOT_MEASURED_ROWS, Machine, Pipeline, Report, Row
+from components.compare.model import CLAIMS, NOT_APPLICABLE, NOT_MEASURED_ROWS, Machine, Pipeline, Report, Row
 from components.compare.plots import make_plots
 from components.compare.rows import make_rows, overall
 from components.files import replaced_dir
@@ -43,9 +44,12 @@ def make_report(pipeline: Pipeline, machine: Machine, plots: bool = True) -> Rep
 
 @dataclass(frozen=True)
 class Cell:
-    """One table cell: plain text, or a verdict (coloured, in bold) followed by its evidence, if any."""
+    """One table cell: plain text, or a verdict (coloured, in bold) followed by its evidence, if any.
+
+    note: why the cell's "n/a" has no number (a tooltip in HTML, in brackets in Markdown)."""
     text: str
     verdict: str = ""
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,8 @@ def dataset_table(report: Report, dataset: str) -> Table:
     """Every feature of one dataset: the claim, what each model measured, the verdict and its evidence."""
     ms = report.pipeline.models_of(dataset)
     return Table(["Feature", "Claim (diffusion / transformer)", *(f"{m.key} ({m.family})" for m in ms), "Verdict"],
-                 [[Cell(r.feature), Cell(" / ".join(CLAIMS[r.feature])), *(Cell(r.cells.get(m.key, "-")) for m in ms),
+                 [[Cell(r.feature), Cell(" / ".join(CLAIMS[r.feature])),
+                   *(Cell(r.cells.get(m.key, "-"), note=r.notes.get(m.key, "")) for m in ms),
                    Cell(r.evidence, r.verdict)] for r in report.rows if r.dataset == dataset])
 
 
@@ -123,6 +128,30 @@ def md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _short_reason(note: str) -> str:
+    """'not applicable (unlabelled: no classes)' -> 'unlabelled: no classes' (beside "n/a" it says the rest)."""
+    m = re.fullmatch(r"not applicable \((.*)\)", note)
+    return m.group(1) if m else note
+
+
+def na_markdown(text: str, note: str) -> str:
+    """Each "n/a" of a cell followed by its reason in brackets: "class accuracy n/a (unlabelled: no classes)"."""
+    if not note:
+        return text
+    reasons = "; ".join(_short_reason(n) for n in note.split("; "))
+    return str(text).replace(NOT_APPLICABLE, f"{NOT_APPLICABLE} ({reasons})")
+
+
+def na_html(text: str, note: str):
+    """The cell's text, escaped, each "n/a" an <abbr> whose tooltip gives the reason."""
+    from markupsafe import Markup, escape
+
+    if not note:
+        return text
+    abbr = Markup('<abbr class="na" title="{}">{}</abbr>').format(note, NOT_APPLICABLE)
+    return abbr.join(escape(part) for part in str(text).split(NOT_APPLICABLE))
+
+
 def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -132,7 +161,7 @@ def _environment(fmt_name: str) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=fmt_name == "html",
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
-    env.filters.update(md=md_cell, data_uri=png_data_uri)
+    env.filters.update(md=md_cell, data_uri=png_data_uri, na_md=na_markdown, na_html=na_html)
     return env
 
 

@@ -29,6 +29,7 @@ from components.compare.model import (
     BASELINE_NAMES,
     DISAGREES,
     MIXED,
+    NOT_APPLICABLE,
     NOT_MEASURED,
     Machine,
     ModelResult,
@@ -71,6 +72,19 @@ def _families(models: list[ModelResult]) -> tuple[list[ModelResult], list[ModelR
     return ([m for m in models if m.family == "diffusion"], [m for m in models if m.family == "transformer"])
 
 
+def _na(m: ModelResult, metric: str, notes: dict[str, str]) -> Optional[str]:
+    """"n/a" when `metric` cannot exist for m (its reason added to notes[m.key]), else None."""
+    why = m.not_applicable_reason(metric)
+    if why is None:
+        return None
+    have = notes.get(m.key)
+    if not have:
+        notes[m.key] = why
+    elif why not in have.split("; "):
+        notes[m.key] = f"{have}; {why}"
+    return NOT_APPLICABLE
+
+
 def _missing_family(ds: str, models: list[ModelResult]) -> Optional[str]:
     diff, tr = _families(models)
     if not diff:
@@ -81,7 +95,7 @@ def _missing_family(ds: str, models: list[ModelResult]) -> Optional[str]:
 
 
 def row_quality(ds: str, models: list[ModelResult]) -> Row:
-    cells, flags, ev = {}, [], []
+    cells, flags, ev, notes = {}, [], [], {}
     for m in models:
         if m.is_image:
             fd, real = m.get("eval/fd"), m.get("baseline/real_fd")
@@ -92,6 +106,8 @@ def row_quality(ds: str, models: list[ModelResult]) -> Row:
             if m.get("eval/class_acc") is not None:
                 text += (f"; class accuracy {fmt(m.get('eval/class_acc'), 2)} "
                          f"(real {fmt(m.get('baseline/real_class_acc'), 2)})")
+            elif _na(m, "eval/class_acc", notes):
+                text += f"; class accuracy {NOT_APPLICABLE}"
             if m.get("eval/bits_per_dim") is not None:
                 text += (f"; {fmt(m.get('eval/bits_per_dim'))} bits/dim (pixel logistic regression "
                          f"{fmt(m.get('baseline/logreg_bits_per_dim'))})")
@@ -115,7 +131,7 @@ def row_quality(ds: str, models: list[ModelResult]) -> Row:
     verdict = vote(flags)
     evidence = "; ".join(ev) if ev else "no baseline to compare with"
     return Row(ds, "Generation quality", cells, verdict,
-               f"'high' = better than the best simple baseline: {evidence}")
+               f"'high' = better than the best simple baseline: {evidence}", notes)
 
 
 def row_sampling_speed(ds: str, models: list[ModelResult]) -> Row:
@@ -346,8 +362,10 @@ SR_BASELINES = ("bicubic", "nearest")
 
 
 def _inpaint_masks(m: ModelResult) -> list[str]:
-    """The masks a model's run has inpainting metrics for, in components/evaluation/editing.py's order."""
-    return [k for k in MASK_WORDS if m.get(f"eval/inpaint_{k}_class_acc") is not None]
+    """The masks a model's run has inpainting metrics for, in components/evaluation/editing.py's order
+    (class accuracy, or the hole's MSE alone where class accuracy is not applicable)."""
+    return [k for k in MASK_WORDS if m.get(f"eval/inpaint_{k}_class_acc") is not None
+            or m.get(f"eval/inpaint_{k}_mse") is not None]
 
 
 def _sr_baseline(m: ModelResult, source: str, metric: str) -> Optional[float]:
@@ -356,14 +374,20 @@ def _sr_baseline(m: ModelResult, source: str, metric: str) -> Optional[float]:
     return v if v is not None else m.get(f"baseline/{source}_{metric}")
 
 
-def _inpaint_cell(m: ModelResult) -> str:
+def _inpaint_cell(m: ModelResult, notes: dict[str, str]) -> str:
     masks = _inpaint_masks(m)
     can = ("any mask" if m.generation == "denoising" else
            "the raster suffix only (the pixels after a prefix, e.g. the bottom half): it cannot condition on later "
            "pixels")
-    accs = ", ".join(f"{MASK_WORDS[k]} {fmt(m.get(f'eval/inpaint_{k}_class_acc'), 2)} (nearest-neighbour "
-                     f"{fmt(m.get(f'baseline/nn_inpaint_{k}_class_acc'), 2)}, mean fill "
-                     f"{fmt(m.get(f'baseline/mean_inpaint_{k}_class_acc'), 2)})" for k in masks)
+
+    def acc(k: str) -> str:
+        name = f"eval/inpaint_{k}_class_acc"
+        if m.get(name) is None and _na(m, name, notes):
+            return f"{MASK_WORDS[k]} {NOT_APPLICABLE}"
+        return (f"{MASK_WORDS[k]} {fmt(m.get(name), 2)} (nearest-neighbour "
+                f"{fmt(m.get(f'baseline/nn_inpaint_{k}_class_acc'), 2)}, mean fill "
+                f"{fmt(m.get(f'baseline/mean_inpaint_{k}_class_acc'), 2)})")
+    accs = ", ".join(acc(k) for k in masks)
     mse = "; ".join(f"{MASK_WORDS[k]} {fmt(m.get(f'eval/inpaint_{k}_mse'))} "
                     f"(NN {fmt(m.get(f'baseline/nn_inpaint_{k}_mse'))})" for k in masks)
     text = f"inpaints {can}; measured on {len(masks)} mask(s): class accuracy {accs}; MSE on the hole {mse}"
@@ -375,11 +399,13 @@ def _inpaint_cell(m: ModelResult) -> str:
     return text
 
 
-def _sr_cell(m: ModelResult) -> str:
+def _sr_cell(m: ModelResult, notes: dict[str, str]) -> str:
     parts = []
     for metric, name in (("psnr", "PSNR"), ("class_acc", "class accuracy"), ("fd", "FD")):
         v = m.get(f"eval/sr_{metric}")
         if v is None:
+            if _na(m, f"eval/sr_{metric}", notes):
+                parts.append(f"{name} {NOT_APPLICABLE}")
             continue
         base = ", ".join(f"{b} {fmt(_sr_baseline(m, b, metric), 2 if metric == 'class_acc' else 3)}"
                          for b in SR_BASELINES if _sr_baseline(m, b, metric) is not None)
@@ -394,9 +420,10 @@ def row_editing(ds: str, models: list[ModelResult]) -> Row:
     the transformer on the mask both can do and bicubic upscaling on class accuracy and FD."""
     inpainters = [m for m in models if m.is_image and _inpaint_masks(m)]
     upscalers = [m for m in models if m.get("eval/sr_psnr") is not None]
-    cells = {m.key: _inpaint_cell(m) for m in inpainters}
+    notes: dict[str, str] = {}
+    cells = {m.key: _inpaint_cell(m, notes) for m in inpainters}
     for m in upscalers:
-        cells[m.key] = (cells[m.key] + "; " if m.key in cells else "") + _sr_cell(m)
+        cells[m.key] = (cells[m.key] + "; " if m.key in cells else "") + _sr_cell(m, notes)
     sr_note = ("" if upscalers else "super-resolution: not run (no model with eval/sr_* metrics on "
                f"{ds}; genflow run --only digits-sr)")
     if not inpainters and not upscalers:
@@ -412,7 +439,7 @@ def row_editing(ds: str, models: list[ModelResult]) -> Row:
         beats = []
         for k in masks:
             ours, nn = m.get(f"eval/inpaint_{k}_class_acc"), m.get(f"baseline/nn_inpaint_{k}_class_acc")
-            if nn is not None:
+            if nn is not None and ours is not None:
                 flags.append(ours > nn)
                 beats.append(f"{MASK_WORDS[k]} {fmt(ours, 2)} {'>' if ours > nn else '<='} {fmt(nn, 2)}")
         ev.append(f"{m.key} inpaints {len(masks)} of {len(MASK_WORDS)} masks; class accuracy against "
@@ -421,6 +448,8 @@ def row_editing(ds: str, models: list[ModelResult]) -> Row:
             shared = [k for k in _inpaint_masks(t) if k in masks]
             for k in shared:
                 a, b = m.get(f"eval/inpaint_{k}_class_acc"), t.get(f"eval/inpaint_{k}_class_acc")
+                if a is None or b is None:   # class accuracy not applicable (unlabelled data)
+                    continue
                 flags.append(a >= b)
                 cost = ""
                 ms_d, ms_t = m.get("perf/inpaint_ms_per_item"), t.get("perf/inpaint_ms_per_item")
@@ -439,7 +468,7 @@ def row_editing(ds: str, models: list[ModelResult]) -> Row:
                   f"FD {fmt(fd)} vs bicubic {fmt(bic_fd)}")
     if sr_note:
         ev.append(sr_note)
-    return Row(ds, EDITING, cells, vote(flags), "; ".join(ev))
+    return Row(ds, EDITING, cells, vote(flags), "; ".join(ev), notes)
 
 
 PROMPTS = "Text-to-image (prompt adherence)"

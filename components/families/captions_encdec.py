@@ -2,26 +2,29 @@
 
     metrics = train("captions-encdec", params, root)      # models/captions-encdec/model.pt (EncDec)
     metrics = evaluate("captions-encdec", params, root)   # reports/captions-encdec/: metrics, samples.png
-    x = sample_prompts(net, config, ["a thick slanted seven"])   # (1, H, W) in [0, 1]
+    x = sample_prompts(net, config, ["a thick slanted seven"])   # (1, H, W) in [0, 1]; colour: (1, H, W, C)
 
 The network is pydoc-seq2seq's EncDec (components/models/encdec.py) unchanged: the encoder reads
 the prompt's characters (components.tokenizer.PromptTokenizer: start id, characters, padding
-masked out), the decoder writes the image_size^2 grey levels in raster order, one token a step,
+masked out), the decoder writes the image's image_size^2 x C values (components.tokenizer.image_tokens:
+raster order, a colour pixel's C = 3 channel values consecutive; a grey image's tokens are its
+pixels as always), one token a step,
 cross-attending to the encoded prompt; decoding caches the self-attention keys/values and the
 cross-attention keys/values (computed once a prompt). EncDec has one token table for source,
 target and output, laid out as
 
-    0 .. levels-1                 the grey levels (the only ids the decoder may write)
+    0 .. levels-1                 the levels, per channel (the only ids the decoder may write)
     levels .. levels+P-1          the prompt tokenizer's P ids, shifted by levels
     levels+P                      the decoder's start marker
 
-The loss is the cross-entropy of every pixel given the prompt and the pixels before it, over the
-grey levels only; each step draws one of every image's captions (as captions-unet does). There is
-no end marker: the decoder writes exactly image_size^2 tokens.
+The loss is the cross-entropy of every value given the prompt and the values before it, over the
+levels only; each step draws one of every image's captions (as captions-unet does). There is
+no end marker: the decoder writes exactly image_size^2 x C tokens (encdec.target_len).
 
 Evaluation uses captions-unet's metrics (components/families/captions.py: prompt_scores,
 prompt_baselines) with the same names, plus eval/bits_per_dim of the test images given their
-first captions and perf/decode_ms_per_image_{cached,nocache}.
+first captions (nats over every value, H*W*C, in bits) and perf/decode_ms_per_image_{cached,nocache}.
+Images are (N, H, W) for C == 1 and (N, H, W, C) for C == 3, in and out.
 """
 from __future__ import annotations
 
@@ -41,7 +44,14 @@ from components.layout import Layout
 from components.spec import ModelSpec
 
 EVAL_BATCH = 128
+EVAL_BATCH_TOKENS = EVAL_BATCH * 64   # prompts decoded or scored at once: at most this many pixel tokens
 SPEED_PROMPTS = 4          # prompts decoded one at a time for the perf/decode figures
+
+
+def eval_batch(config: dict[str, Any], batch_size: int = EVAL_BATCH) -> int:
+    """Prompts per network batch: batch_size, fewer for long (large or colour) images so that the
+    caches and activations stay bounded (8x8 grey keeps its 128)."""
+    return max(1, min(int(batch_size), EVAL_BATCH_TOKENS // int(config["encdec"]["target_len"])))
 
 
 class CaptionsEncDecError(ModelError):
@@ -71,10 +81,13 @@ def prompt_tensors(config: dict[str, Any], prompts: list[str], *, required: bool
 
 
 def pixel_tensors(config: dict[str, Any], x: np.ndarray):
-    """(tgt_in (B, D) = [start] + first D-1 pixels, tgt_out (B, D) = the D pixels) of grey-level images."""
+    """(tgt_in (B, D) = [start] + first D-1 tokens, tgt_out (B, D) = the D tokens) of images of levels
+    (B, H, W) or (B, H, W, C); D = H*W*C."""
     import torch
 
-    px = torch.from_numpy(np.asarray(x).reshape(len(x), -1).astype(np.int64))
+    from components.tokenizer import image_tokens
+
+    px = torch.from_numpy(image_tokens(x))
     start = torch.full((len(px), 1), config["bos_id"], dtype=torch.long)
     return torch.cat([start, px[:, :-1]], dim=1), px
 
@@ -105,17 +118,21 @@ def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path]
     if manifest.get("kind") != "captions":
         raise CaptionsEncDecError(f"models.{key}.dataset: {mc.dataset} holds {manifest.get('kind')} data; "
                                   "a prompt-to-pixels model needs captioned images")
+    from components.tokenizer import image_token_count
+
     c = mc.encdec
-    s, levels = int(manifest["image_size"]), int(manifest["levels"])
-    if c.target_len != s * s:
+    s, levels, channels = int(manifest["image_size"]), int(manifest["levels"]), int(manifest.get("channels", 1) or 1)
+    need = image_token_count(s, channels)
+    if c.target_len != need:
+        what = f"{need} pixels ({s}x{s})" if channels == 1 else f"{need} values ({s}x{s} pixels x {channels} channels)"
         raise CaptionsEncDecError(f"models.{key}.encdec.target_len: {c.target_len}, but {mc.dataset}'s images have "
-                                  f"{s * s} pixels ({s}x{s}); set it to {s * s}")
+                                  f"{what}; set it to {need}")
     tok = PromptTokenizer.for_dataset(manifest, c.source_len, f"models.{key}.encdec.source_len")
     bos = levels + tok.vocab_size
     spec = ModelSpec(model=key, backbone=mc.backbone, dataset=mc.dataset, kind="image",
                      network=dataclasses.asdict(c), sample={"temperature": mc.sample.temperature,
                                                             "top_k": mc.sample.top_k},
-                     image_size=s, channels=1, levels=levels, classes=tuple(manifest.get("classes") or ()),
+                     image_size=s, channels=channels, levels=levels, classes=tuple(manifest.get("classes") or ()),
                      vocab=tok.vocab, vocab_size=bos + 1).to_config()
     spec.update(bos_id=bos, eos_id=bos, start_id=tok.start_id + levels, pad_id=tok.pad_id + levels,
                 allowed_tokens=levels, caption_thresholds=manifest.get("caption_thresholds"))
@@ -142,6 +159,11 @@ def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path)
     n_caps = torch.from_numpy(counts)
     pad = config["pad_id"] - config["levels"]
     tgt_in, tgt_out = pixel_tensors(config, x)
+    if tgt_out.shape[1] != config["encdec"]["target_len"]:
+        raise CaptionsEncDecError(f"datasets.{mc.dataset}: the train split's images are {tuple(x.shape[1:])} "
+                                  f"({tgt_out.shape[1]} values), but the manifest gives "
+                                  f"{config['encdec']['target_len']} ({config.get('channels', 1)} channel(s)); "
+                                  "prepare the dataset again (genflow stage prepare)")
     B = mc.train.batch_size
 
     def get_batch(step: int, gen: torch.Generator):
@@ -200,38 +222,45 @@ train = base.train   # the one training entry (components/families/base.py)
 def sample_prompts(net, config: dict[str, Any], prompts: list[str], *, temperature: Optional[float] = None,
                    top_k: Optional[int] = None, seed: int = 0, cache: str = "full",
                    batch_size: int = EVAL_BATCH) -> np.ndarray:
-    """One image per prompt, (N, H, W) float32 in [0, 1] on the data's grey levels: the decoder's
-    pixels drawn one at a time (temperature, top_k: the model's sample defaults). cache: full (both
+    """One image per prompt, (N, H, W) float32 in [0, 1] on the data's levels ((N, H, W, C) for colour):
+    the decoder's values drawn one at a time (temperature, top_k: the model's sample defaults). cache: full (both
     caches), self (cross-attention keys/values recomputed each step), none (recompute everything).
     Bad prompts are refused in one line before any network call."""
     import torch
 
+    from components.tokenizer import tokens_to_images
+
     s = config.get("sample", {})
     temperature = float(s.get("temperature", 1.0) if temperature is None else temperature)
     top_k = int(s.get("top_k", 0) if top_k is None else top_k)
+    batch_size = eval_batch(config, batch_size)
     tensors = [prompt_tensors(config, prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     gen = torch.Generator().manual_seed(seed)
     size, levels, D = config["image_size"], config["levels"], config["encdec"]["target_len"]
+    channels = int(config.get("channels", 1))
     out = []
     with torch.inference_mode():
         for src, mask in tensors:
             rows = net.generate(src, mask, config["bos_id"], config["eos_id"], D, greedy=False,
                                 temperature=temperature, top_k=top_k, allowed_tokens=levels, generator=gen,
                                 cache=cache)
-            out.append(np.asarray(rows, dtype=np.float32).reshape(-1, size, size) / (levels - 1))
-    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
+            out.append(tokens_to_images(np.asarray(rows, dtype=np.float32).reshape(len(src), D), size, channels)
+                       / (levels - 1))
+    empty = (0, size, size) if channels == 1 else (0, size, size, channels)
+    return np.concatenate(out) if out else np.zeros(empty, np.float32)
 
 
 def pixel_nll(net, config: dict[str, Any], x: np.ndarray, prompts: list[str]) -> float:
-    """Summed nats of the grey-level images x (N, H, W) given their prompts."""
+    """Summed nats of the images of levels x (N, H, W) or (N, H, W, C) given their prompts."""
     import torch
     import torch.nn.functional as F
 
     nats = 0.0
     with torch.inference_mode():
-        for i in range(0, len(x), EVAL_BATCH):
-            src, mask = prompt_tensors(config, prompts[i:i + EVAL_BATCH])
-            tgt_in, tgt_out = pixel_tensors(config, x[i:i + EVAL_BATCH])
+        step = eval_batch(config)
+        for i in range(0, len(x), step):
+            src, mask = prompt_tensors(config, prompts[i:i + step])
+            tgt_in, tgt_out = pixel_tensors(config, x[i:i + step])
             logits = pixel_logits(net, config, src, mask, tgt_in)
             nats += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), reduction="sum"))
     return nats

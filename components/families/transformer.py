@@ -11,10 +11,14 @@ The prepared dataset's manifest decides the kind:
   Evaluation: bits per character on the test split (sliding window, see
   components.evaluation.text.model_bits_per_char), interpolated Kneser-Ney n-gram baselines on
   the same split, samples from the prompt, and sampling speed with and without the KV cache.
-- image: a sequence is [class token] + the H*W pixels in raster order; a pixel is one of
-  ``levels`` grey levels (ids 0..levels-1), class c is id levels + c, so images are generated
-  class by class. Pixel predictions are restricted to the grey levels (class ids never count
-  as pixels), in training, likelihood and sampling alike. Evaluation: exact bits per dimension,
+- image: a sequence is [class token] + the image's H*W*C values (components.tokenizer.image_tokens):
+  the pixels in raster order, each pixel's C channel values consecutive (C = 1 grey, 3 colour: R, G,
+  B of pixel 0, then pixel 1, ...); a value is one of ``levels`` levels per channel (ids
+  0..levels-1), class c is id levels + c, so images are generated class by class. A grey image's
+  sequence is its H*W pixels, as it always was. Predictions are restricted to the levels (class ids
+  never count as values), in training, likelihood and sampling alike. Unlabelled data (manifest
+  "labelled": false, one class) trains unconditionally: every sequence starts with the one class
+  token (id levels), a constant start token, and p(c) = 1. Evaluation: exact bits per dimension,
   unconditional p(x) = sum_c p(c) p(x | c) with p(c) the train split's class shares, and
   conditional on the true class; pixel-model baselines (uniform, independent pixels, one
   logistic regression per pixel); and the shared image metrics on class-conditional samples.
@@ -26,8 +30,10 @@ The prepared dataset's manifest decides the kind:
   and details.json says so), prompts of one length decoded together.
 
 model.pt = {"state_dict", "config"}; config holds "gpt" (the GPTConfig fields), "vocab_size",
-"kind", "dataset", and "vocab" (text) or "levels", "num_classes", "image_size", "classes",
-"class_prior" (images).
+"kind", "dataset", and "vocab" (text) or "levels", "num_classes", "image_size", "channels", "classes",
+"class_prior" (images; "labelled": false for unlabelled data).
+Images are (N, H, W) for C == 1 and (N, H, W, C) for C == 3 (channels last, as the data layer gives
+them); samples are float32 in [0, 1] on the data's levels in the same layout.
 """
 from __future__ import annotations
 
@@ -48,6 +54,18 @@ from components.resources import median_seconds
 from components.spec import ModelSpec
 
 TEXT_EVAL_STRIDE_DIVISOR = 4  # bits/char windows start every block_size // 4 characters
+LOGREG_MAX_DIMS = 256         # the logistic-regression pixel baseline's largest image (values per image)
+IMAGE_BATCH_TOKENS = 512 * 65  # images sampled or scored at once: at most this many tokens (8x8 grey: 512)
+FLOP_COUNT_MAX_TOKENS = 4096  # longer contexts: FLOPs per token extrapolated from two shorter ones
+
+
+def image_batch(batch_size: int, config: dict) -> int:
+    """Images per network batch: batch_size, fewer for long (large or colour) images so that the
+    activations and the KV cache stay bounded (8x8 grey keeps its 512)."""
+    from components.tokenizer import image_token_count
+
+    tokens = image_token_count(config["image_size"], int(config.get("channels", 1))) + 1
+    return max(1, min(int(batch_size), IMAGE_BATCH_TOKENS // tokens))
 
 
 class ModelNotTrainedError(ModelError):
@@ -67,8 +85,29 @@ def text_tokenizer(manifest: dict, train_text: str):
 
 
 def image_sequences(x: np.ndarray, y: np.ndarray, levels: int) -> np.ndarray:
-    """(N, 1 + H*W) int64: the class token levels + y, then the pixels in raster order."""
-    return np.concatenate([(levels + y.astype(np.int64))[:, None], x.reshape(len(x), -1).astype(np.int64)], axis=1)
+    """(N, 1 + H*W*C) int64: the class token levels + y, then the image's values (image_tokens: raster
+    order, a pixel's channels consecutive). x may also be tokens already, (N, D)."""
+    from components.tokenizer import image_tokens
+
+    tokens = image_tokens(x) if np.ndim(x) in (3, 4) else np.asarray(x).reshape(len(x), -1).astype(np.int64)
+    return np.concatenate([(levels + y.astype(np.int64))[:, None], tokens], axis=1)
+
+
+def image_channels(manifest: dict, x: np.ndarray, where: str) -> int:
+    """C of an image dataset: the manifest's "channels" (absent: 1), checked against the arrays."""
+    c = int(manifest.get("channels", 1) or 1)
+    have = int(x.shape[-1]) if x.ndim == 4 else 1
+    if c != have:
+        raise ModelError(f"{where}: the manifest says {c} channel(s) but the train split holds images of "
+                         f"shape {tuple(x.shape[1:])}; prepare the dataset again (genflow stage prepare)")
+    return c
+
+
+def class_ids(config: dict, y: np.ndarray) -> np.ndarray:
+    """The class index of each image: y, or all 0 (the one class) for unlabelled data."""
+    if config.get("labelled", True):
+        return np.asarray(y, dtype=np.int64)
+    return np.zeros(len(y), dtype=np.int64)
 
 
 def class_prior(y: np.ndarray, num_classes: int) -> list[float]:
@@ -110,13 +149,24 @@ def model_config(key: str, m: ModelConfig, manifest: dict, root: Path) -> dict[s
     if kind == "image":
         x, y = data.load_images(m.dataset, "train", root)
         levels, num_classes = int(manifest["levels"]), len(manifest["classes"])
-        need = x[0].size  # input tokens of one image: class + all pixels but the last
+        channels = image_channels(manifest, x, f"datasets.{m.dataset}")
+        labelled = bool(manifest.get("labelled", True))
+        if not labelled and num_classes != 1:
+            raise data.DataError(f"datasets.{m.dataset}: unlabelled, but its manifest names {num_classes} classes "
+                                 "(an unlabelled dataset has exactly one); prepare the dataset again")
+        need = x[0].size  # input tokens of one image: class + all values but the last
         if T < need:
+            what = "class + pixels" if channels == 1 else (f"class + {x.shape[1]}x{x.shape[2]} pixels x {channels} "
+                                                            "channels, less the last value")
             raise data.DataError(f"models.{key}.gpt.block_size: {T} is shorter than one image "
-                                 f"({need} input tokens: class + pixels); set it to at least {need}")
-        return ModelSpec(**spec, levels=levels, image_size=int(manifest["image_size"]),
-                         classes=tuple(manifest["classes"]), class_prior=tuple(class_prior(y, num_classes)),
-                         vocab_size=levels + num_classes).to_config()
+                                 f"({need} input tokens: {what}); set it to at least {need}")
+        y = class_ids({"labelled": labelled}, y)
+        out = ModelSpec(**spec, levels=levels, image_size=int(manifest["image_size"]), channels=channels,
+                        classes=tuple(manifest["classes"]), class_prior=tuple(class_prior(y, num_classes)),
+                        vocab_size=levels + num_classes).to_config()
+        if not labelled:
+            out["labelled"] = False
+        return out
     raise data.DataError(f"datasets.{m.dataset}: kind {kind!r} is not supported by the transformer family")
 
 
@@ -159,10 +209,10 @@ def training_data(key: str, m: ModelConfig, config: dict[str, Any], root: Path):
         return get_pair_batch, max(1, round(B * mean_target))   # target tokens, as the encoder-decoder counts
 
     x, y = data.load_images(m.dataset, "train", root)
-    seq = torch.from_numpy(image_sequences(x, y, config["levels"]))  # (N, 1 + H*W)
+    seq = torch.from_numpy(image_sequences(x, class_ids(config, y), config["levels"]))  # (N, 1 + H*W*C)
 
     def get_image_batch(step: int, gen: torch.Generator):
-        s = seq[torch.randint(len(seq), (B,), generator=gen)]  # (B, 1 + H*W)
+        s = seq[torch.randint(len(seq), (B,), generator=gen)]  # (B, 1 + H*W*C)
         return s[:, :-1], s[:, 1:]
     return get_image_batch, B * (seq.size(1) - 1)
 
@@ -198,8 +248,10 @@ def loss_fn(config: dict[str, Any]):
 
 
 def tokens_per_sequence(config: dict[str, Any]) -> int:
-    """Training context: block_size for text, class token + pixels but the last for images."""
-    return config["gpt"]["block_size"] if config["kind"] in ("text", "pairs") else config["image_size"] ** 2
+    """Training context: block_size for text, class token + values but the last for images (H*W*C)."""
+    if config["kind"] in ("text", "pairs"):
+        return config["gpt"]["block_size"]
+    return config["image_size"] ** 2 * int(config.get("channels", 1))
 
 
 def flops_per_item(net, config: dict[str, Any]) -> float:
@@ -207,12 +259,23 @@ def flops_per_item(net, config: dict[str, Any]) -> float:
 
     Attention runs through SDPA's math backend here so that its matmuls are counted (the CPU
     flash kernel has no FLOP formula); the full T x T products count, as in the usual 6N + 12LTC.
+    Above FLOP_COUNT_MAX_TOKENS (a large colour image: 64x64x3 = 12288 tokens) the math backend's
+    T x T matrices would take gigabytes, so the counts at two shorter contexts are extrapolated
+    linearly (per token: the matmuls are constant and attention linear in T, so it is exact).
     """
+    T = tokens_per_sequence(config)
+    if T > FLOP_COUNT_MAX_TOKENS:
+        half = FLOP_COUNT_MAX_TOKENS // 2
+        a, b = _flops_per_token(net, half), _flops_per_token(net, FLOP_COUNT_MAX_TOKENS)
+        return a + (b - a) * (T - half) / (FLOP_COUNT_MAX_TOKENS - half)
+    return _flops_per_token(net, T)
+
+
+def _flops_per_token(net, T: int) -> float:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    T = tokens_per_sequence(config)
     idx = torch.zeros(1, T, dtype=torch.long, device=base.device_of(net))
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
@@ -273,41 +336,56 @@ def sample_text(model, config: dict, prompt: str, length: int, *, num_samples: i
 def sample_images(model, config: dict, labels: np.ndarray, *, temperature: float = 1.0, top_k: int = 0,
                   seed: int = 0, use_cache: bool = True, batch_size: int = 512,
                   prefix: Optional[np.ndarray] = None) -> np.ndarray:
-    """Class-conditional images, (N, H, W) float32 in [0, 1], one per label.
+    """Class-conditional images, one per label: (N, H, W) float32 in [0, 1] for grey, (N, H, W, C)
+    for colour (unlabelled data: every label is 0, the one class).
 
-    prefix (N, P) grey levels: the first P pixels of each image in raster order, kept as given
-    (a completion of the image's top); None: the whole image is drawn.
+    prefix (N, P) levels: the first P tokens of each image (components.tokenizer.image_tokens: raster
+    order, a pixel's channels consecutive), kept as given (a completion of the image's top); None:
+    the whole image is drawn.
     """
     import torch
 
-    levels, size = config["levels"], config["image_size"]
+    from components.tokenizer import image_token_count, tokens_to_images
+
+    levels, size, channels = config["levels"], config["image_size"], int(config.get("channels", 1))
+    D = image_token_count(size, channels)
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= config["num_classes"]):
         raise ModelError(f"labels: must be class indices 0..{config['num_classes'] - 1}")
     gen = torch.Generator().manual_seed(seed)
     out = []
+    batch_size = image_batch(batch_size, config)
     for i in range(0, len(labels), batch_size):
         start = torch.from_numpy(levels + labels[i:i + batch_size])[:, None]  # (b, 1) class tokens
         if prefix is not None:                                                # (b, 1 + P)
             start = torch.cat([start, torch.from_numpy(np.asarray(prefix[i:i + batch_size], dtype=np.int64))], 1)
-        seq = model.generate(start, size * size + 1 - start.shape[1], temperature=temperature, top_k=top_k or None,
+        seq = model.generate(start, D + 1 - start.shape[1], temperature=temperature, top_k=top_k or None,
                              use_cache=use_cache, generator=gen, allowed_tokens=levels)
-        out.append(seq[:, 1:].reshape(-1, size, size).numpy())
-    pixels = np.concatenate(out) if out else np.zeros((0, size, size), dtype=np.int64)
-    return (pixels / (levels - 1)).astype(np.float32)
+        out.append(seq[:, 1:].numpy())
+    tokens = np.concatenate(out) if out else np.zeros((0, D), dtype=np.int64)
+    return (tokens_to_images(tokens, size, channels) / (levels - 1)).astype(np.float32)
 
 
 def complete_prefix(model, config: dict, levels: np.ndarray, keep: np.ndarray, **kw) -> np.ndarray:
-    """Completions (N, H, W) in [0, 1] of grey levels (N, H, W) whose keep mask holds the first P pixels
-    in raster order. The class token comes first in the model's sequence, so the class is the one
-    under which the model finds the kept prefix most likely (log p(c) + log p(prefix | c))."""
+    """Completions in [0, 1] of images of levels (N, H, W) grey or (N, H, W, C) colour whose keep mask
+    (N, H, W), one value per pixel, holds the first P pixels in raster order; a kept pixel keeps all
+    its channels. Returns the images' layout. The class token comes first in the model's sequence,
+    so the class is the one under which the model finds the kept prefix most likely
+    (log p(c) + log p(prefix | c))."""
     from components.evaluation.editing import raster_prefix_length
 
+    levels, keep = np.asarray(levels), np.asarray(keep, dtype=bool)
+    channels = int(config.get("channels", 1))
+    want = (config["image_size"],) * 2 + (() if channels == 1 else (channels,))
+    if levels.shape[1:] != want:
+        raise ModelError(f"inpainting: images of shape {levels.shape[1:]}, the model takes {want}")
+    if keep.shape != levels.shape[:3]:
+        raise ModelError(f"inpainting: mask of shape {keep.shape}, expected one value per pixel {levels.shape[:3]}")
     p = raster_prefix_length(keep)
     if p < 0:
         raise ModelError("inpainting: an autoregressive model completes only the pixels after a prefix in "
                          "raster order (e.g. the bottom rows); this mask keeps later pixels")
-    prefix = np.asarray(levels).reshape(len(levels), -1)[:, :p].astype(np.int64)          # (N, P)
+    prefix = levels.reshape(len(levels), -1)[:, :p * channels].astype(np.int64)     # (N, P*C) tokens
     joint = image_log_likelihoods(model, config, prefix) + np.log(config["class_prior"])[None, :]
     return sample_images(model, config, joint.argmax(1), prefix=prefix, **kw)
 
@@ -317,13 +395,15 @@ def complete_prefix(model, config: dict, levels: np.ndarray, keep: np.ndarray, *
 # ---------------------------------------------------------------------------
 
 def image_log_likelihoods(model, config: dict, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """(N, C) log p(x_n | class c) in nats, pixels over the grey levels only."""
+    """(N, K) log p(x_n | class c) in nats over the K classes, every value (pixel or channel of a pixel)
+    over the levels only; x is images (N, H, W[, C]) or their first tokens (N, P)."""
     import torch
     import torch.nn.functional as F
 
     levels, C = config["levels"], config["num_classes"]
     n = len(x)
     out = np.zeros((n, C))
+    batch_size = image_batch(batch_size, config)
     with torch.no_grad():
         for c in range(C):
             seq = torch.from_numpy(image_sequences(x, np.full(n, c), levels))  # (N, 1 + D)
@@ -350,11 +430,14 @@ def pixel_baselines(x_train: np.ndarray, x_test: np.ndarray, levels: int, *, alp
                     C: float = 1.0, iters: int = 100) -> dict[str, float]:
     """Bits per dimension of three pixel models fitted on train, scored on test (unconditional).
 
-    uniform: log2(levels). indep: one categorical per pixel (add-alpha smoothing).
+    A dimension is one value: a pixel of a grey image, one channel of a pixel of a colour one (the
+    model's token order). uniform: log2(levels). indep: one categorical per dimension (add-alpha smoothing).
     logreg: one multinomial logistic regression per pixel over the previous pixels (raster
     order, grey values scaled to [0, 1]), L2 penalty as scikit-learn's C. The D regressions
     share no parameters, so they are fitted at once as one masked linear layer with L-BFGS
-    (a second or two; 64 separate scikit-learn fits took minutes on a busy 2-core machine).
+    (a second or two; 64 separate scikit-learn fits took minutes on a busy 2-core machine). Its
+    weights grow as D^2: above LOGREG_MAX_DIMS dimensions (e.g. colour 16x16) it is not fitted and
+    its metric is absent.
     """
     import torch
     import torch.nn.functional as F
@@ -365,6 +448,9 @@ def pixel_baselines(x_train: np.ndarray, x_test: np.ndarray, levels: int, *, alp
     counts = np.stack([np.bincount(a[:, j], minlength=levels) for j in range(D)]).astype(np.float64)  # (D, L)
     indep = (counts + alpha) / (counts.sum(1, keepdims=True) + alpha * levels)  # (D, L)
     p_indep = indep[np.arange(D)[None, :], b]                                   # (M, D)
+    bits = lambda q: float(-np.log2(q).mean())  # noqa: E731
+    if D > LOGREG_MAX_DIMS:
+        return {"baseline/uniform_bits_per_dim": math.log2(levels), "baseline/indep_bits_per_dim": bits(p_indep)}
 
     xa, xb = torch.from_numpy(a).float(), torch.from_numpy(b).float()
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -388,7 +474,6 @@ def pixel_baselines(x_train: np.ndarray, x_test: np.ndarray, levels: int, *, alp
     with torch.no_grad():
         p = F.softmax(logits(xb), -1).gather(-1, tb[..., None])[..., 0].numpy()  # (M, D)
     p_lr = 0.99 * p + 0.01 * p_indep  # a level never seen at a pixel keeps a non-zero probability
-    bits = lambda q: float(-np.log2(q).mean())  # noqa: E731
     return {"baseline/uniform_bits_per_dim": math.log2(levels),
             "baseline/indep_bits_per_dim": bits(p_indep),
             "baseline/logreg_bits_per_dim": bits(p_lr)}
@@ -582,7 +667,8 @@ def _evaluate_images(key: str, m: ModelConfig, model, config: dict, root: Path) 
     levels, C = config["levels"], config["num_classes"]
     x_train, _ = data.load_images(m.dataset, "train", root)
     x_test, y_test = data.load_images(m.dataset, "test", root)
-    dims = int(np.prod(x_test.shape[1:]))
+    y_test = class_ids(config, y_test)          # unlabelled: the one class
+    dims = int(np.prod(x_test.shape[1:]))       # H*W*C: bits per dimension divide by every value
 
     metrics: dict[str, float] = {}
     t = time.perf_counter()

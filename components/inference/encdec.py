@@ -101,8 +101,11 @@ class EncDecEngine(Engine):
 
     def sample_prompts(self, prompts: Sequence[str], *, temperature: Optional[float] = None,
                        top_k: Optional[int] = None, seed: int = 0) -> np.ndarray:
-        """A prompt-to-pixels model's images, one per prompt: grey levels (N, 1, H, W) int64, the
-        pixels drawn one at a time with both caches. Bad prompts are refused in one line first."""
+        """A prompt-to-pixels model's images, one per prompt: levels (N, C, H, W) int64 (C = 1 grey, 3
+        colour: a pixel's channel values are consecutive tokens), the values drawn one at a time with
+        both caches. Bad prompts are refused in one line first."""
+        from components.tokenizer import tokens_to_nchw
+
         if self.prompts is None:
             raise InferenceError(f"--prompt: {self.name} transduces text; give --source TEXT")
         temperature = float(temperature if temperature is not None else self.defaults.get("temperature", 1.0))
@@ -115,7 +118,15 @@ class EncDecEngine(Engine):
             mask = np.ones((1, len(src)), dtype=bool)
             cross = self.encoder.run(["cross_kv"], {"src_ids": src[None], "src_mask": mask})[0]
             out.append(self._sample(cross, mask, False, temperature, top_k, rng))
-        return np.asarray(out, dtype=np.int64).reshape(len(rows), 1, size, size)
+        channels = int(self.config.get("channels", 1))
+        return tokens_to_nchw(np.asarray(out, dtype=np.int64).reshape(len(rows), size * size * channels), size,
+                              channels)
+
+    def sample_images(self, prompts: Sequence[str], **kw: Any) -> np.ndarray:
+        """sample_prompts as images: (N, H, W) float32 in [0, 1] grey, (N, H, W, C) colour (channels last)."""
+        from components.inference.engines import nchw_to_images
+
+        return nchw_to_images(self.sample_prompts(prompts, **kw), int(self.config["levels"]))
 
     # -- decoding ------------------------------------------------------------
 

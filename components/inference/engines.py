@@ -2,7 +2,7 @@
 
     denoiser   (x [B,C,H,W] f32, t [B] i64, y [B] i64) -> eps        U-Net, DiT
     causal_lm  (input_ids [B,T] i64, past_kv [L,2,B,nh,P,hs] f32)
-                 -> logits [B,T,V], present_kv [L,2,B,nh,P+T,hs]       GPT (text, digit pixels)
+                 -> logits [B,T,V], present_kv [L,2,B,nh,P+T,hs]       GPT (text; pixels, grey or colour)
     masked_lm  input_ids [B,T] i64 (with [MASK]) -> logits [B,T,V-1]   masked diffusion LM (K steps)
 
 The sampling maths (DDPM/DDIM steps, guidance, the unmasking schedule, token draws) come from
@@ -33,6 +33,12 @@ CONFIG_FILE = EXPORT_CONFIG_FILE
 PARITY_FILE = "parity.json"
 
 Randn = Callable[[tuple], np.ndarray]  # shape -> float32 standard normal draws
+
+
+def nchw_to_images(levels: np.ndarray, n_levels: int) -> np.ndarray:
+    """Levels (N, C, H, W) -> images in [0, 1] float32: (N, H, W) for C == 1, (N, H, W, C) otherwise."""
+    x = np.asarray(levels, dtype=np.float32) / max(int(n_levels) - 1, 1)
+    return x[:, 0] if x.shape[1] == 1 else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
 def numpy_randn(seed: int) -> Randn:
@@ -300,15 +306,21 @@ class CausalLMEngine(TextEngine):
 
     def sample_digits(self, labels: Sequence[int], *, temperature: Optional[float] = None,
                       top_k: Optional[int] = None, seed: int = 0, prefix: Optional[np.ndarray] = None) -> np.ndarray:
-        """One image per label: [class token] then image_size^2 pixel tokens; returns levels (B,1,H,W) uint8.
+        """One image per label: [class token] then the image's tokens (components.tokenizer.image_tokens:
+        image_size^2 pixels in raster order, a colour pixel's C channel values consecutive); returns
+        levels (B, C, H, W) uint8, C = 1 for grey (the layout of the graphs and the diffusion engine).
 
-        prefix: the first P pixels in raster order (grey levels, (P,)), kept as given; the model
-        writes the other image_size^2 - P (a completion of the image's top).
+        prefix: the first P pixels in raster order, kept as given: levels (P,) grey, (P, C) or their P*C
+        tokens (P*C,) colour; the model writes the rest (a completion of the image's top).
         """
+        from components.tokenizer import image_token_count, tokens_to_nchw
+
         c, d = self.config, self.defaults
         if self.kind != "image":
             raise InferenceError(f"{self.name}: a text model; it does not draw images")
         num_classes, levels, size = int(c["num_classes"]), int(c["levels"]), int(c["image_size"])
+        channels = int(c.get("channels", 1))
+        D = image_token_count(size, channels)
         class_offset, pixel_offset = int(c["class_token_offset"]), int(c.get("pixel_token_offset", 0))
         temperature = float(temperature if temperature is not None else d.get("temperature", 1.0))
         top_k = int(top_k if top_k is not None else d.get("top_k", 0))
@@ -320,12 +332,52 @@ class CausalLMEngine(TextEngine):
         start = (class_offset + y)[:, None]                                        # (B, 1)
         if prefix is not None and len(prefix):
             prefix = np.asarray(prefix, dtype=np.int64).reshape(-1)
-            if len(prefix) >= size * size or prefix.min() < 0 or prefix.max() >= levels:
+            if channels == 1 and (len(prefix) >= D or prefix.min() < 0 or prefix.max() >= levels):
                 raise SamplingRequestError(f"prefix: 1..{size * size - 1} grey levels in 0..{levels - 1} expected")
+            if channels > 1 and (len(prefix) >= D or len(prefix) % channels or prefix.min() < 0
+                                 or prefix.max() >= levels):
+                raise SamplingRequestError(f"prefix: 1..{size * size - 1} pixels of {channels} levels in "
+                                           f"0..{levels - 1} expected (all channels of a kept pixel)")
             start = np.concatenate([start, np.tile(pixel_offset + prefix, (len(y), 1))], axis=1)
-        ids = self.generate(start, size * size + 1 - start.shape[1], temperature, top_k, seed=seed, allowed=allowed)
-        pixels = ids[:, 1:] - pixel_offset                                         # (B, H*W) in 0..levels-1
-        return pixels.reshape(-1, 1, size, size).astype(np.uint8)
+        ids = self.generate(start, D + 1 - start.shape[1], temperature, top_k, seed=seed, allowed=allowed)
+        tokens = ids[:, 1:] - pixel_offset                                         # (B, H*W*C) in 0..levels-1
+        return tokens_to_nchw(tokens, size, channels).astype(np.uint8)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of a pixel model's images, as sample_digits returns them."""
+        size = int(self.config["image_size"])
+        return (int(self.config.get("channels", 1)), size, size)
+
+    def complete_image(self, image: np.ndarray, keep: np.ndarray, labels: Sequence[int], **kw: Any) -> np.ndarray:
+        """Completions of one image, levels (C, H, W), whose keep mask (H, W) or (C, H, W) (True: kept)
+        holds the first P pixels in raster order; a kept pixel keeps all its channels. One per label:
+        levels (B, C, H, W). A mask that keeps a later pixel, or one channel of a pixel but not the
+        others, is refused in one line (a raster-order model cannot condition on later values)."""
+        shape = self.image_shape
+        image, keep = np.asarray(image), np.asarray(keep, dtype=bool)
+        if image.shape != shape:
+            raise SamplingRequestError(f"{FLAGS['image']}: shape {image.shape}, {self.name} takes {shape} "
+                                       "(channels, height, width)")
+        if keep.shape == shape:
+            if not (keep == keep[:1]).all():
+                raise SamplingRequestError(f"{FLAGS['mask']}: keeps some channels of a pixel but not "
+                                           "the others; a pixel is kept or regenerated whole")
+            keep = keep[0]
+        if keep.shape != shape[1:]:
+            raise SamplingRequestError(f"{FLAGS['mask']}: shape {keep.shape}, expected {shape[1:]}")
+        flat = keep.reshape(-1)
+        p = int(flat.sum())
+        if not (0 < p < flat.size and flat[:p].all()):
+            raise SamplingRequestError(f"{FLAGS['mask']}: {self.name} writes pixels in raster order "
+                                       "and completes only a mask that regenerates every pixel after the first "
+                                       "ones (e.g. the bottom rows)")
+        prefix = image.transpose(1, 2, 0).reshape(-1, shape[0])[:p]                # (P, C): whole pixels
+        return self.sample_digits(labels, prefix=prefix, **kw)
+
+    def sample_images(self, labels: Sequence[int], **kw: Any) -> np.ndarray:
+        """sample_digits as images: (B, H, W) float32 in [0, 1] grey, (B, H, W, C) colour (channels last)."""
+        return nchw_to_images(self.sample_digits(labels, **kw), int(self.config["levels"]))
 
 
 class MaskedLMEngine(TextEngine):

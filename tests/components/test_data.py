@@ -291,11 +291,20 @@ def test_bad_source_is_refused(tmp_path, source, kind, match):
         data.ingest("d", DatasetConfig(source=source, kind=kind), tmp_path)
 
 
-def test_imagefolder_without_class_folders_is_refused(tmp_path):
+def test_imagefolder_without_class_folders_is_one_unlabelled_class(tmp_path):
     (tmp_path / "flat").mkdir()
     Image.new("L", (8, 8)).save(tmp_path / "flat" / "a.png")
-    with pytest.raises(DataError, match="has no class sub-folders"):
-        data.ingest("flat", image_cfg(tmp_path / "flat"), tmp_path)
+    data.ingest("flat", image_cfg(tmp_path / "flat"), tmp_path)
+    assert (tmp_path / "data/raw/flat/a.png").exists()
+    raw = data.read_raw_images("flat", image_cfg(tmp_path / "flat"), tmp_path)
+    assert raw.classes == ["flat"] and not raw.labelled and [it.label for it in raw.items] == [0]
+
+
+def test_imagefolder_with_class_folders_and_loose_images_is_refused(tmp_path):
+    make_imagefolder(tmp_path / "mix", {"a": 2})
+    Image.new("L", (8, 8)).save(tmp_path / "mix" / "loose.png")
+    with pytest.raises(DataError, match="is not inside a class sub-folder"):
+        data.ingest("mix", image_cfg(tmp_path / "mix"), tmp_path)
 
 
 def test_relative_source_resolves_against_root(tmp_path):

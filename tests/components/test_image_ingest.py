@@ -12,7 +12,7 @@ from components.config import DatasetConfig, ImageValidationConfig, SplitConfig
 from components.data import DataError
 from components.progress import Progress
 from components.validation import DataValidationError, validate
-from conftest import make_imagefolder
+from conftest import make_colour_imagefolder, make_imagefolder
 
 
 def image_cfg(src: Path) -> DatasetConfig:
@@ -165,9 +165,10 @@ def test_mixed_colour_and_grey_are_converted_and_counted(tmp_path, folder, capsy
     assert manifest["image_modes"] == {"grey": 10, "colour": 4}
     out = [line for line in capsys.readouterr().out.splitlines() if "[colour_to_grey]" in line]
     assert out == ["datasets.d: 4 of 14 images are colour (first: data/raw/d/a/rgb_0.png), converted to grey "
-                   "(the image models take 1 channel); counted in manifest.json image_modes [colour_to_grey]"]
+                   "(datasets.d.channels: 3 keeps colour); counted in manifest.json image_modes [colour_to_grey]"]
     x = np.concatenate([data.load_images("d", s, tmp_path)[0] for s in data.SPLITS])
-    assert x.ndim == 3   # one channel, as every image model takes today
+    assert x.ndim == 3   # mostly grey files: one channel (channels left out: as the files are)
+    assert "channels" not in manifest and "labelled" not in manifest   # a grey folder's manifest as it was
     assert json.loads((tmp_path / "data/prepared/d/manifest.json").read_text())["image_modes"]["colour"] == 4
 
 
@@ -182,3 +183,92 @@ def test_exif_rotated_photo_comes_out_upright(tmp_path, folder):
     raw = data.read_raw_images("d", cfg, tmp_path)
     photo = next(it for it in raw.items if it.file.endswith("photo.jpg"))
     assert photo.pixels[:4].mean() > 14 and photo.pixels[4:].mean() < 2   # upright: the top half is white
+
+
+# ---------------------------------------------------------------------------
+# colour: channels as the files are, or as params say; unlabelled folders
+# ---------------------------------------------------------------------------
+
+def colour_cfg(src: Path, **kw) -> DatasetConfig:
+    return DatasetConfig(source=f"imagefolder:{src}", kind="image", image_size=16, levels=16,
+                         split=SplitConfig(val=0.2, test=0.2, seed=0),
+                         image_validation=ImageValidationConfig(min_per_class=2), **kw)
+
+
+def test_colour_folder_keeps_three_channels_per_pixel(tmp_path):
+    src = make_colour_imagefolder(tmp_path / "src", per_class=6, size=32)
+    cfg = colour_cfg(src)
+    data.ingest("c", cfg, tmp_path)
+    assert validate("c", cfg, tmp_path, docs=False)["success"]
+    data.prepare("c", cfg, tmp_path)
+    manifest = data.load_manifest("c", tmp_path)
+    assert manifest["channels"] == 3 and manifest["classes"] == ["blue", "green", "red"]
+    assert data.manifest_channels(manifest) == 3 and data.manifest_labelled(manifest)
+    x, y = data.load_images("c", "train", tmp_path)
+    assert x.shape[1:] == (16, 16, 3) and x.dtype == np.uint8 and x.max() <= 15
+    # the same pixels as Pillow's own centre crop + LANCZOS resize + per-channel quantisation
+    files = sorted(p for p in (tmp_path / "data/raw/c").rglob("*.png"))
+    every = np.stack([data.quantise_grey(data.square_resize(Image.open(f).convert("RGB"), 16), 16) for f in files])
+    assert np.array_equal(np.sort(every.reshape(len(every), -1), 0),
+                          np.sort(np.concatenate([data.load_images("c", s, tmp_path)[0]
+                                                  for s in data.SPLITS]).reshape(len(every), -1), 0))
+    red = x[y == manifest["classes"].index("red")].max(axis=(1, 2)).mean(0)   # brightest value per channel
+    assert red[0] > red[1] + 5 and red[0] > red[2] + 5   # the channels are R, G, B in that order
+
+
+def test_channels_param_overrides_the_files(tmp_path):
+    src = make_colour_imagefolder(tmp_path / "src", per_class=4, size=16)
+    cfg = colour_cfg(src, channels=1)
+    data.ingest("g", cfg, tmp_path)
+    data.prepare("g", cfg, tmp_path)
+    assert data.load_images("g", "train", tmp_path)[0].ndim == 3
+    assert "channels" not in data.load_manifest("g", tmp_path)
+    grey = make_imagefolder(tmp_path / "grey", {"a": 4, "b": 4})
+    cfg3 = colour_cfg(grey, channels=3)
+    data.ingest("r", cfg3, tmp_path)
+    data.prepare("r", cfg3, tmp_path)
+    x = data.load_images("r", "train", tmp_path)[0]
+    assert x.shape[-1] == 3 and np.array_equal(x[..., 0], x[..., 2])   # grey as three equal channels
+
+
+def test_mixed_modes_refuse_names_the_minority_files(tmp_path):
+    src = make_colour_imagefolder(tmp_path / "src", per_class=4, size=16)
+    Image.new("L", (16, 16), 128).save(src / "red" / "grey.png")
+    cfg = colour_cfg(src, mixed_modes="refuse")
+    data.ingest("m", cfg, tmp_path)
+    line = ("data/raw/m/red/grey.png: a grey image among colour ones (datasets.m.mixed_modes: refuse); "
+            "convert it to colour or set mixed_modes: convert")
+    assert f"{line} [one_mode]" in validation_line("m", cfg, tmp_path)
+    assert line in refused_by_prepare("m", cfg, tmp_path)
+    ok = colour_cfg(src)   # convert (the default): counted, and said
+    data.prepare("m", ok, tmp_path)
+    assert data.load_manifest("m", tmp_path)["image_modes"] == {"grey": 1, "colour": 12}
+
+
+def test_folder_without_class_folders_is_one_unlabelled_class(tmp_path):
+    src = make_colour_imagefolder(tmp_path / "src", per_class=5, size=16, labelled=False)
+    cfg = colour_cfg(src)
+    data.ingest("u", cfg, tmp_path)
+    assert validate("u", cfg, tmp_path, docs=False)["success"]
+    data.prepare("u", cfg, tmp_path)
+    manifest = data.load_manifest("u", tmp_path)
+    assert manifest["labelled"] is False and manifest["classes"] == ["u"]
+    assert not data.manifest_labelled(manifest)
+    x, y = data.load_images("u", "train", tmp_path)
+    assert x.shape[1:] == (16, 16, 3) and set(y.tolist()) == {0}
+
+
+def test_empty_folder_is_refused_in_one_line(tmp_path):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(DataError) as e:
+        data.ingest("e", colour_cfg(tmp_path / "src"), tmp_path)
+    assert "holds no images" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_image_layout_helpers_round_trip():
+    grey, rgb = np.zeros((2, 4, 4)), np.arange(2 * 4 * 4 * 3).reshape(2, 4, 4, 3)
+    assert data.image_channels(grey) == 1 and data.image_channels(rgb) == 3
+    assert data.to_nchw(grey).shape == (2, 1, 4, 4) and data.to_nchw(rgb).shape == (2, 3, 4, 4)
+    assert data.to_nchw(rgb)[1, 2, 3, 0] == rgb[1, 3, 0, 2]
+    assert np.array_equal(data.from_nchw(data.to_nchw(rgb)), rgb)
+    assert np.array_equal(data.from_nchw(data.to_nchw(grey)), grey)

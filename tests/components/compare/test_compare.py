@@ -561,3 +561,76 @@ def test_prompt_row_says_not_run_for_a_missing_paradigm():
     md = compare.render_markdown(report)
     assert "Text-to-image (prompt adherence)" in md and "transformer: not run" in md
     compare.check_model(unet)   # a captioned run's main metric is FD
+
+
+# ---------------------------------------------------------------------------
+# Metrics the data cannot have: class accuracy on unlabelled images shows "n/a" and why
+# ---------------------------------------------------------------------------
+
+UNLABELLED_UNET = {k: v for k, v in UNET.items() if not k.endswith("class_acc")}   # images.py leaves them out
+UNLABELLED_GPT = {k: v for k, v in GPT_IMAGES.items() if not k.endswith("class_acc")}
+
+
+def test_class_accuracy_of_unlabelled_images_is_not_applicable_not_blank():
+    from components.evaluation.images import UNLABELLED
+
+    plain, labelled = result("digits-unet", UNLABELLED_UNET), result("digits-gpt", GPT_IMAGES)
+    assert plain.not_applicable_reason("eval/class_acc") == UNLABELLED          # inferred: floor without classes
+    assert plain.not_applicable_reason("eval/inpaint_bottom_class_acc") == UNLABELLED
+    assert plain.not_applicable_reason("eval/fd") is None
+    assert labelled.not_applicable_reason("eval/class_acc") is None             # it has a number
+    assert labelled.not_applicable_reason("eval/sr_class_acc") is None          # merely not measured
+    row = compare.row_quality("digits", [plain, labelled])
+    assert row.cells["digits-unet"].endswith("; class accuracy n/a")
+    assert row.notes == {"digits-unet": UNLABELLED}
+    assert "class accuracy 0.8 (real 0.97)" in row.cells["digits-gpt"]
+    assert row.verdict == MIXED                                                 # FD still judged for both
+
+    told = result("digits-gpt", {**GPT_IMAGES, "eval/class_acc": float("nan")})
+    told.not_applicable = {"class_acc": "not applicable (one class: nothing to tell apart)"}
+    assert compare.row_quality("digits", [told]).notes == {"digits-gpt": told.not_applicable["class_acc"]}
+
+
+def test_not_applicable_renders_na_with_its_reason_in_both_formats():
+    models = [result("digits-unet", UNLABELLED_UNET), result("digits-gpt", UNLABELLED_GPT)]
+    report = compare.make_report(compare.Pipeline({"digits": "r"}, "f", "now", models), MACHINE, plots=False)
+    md, page = compare.render_markdown(report), compare.render_html(report)
+    assert md.count("class accuracy n/a (unlabelled: no classes)") == 2
+    abbr = '<abbr class="na" title="not applicable (unlabelled: no classes)">n/a</abbr>'
+    assert page.count(f"class accuracy {abbr}") == 2
+    assert "FD 0.7 (real data 0.66, KDE 0.93, Gaussian 0.78); class accuracy " + abbr in page
+    assert "abbr.na" in page and md.count("\n| ") == page.count("<tr>")
+    report.rows[0].cells["digits-unet"] = "<i>x</i> n/a"                       # the text around is still escaped
+    assert f"<td>&lt;i&gt;x&lt;/i&gt; {abbr}</td>" in compare.render_html(report)
+
+
+def test_inpainting_without_classes_shows_na_and_still_judges_the_masks():
+    masks = {k: v for k, v in inpainting(ALL_MASKS, 0.9, 0.8, 12.0).items() if not k.endswith("class_acc")}
+    unet = result("digits-unet", {**UNLABELLED_UNET, **masks})
+    gpt = result("digits-gpt", {**UNLABELLED_GPT, **{k: v for k, v in inpainting(("bottom",), 0.7, 0.8, 3.0).items()
+                                                      if not k.endswith("class_acc")}})
+    row = compare.row_editing("digits", [unet, gpt])
+    assert "measured on 4 mask(s): class accuracy bottom half n/a, left half n/a" in row.cells["digits-unet"]
+    assert "MSE on the hole bottom half 0.05 (NN 0.07)" in row.cells["digits-unet"]
+    assert row.notes["digits-unet"] == row.notes["digits-gpt"] == "not applicable (unlabelled: no classes)"
+    assert row.verdict == AGREES and "digits-unet inpaints 4 of 4 masks" in row.evidence
+
+
+def test_not_applicable_is_read_from_the_run_tag_and_the_dataset_params(params, tmp_path, client, fast_machine):
+    import mlflow
+
+    from components.compare.collect import not_applicable
+
+    with tracking.pipeline_run(params, tmp_path, flow_run_id=uuid.uuid4().hex, models=["digits-unet"]) as parent:
+        with tracking.model_run("digits-unet", params, tmp_path, parent_run_id=parent.info.run_id):
+            tracking.log_metrics({**UNET, "eval/class_acc": float("nan")})
+            mlflow.set_tag(compare.NOT_APPLICABLE_TAG, json.dumps({"eval/class_acc": "not applicable (no labels)"}))
+    pipeline = compare.collect(client, params.tracking.experiment_prefix)
+    (m,) = pipeline.models
+    assert m.not_applicable == {"eval/class_acc": "not applicable (no labels)"}
+    assert m.not_applicable_reason("eval/class_acc") == "not applicable (no labels)"
+    run = types.SimpleNamespace(data=types.SimpleNamespace(tags={}, params={"dataset.labelled": "False"}))
+    assert not_applicable(run) == {"class_acc": "not applicable (unlabelled: no classes)"}
+    build(params, tmp_path)
+    md = (tmp_path / "reports" / "compare" / "report.md").read_text()
+    assert "class accuracy n/a (no labels)" in md
