@@ -16,7 +16,7 @@ was done) as their mean over the masks:
 
 - ``inpaint_class_acc``: share of completions the reference classifier of
   components/evaluation/images.py assigns to the image's true label (the model is never told it);
-  not measured for an unlabelled dataset (manifest "labelled": false): NOT_APPLICABLE;
+  not measured for an unlabelled (or one-class) dataset: images.py's not_applicable says why;
 - ``inpaint_mse``: mean squared error on the regenerated pixels (intensities in [0, 1], every channel);
 - ``inpaint_consistency``: mean squared difference between 4-neighbour pixels on either side of
   the mask border; the true images have their own value (``baseline/real_inpaint_*``): a fill
@@ -35,20 +35,17 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from components.evaluation.images import ImageMetricsError, balanced_pick, load_reference
+from components.evaluation.images import ImageMetricsError, balanced_pick, load_reference, not_applicable
 
 MASKS = ("bottom", "left", "centre", "random")
 INPAINT_METRICS = ("class_acc", "mse", "consistency")
 
 Complete = Callable[[np.ndarray, np.ndarray], np.ndarray]   # (levels (N,H,W[,C]), keep (N,H,W)) -> (N,H,W[,C])
-NOT_APPLICABLE = "not applicable (unlabelled)"   # what a summary shows for a label-needing metric of unlabelled data
 
 
-def dataset_labelled(dataset: str, root: Path) -> bool:
-    """Whether the prepared dataset has labels a classifier can be scored on (manifest "labelled"; absent: True)."""
-    from components.data import load_manifest
-
-    return bool(load_manifest(dataset, Path(root)).get("labelled", True))
+def class_metrics_reason(dataset: str, root: Path) -> Optional[str]:
+    """Why the dataset has no class accuracy (images.py's not_applicable: unlabelled, one class), or None."""
+    return not_applicable(dataset, Path(root)).get("class_acc")
 
 
 def pixel_mask(keep: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -180,8 +177,8 @@ def inpaint_evaluation(complete: Complete, dataset: str, root: Path, n: int, mas
     The mean names (eval/inpaint_class_acc, ...) are written only when `masks` holds every mask,
     so that one chart in the MLflow UI compares like with like; perf/inpaint_ms_per_item is the
     completion time per image over the masks done, perf/inpaint_seconds the whole evaluation's.
-    Colour datasets: images (N, H, W, C), the masks per pixel. An unlabelled dataset (manifest
-    "labelled": false) gets no *_class_acc (NOT_APPLICABLE).
+    Colour datasets: images (N, H, W, C), the masks per pixel. An unlabelled (or one-class) dataset
+    gets no *_class_acc (components.evaluation.images.not_applicable says why).
     """
     from threadpoolctl import threadpool_limits
 
@@ -193,7 +190,7 @@ def inpaint_evaluation(complete: Complete, dataset: str, root: Path, n: int, mas
     shape = tuple(ref.image_shape)                     # (H, W) grey, (H, W, C) colour
     h, w = shape[:2]
     truth = ref.test_x[pick].reshape(-1, *shape)
-    labels = ref.test_y[pick] if dataset_labelled(dataset, root) else None
+    labels = ref.test_y[pick] if ref.labelled else None      # unlabelled: no classifier to score with
     levels = np.rint(truth * (ref.levels - 1)).astype(np.uint8)
     train = ref.train_x.reshape(-1, *shape)
     out: dict[str, float] = {}

@@ -11,7 +11,7 @@ back to full size and is scored against the originals:
   number for the set, finite unless every image is reproduced exactly);
 - class_acc: the share of upscaled images the reference classifier of components/evaluation/images.py
   assigns to the original's true label (does the upscaling keep the digit?); not measured for an
-  unlabelled dataset (manifest "labelled": false), whose table says "not applicable (unlabelled)";
+  unlabelled (or one-class) dataset, whose table says why (images.py's not_applicable);
 - fd: the Frechet distance of their reference features to the train split's (images.py's eval/fd).
 Baselines: bicubic and nearest-neighbour interpolation of the same low-res images (PIL, per channel), rounded
 to the grey levels like the model's output. The model's upscalings are also scored like every
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components.evaluation.editing import NOT_APPLICABLE, dataset_labelled
-from components.evaluation.images import ImageMetricsError, image_metrics
+from components.evaluation.editing import class_metrics_reason
+from components.evaluation.images import UNLABELLED, ImageMetricsError, image_metrics
 
 BASELINES = ("bicubic", "nearest")
 
@@ -74,8 +74,8 @@ def superres_metrics(upscaled: np.ndarray, lowres: np.ndarray, originals: np.nda
                      dataset: str, root: Path, factor: int, levels: int) -> dict[str, float]:
     """eval/sr_{psnr,class_acc,fd} and images.py's eval/ metrics of the model's upscalings;
     baseline/{bicubic,nearest}_{psnr,class_acc,fd} of the interpolations of the same low-res images
-    (no class_acc when the manifest says "labelled": false)."""
-    labels = labels if dataset_labelled(dataset, root) else None
+    (no class_acc for an unlabelled or one-class dataset)."""
+    labels = None if class_metrics_reason(dataset, root) else labels
     sr, quality = scores(upscaled, originals, labels, dataset, root)
     out = {**{f"eval/sr_{k}": v for k, v in sr.items()}, **quality}
     for method in BASELINES:
@@ -84,11 +84,11 @@ def superres_metrics(upscaled: np.ndarray, lowres: np.ndarray, originals: np.nda
     return out
 
 
-def superres_table(metrics: dict[str, float]) -> str:
-    """Markdown: the model's row and each baseline's, psnr / class_acc / fd (class acc "not applicable
-    (unlabelled)" when the metrics have none)."""
+def superres_table(metrics: dict[str, float], not_applicable: str = UNLABELLED) -> str:
+    """Markdown: the model's row and each baseline's, psnr / class_acc / fd (class acc: the reason
+    `not_applicable` when the metrics have none)."""
     def acc(name: str) -> str:
-        return f"{metrics[name]:.3f}" if name in metrics else NOT_APPLICABLE
+        return f"{metrics[name]:.3f}" if name in metrics else not_applicable
 
     lines = ["| method | PSNR (dB) | class acc | FD |", "|---|---:|---:|---:|"]
     rows = [("diffusion (this model)", "eval/sr_")] + [(m, f"baseline/{m}_") for m in BASELINES]

@@ -232,9 +232,9 @@ def evaluation_prompts(key: str, config: dict[str, Any], root: Path, n: int,
     """(the test split's caption records, n evaluation prompts, the digit each prompt asks for);
     `error` in one line when the dataset has no digit classes (a user's captions)."""
     from components.data import load_captions
-    from components.evaluation.editing import dataset_labelled
+    from components.evaluation.images import not_applicable
 
-    if not config.get("classes") or not dataset_labelled(config["dataset"], root):
+    if not config.get("classes") or not_applicable(config["dataset"], root):
         raise error(f"models.{key}.dataset: {config['dataset']} has no digit classes (a user's captions); prompt "
                     "accuracy needs labelled captions such as builtin:digits-captions")
     records = load_captions(config["dataset"], "test", root)

@@ -268,10 +268,10 @@ def class_rows(samples: np.ndarray, labels: np.ndarray, num_classes: int, per_ro
     return np.concatenate(rows)
 
 
-def sampling_table(rows: list[dict[str, Any]], baselines: dict[str, float], labelled: bool = True) -> str:
-    """Markdown speed/quality table of the sampler sweep, with the real-data floor and baselines; for an
-    unlabelled dataset a line saying class accuracy is not applicable."""
-    from components.evaluation.editing import NOT_APPLICABLE
+def sampling_table(rows: list[dict[str, Any]], baselines: dict[str, float],
+                   not_applicable: Optional[dict[str, str]] = None) -> str:
+    """Markdown speed/quality table of the sampler sweep, with the real-data floor and baselines; a line
+    per metric the data cannot have (images.py's not_applicable: class_acc of unlabelled data) saying why."""
     from components.evaluation.images import METRICS
 
     cols = [c for c in METRICS if all(c in r for r in rows)]
@@ -284,8 +284,8 @@ def sampling_table(rows: list[dict[str, Any]], baselines: dict[str, float], labe
         if f"baseline/{b}_fd" in baselines:
             lines.append(f"| {b} (baseline) | | | "
                          + " | ".join(f"{baselines.get(f'baseline/{b}_{c}', float('nan')):.4f}" for c in cols) + " |")
-    if not labelled:
-        lines += ["", f"class_acc: {NOT_APPLICABLE}"]
+    if not_applicable:
+        lines += [""] + [f"{k}: {why}" for k, why in not_applicable.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -299,13 +299,14 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     root = Path(root)
     mc = params.model(key)
     net, config = load_model(key, root)
-    from components.evaluation.editing import dataset_labelled
+    from components.evaluation.images import not_applicable
     from components.training import set_threads
 
     set_threads(mc.train.threads)
     n, s = mc.eval.num_samples, mc.sample
     labels = cycling_labels(n, config["num_classes"])
-    scored = labels if dataset_labelled(config["dataset"], root) else None   # unlabelled: no class accuracy
+    missing = not_applicable(config["dataset"], root)                # unlabelled: {"class_acc": why}
+    scored = None if "class_acc" in missing else labels
     sweep = [(name, *parse_sampler(name, config)) for name in mc.eval.sampler_sweep]  # refuse bad names first
     make_diffusion(config).check_request(torch.as_tensor(labels), s.steps, s.guidance, s.sampler, s.eta)
 
@@ -357,7 +358,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
                                         "headline": {"sampler": s.sampler, "steps": s.steps},
                                         "samplers": rows,
                                         "baselines": baselines})
-    table = sampling_table(rows, baselines, labelled=scored is not None)
+    table = sampling_table(rows, baselines, missing)
     title = f"# {key}: sampling speed and quality ({n} images, guidance {s.guidance})"
     write_text(out / "sampling.md", f"{title}\n\n{table}")
     write_json(out / "metrics.json", metrics)

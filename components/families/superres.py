@@ -238,6 +238,9 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     save_grid(grid, out / "samples.png", nrow=k)
     title = (f"# {key}: {factor}x super-resolution of {len(pick)} test images "
              f"({s.sampler}-{s.steps}; samples.png rows: low-res, bicubic, {key}, original)")
-    write_text(out / "superres.md", f"{title}\n\n{superres_table(metrics)}")
+    from components.evaluation.editing import class_metrics_reason
+
+    reason = class_metrics_reason(config["dataset"], root)
+    write_text(out / "superres.md", f"{title}\n\n{superres_table(metrics, *([reason] if reason else []))}")
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -7,6 +7,7 @@ from colour_data import LEVELS, SIZE, make_colour_dataset
 from components import data
 from components.evaluation import editing
 from components.evaluation import superres as sr
+from components.evaluation.images import UNLABELLED
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def test_inpainting_evaluation_of_a_colour_dataset(root):
 
 
 def test_class_accuracy_is_not_applicable_on_an_unlabelled_dataset(root, monkeypatch):
-    assert editing.dataset_labelled("colours", root) and not editing.dataset_labelled("blobs", root)
+    assert editing.class_metrics_reason("colours", root) is None
+    assert editing.class_metrics_reason("blobs", root) == UNLABELLED
     m = editing.inpaint_evaluation(lambda lv, keep: lv / np.float32(LEVELS - 1), "blobs", root, n=5)
     assert not [k for k in m if "class_acc" in k]
     assert m["eval/inpaint_mse"] < 1e-12 and "baseline/mean_inpaint_consistency" in m
@@ -68,9 +70,9 @@ def test_class_accuracy_is_not_applicable_on_an_unlabelled_dataset(root, monkeyp
     assert asked == [None, None, None]
     assert metrics["eval/sr_psnr"] == float("inf") and "eval/sr_class_acc" not in metrics
     table = sr.superres_table(metrics)
-    assert table.count(editing.NOT_APPLICABLE) == 3 and "nan" not in table
+    assert table.count(UNLABELLED) == 3 and "nan" not in table
     labelled = sr.superres_metrics(originals, low, originals, y[:4], "colours", root, 2, LEVELS)
-    assert labelled["eval/sr_class_acc"] == 0.5 and editing.NOT_APPLICABLE not in sr.superres_table(labelled)
+    assert labelled["eval/sr_class_acc"] == 0.5 and UNLABELLED not in sr.superres_table(labelled)
 
 
 def test_psnr_counts_every_channel():

@@ -349,7 +349,7 @@ def test_served_images_are_rgb_pngs_for_colour_and_grey_for_grey():
 # ---------------------------------------------------------------------------
 
 def test_an_unlabelled_dataset_is_evaluated_without_class_accuracy(tmp_path):
-    from components.evaluation.editing import NOT_APPLICABLE
+    from components.evaluation.images import UNLABELLED
 
     root = make_colour_dataset(tmp_path, "blobs", labelled=False, channels=1)
     p = Params(datasets={"blobs": DatasetConfig(source="imagefolder:blobs", image_size=SIZE, levels=LEVELS)},
@@ -360,4 +360,4 @@ def test_an_unlabelled_dataset_is_evaluated_without_class_accuracy(tmp_path):
     assert np.isfinite(metrics["eval/fd"]) and np.isfinite(metrics["eval/inpaint_mse"])
     assert not [k for k in metrics if "class_acc" in k and k.startswith("eval/")]
     table = (root / "reports" / "u-unet" / "sampling.md").read_text()
-    assert f"class_acc: {NOT_APPLICABLE}" in table
+    assert f"class_acc: {UNLABELLED}" in table
