@@ -5,9 +5,9 @@
     root = make_colour_dataset(tmp_path, "colour-captions", captions=True)   # + captions ({split}.jsonl)
 
 Each class is a distinct colour and shape on a dark background (red square, green disc, blue bar),
-jittered in position and brightness per image, so a classifier has signal. The files are those the
-data layer's `prepare` writes for an image dataset (data/prepared/<name>/{train,val,test}.npz with x
-uint8 (N, H, W, C) in 0..levels-1 and y, plus manifest.json with "channels": 3).
+jittered in position and brightness per image, so a classifier has signal. They are written as
+PNGs and ingested and prepared by the data layer (components/data.py), which gives x uint8
+(N, 16, 16, 3) in 0..15 and a manifest with "channels": 3 ("labelled": false without class folders).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import numpy as np
 SIZE, LEVELS = 16, 16
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 1.0, 0.2), "blue": (0.15, 0.2, 1.0)}
 CAPTION_WORDS = {"red": "a red square", "green": "a green disc", "blue": "a blue bar"}
-SPLIT_SHARES = (("train", 0.6), ("val", 0.2), ("test", 0.2))
 
 
 def colour_images(per_class: int = 40, size: int = SIZE, levels: int = LEVELS, classes=tuple(COLOURS),
@@ -48,38 +47,31 @@ def colour_images(per_class: int = 40, size: int = SIZE, levels: int = LEVELS, c
 
 def make_colour_dataset(root: Path, name: str = "colours", *, per_class: int = 40, labelled: bool = True,
                         captions: bool = False, channels: int = 3, seed: int = 0) -> Path:
-    """Write data/prepared/<name>/ under root (see the module doc); returns root. channels=1: the same
-    images in grey (N, H, W), the channels' mean."""
+    """PNGs (RGB, or grey for channels=1: the channels' mean) in root/tmp/<name>/<class>/ (straight in
+    root/tmp/<name>/ when not labelled; a metadata.jsonl beside them for captions), ingested and
+    prepared by the data layer as imagefolder:<folder> with image_size 16, levels 16; returns root."""
+    from PIL import Image
+
+    from components import data
+    from components.config import DatasetConfig
+
     root = Path(root)
     classes = tuple(COLOURS) if labelled else ("red",)
     x, y = colour_images(per_class, classes=classes, seed=seed)
     if channels == 1:
         x = np.rint(x.mean(axis=-1)).astype(np.uint8)
-    order = np.random.default_rng(seed + 1).permutation(len(y))
-    x, y = x[order], y[order]
-    out = root / "data" / "prepared" / name
-    out.mkdir(parents=True, exist_ok=True)
-    at, counts = 0, {}
-    texts_all = []
-    for split, share in SPLIT_SHARES:
-        n = int(round(len(y) * share)) if split != "test" else len(y) - at
-        xs, ys = x[at:at + n], y[at:at + n]
-        np.savez(out / f"{split}.npz", x=xs, y=ys)
-        counts[split] = int(n)
-        if captions:
-            lines = []
-            for i, label in enumerate(ys):
-                word = CAPTION_WORDS[classes[label]]
-                texts = [word, f"{word}, bright", f"{word} on black"]
-                texts_all += texts
-                lines.append(json.dumps({"file": f"{split}-{i}.png", "label": int(label), "texts": texts}))
-            (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        at += n
-    manifest = {"name": name, "kind": "captions" if captions else "image", "counts": counts,
-                "image_size": SIZE, "levels": LEVELS, "channels": channels, "classes": list(classes),
-                "labelled": labelled, "files": {f"{s}.npz": f"{name}-{s}-{seed}" for s, _ in SPLIT_SHARES}}
+    folder = root / "tmp" / name
+    meta = []
+    for i, (img, label) in enumerate(zip(x, y)):
+        rel = f"{classes[label]}/img_{i}.png" if labelled else f"img_{i}.png"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.rint(img * (255 / (LEVELS - 1))).astype(np.uint8)).save(folder / rel)
+        word = CAPTION_WORDS[classes[label]]
+        meta += [{"file_name": rel, "text": t} for t in (word, f"{word}, bright", f"{word} on black")]
     if captions:
-        manifest.update(vocab="".join(sorted(set("".join(texts_all)))),
-                        max_caption_chars=max(len(t) for t in texts_all), caption_thresholds=None)
-    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta), encoding="utf-8")
+    cfg = DatasetConfig(source=f"imagefolder:{folder}", kind="captions" if captions else "image", image_size=SIZE,
+                        levels=LEVELS, channels=channels)
+    data.ingest(name, cfg, root)
+    data.prepare(name, cfg, root)
     return root
