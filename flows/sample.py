@@ -176,7 +176,7 @@ def _upscale(args: Any, engine: Engine, count: Optional[int]) -> np.ndarray:
 
 def _complete_prefix(args: Any, engine: CausalLMEngine, count: Optional[int]) -> np.ndarray:
     """A pixel GPT's --inpaint: only a mask that regenerates every pixel after the first P in raster
-    order (the image's bottom) can be honoured; grey levels (N, 1, H, W)."""
+    order (the image's bottom) can be honoured (a pixel's every channel); levels (N, C, H, W)."""
     from components.sampling.inpaint import read_inpaint_inputs
 
     for attr, flag in (("jump", "--jump"), ("resample", "--resample"), ("steps", "--steps"),
@@ -184,9 +184,10 @@ def _complete_prefix(args: Any, engine: CausalLMEngine, count: Optional[int]) ->
         if _arg(args, attr) is not None:
             raise ConfigError(f"{flag}: {engine.name} is an autoregressive model and has no such setting; drop it")
     size, n_levels = int(engine.config["image_size"]), int(engine.config["levels"])
-    levels, keep = read_inpaint_inputs(Path(args.inpaint), Path(args.mask), (1, size, size), n_levels,
+    channels = int(engine.config.get("channels", 1))
+    levels, keep = read_inpaint_inputs(Path(args.inpaint), Path(args.mask), (channels, size, size), n_levels,
                                        resize=bool(_arg(args, "resize")))
-    flat = keep.reshape(-1)
+    flat = keep[0].reshape(-1)                                       # per pixel: every channel alike
     first = int(np.argmin(flat))                                     # the first regenerated pixel
     if flat[first:].any():
         raise ConfigError(f"--inpaint: {engine.name} is an autoregressive model: it writes the pixels in raster "
@@ -198,7 +199,8 @@ def _complete_prefix(args: Any, engine: CausalLMEngine, count: Optional[int]) ->
         raise ConfigError(f"--label: {engine.name} writes a digit of a given class; give --label")
     return engine.sample_digits(np.full(count or 4, label, dtype=np.int64), temperature=_arg(args, "temperature"),
                                 top_k=_arg(args, "top_k"), seed=int(_arg(args, "seed") or 0),
-                                prefix=levels.reshape(-1)[:first])
+                                prefix=levels.reshape(-1)[:first] if channels == 1 else
+                                levels.transpose(1, 2, 0).reshape(-1, channels)[:first])   # (P, C): whole pixels
 
 
 def sample_cli(args: Any, root: Path) -> Path:

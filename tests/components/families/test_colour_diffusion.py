@@ -361,3 +361,29 @@ def test_an_unlabelled_dataset_is_evaluated_without_class_accuracy(tmp_path):
     assert not [k for k in metrics if "class_acc" in k and k.startswith("eval/")]
     table = (root / "reports" / "u-unet" / "sampling.md").read_text()
     assert f"class_acc: {UNLABELLED}" in table
+
+
+def test_genflow_sample_inpaint_completes_a_colour_pixel_gpts_bottom_rows(tmp_path):
+    from components.config import GPTConfig
+    from components.models.gpt import GPT
+    from flows.sample import sample_cli
+
+    size, levels, classes = 4, 4, 2
+    config = {"backbone": "gpt", "family": "transformer", "kind": "image", "levels": levels,
+              "num_classes": classes, "image_size": size, "channels": 3}
+    net = randomise(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=size * size * 3), levels + classes))
+    assert export_model("rgb-gpt", net, config, ExportConfig(), tmp_path, exporter="torchscript")["passed"]
+    image = np.random.default_rng(0).integers(0, levels, (size, size, 3)).astype(np.uint8)
+    Image.fromarray((image * 85).astype(np.uint8), "RGB").save(tmp_path / "i.png")       # 85 = 255 / (levels - 1)
+    mask = np.zeros((size, size), np.uint8)
+    mask[2:] = 255                                                                      # regenerate the bottom half
+    Image.fromarray(mask, "L").save(tmp_path / "m.png")
+    args = Namespace(model="rgb-gpt", count=3, out=None, label=1, steps=None, guidance=None, prompt=None,
+                     length=None, temperature=None, top_k=None, seed=0, exports=str(tmp_path / "exports"),
+                     inpaint=str(tmp_path / "i.png"), mask=str(tmp_path / "m.png"), jump=None, resample=None,
+                     resize=False, upscale=None)
+    out = sample_cli(args, tmp_path)
+    for i in (1, 2, 3):
+        with Image.open(out.with_name(f"{out.stem}-{i}.png")) as im:
+            assert im.mode == "RGB" and im.size == (size, size)
+            np.testing.assert_array_equal(np.asarray(im)[:2], image[:2] * 85)          # every channel of the top
