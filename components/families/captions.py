@@ -316,7 +316,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     """Sample one image per test prompt at every guidance scale of eval.guidance_sweep (and the
     headline sample.guidance); score FD, prompt accuracy and attribute error, with the baselines:
     real test images with their own captions, and the same model prompted with the digit word alone."""
-    from components.evaluation.images import save_grid
+    from components.evaluation.images import not_applicable, save_grid
     from components.families.diffusion import class_rows
     from components.training import set_threads
 
@@ -324,6 +324,9 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     mc = params.model(key)
     net, config = load_model(key, root)
     set_threads(mc.train.threads)
+    missing = not_applicable(config["dataset"], root)
+    if missing and config.get("classes"):   # unlabelled captions (one class): the images alone are scored
+        return evaluate_unlabelled(key, mc, net, config, root, missing)
     records, prompts, digits = evaluation_prompts(key, config, root, mc.eval.num_samples, CaptionsFamilyError)
     s = mc.sample
     scales = sorted(set(mc.eval.guidance_sweep or []) | {float(s.guidance)})
@@ -363,6 +366,59 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     return metrics
 
 
+PROMPT_METRICS = ("prompt_acc", "attribute_error")   # what needs the digit classes of builtin:digits-captions
+
+
+def evaluate_unlabelled(key: str, mc: ModelConfig, net, config: dict[str, Any], root: Path,
+                        missing: dict[str, str]) -> dict[str, float]:
+    """evaluate for captions without classes (manifest "labelled": false, one class): one image per test
+    caption (its first) at every guidance scale, scored by images.py without labels (eval/fd, eval/kid,
+    ...) beside its baselines; prompt accuracy and attribute error need digit classes, so guidance.md
+    says why they are not applicable instead of a number."""
+    from components.data import load_captions
+    from components.evaluation.images import METRICS, image_baselines, image_metrics, save_grid
+
+    s = mc.sample
+    prompts = eval_prompts(load_captions(config["dataset"], "test", root), mc.eval.num_samples)
+    scales = sorted(set(mc.eval.guidance_sweep or []) | {float(s.guidance)})
+    rows, headline = [], None
+    for w in scales:
+        t0 = time.perf_counter()
+        x = sample_prompts(net, config, prompts, sampler=s.sampler, steps=s.steps, eta=s.eta, guidance=w,
+                           seed=mc.train.seed)
+        ms = (time.perf_counter() - t0) * 1000 / max(len(prompts), 1)
+        m = image_metrics(x, None, config["dataset"], root)
+        rows.append({"guidance": w, "ms_per_item": ms, **{k.split("/", 1)[1]: v for k, v in m.items()}})
+        if w == float(s.guidance):
+            headline = (x, ms, m)
+    samples, ms, quality = headline
+    baselines = image_baselines(config["dataset"], root, n=len(prompts), seed=0)
+    metrics: dict[str, float] = {**quality, "perf/sample_ms_per_item": ms, **baselines}
+    cols = [c for c in METRICS if all(c in r for r in rows)]
+    lines = ["| guidance | ms/image | " + " | ".join(cols) + " |", "|---:|---:|" + "---:|" * len(cols)]
+    for r in rows:
+        tag = f"g{r['guidance']:g}".replace(".", "_")
+        metrics[f"perf/sample_ms_per_item_{tag}"] = r["ms_per_item"]
+        metrics.update({f"eval/{c}_{tag}": r[c] for c in cols})
+        values = " | ".join(f"{r[c]:.4f}" for c in cols)
+        lines.append(f"| {r['guidance']:g} | {r['ms_per_item']:.2f} | {values} |")
+    real = " | ".join(f"{baselines.get(f'baseline/real_{c}', float('nan')):.4f}" for c in cols)
+    lines.append(f"| real test images | | {real} |")
+    why = missing.get("class_acc", "not applicable (no classes)")
+    lines += [""] + [f"{k}: {why}" for k in PROMPT_METRICS]
+
+    out = Layout(root).report_dir(key)
+    save_grid(samples[:40], out / "samples.png", nrow=min(10, max(len(samples), 1)))
+    write_json(out / "guidance.json", {"num_samples": len(prompts), "sampler": s.sampler, "steps": s.steps,
+                                       "eta": s.eta, "headline_guidance": s.guidance, "rows": rows,
+                                       "baselines": baselines, "prompts": prompts[:20],
+                                       "not_applicable": {k: why for k in PROMPT_METRICS}})
+    title = f"# {key}: images against guidance ({len(prompts)} test prompts, {s.sampler} {s.steps} steps)"
+    write_text(out / "guidance.md", f"{title}\n\n" + "\n".join(lines) + "\n")
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
 __all__ = ["check", "model_config", "training_data", "build_network", "loss_fn", "flops_per_item", "probe_step",
            "evaluate", "load_model", "train", "sample_prompts", "attribute_error", "prompt_scores", "prompt_baselines",
-           "eval_prompts", "evaluation_prompts", "label_only_prompt", "caption_table"]
+           "eval_prompts", "evaluation_prompts", "label_only_prompt", "caption_table", "evaluate_unlabelled"]

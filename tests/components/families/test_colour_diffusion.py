@@ -387,3 +387,26 @@ def test_genflow_sample_inpaint_completes_a_colour_pixel_gpts_bottom_rows(tmp_pa
         with Image.open(out.with_name(f"{out.stem}-{i}.png")) as im:
             assert im.mode == "RGB" and im.size == (size, size)
             np.testing.assert_array_equal(np.asarray(im)[:2], image[:2] * 85)          # every channel of the top
+
+
+def test_unlabelled_colour_captions_are_evaluated_on_the_images_alone(tmp_path):
+    from components.evaluation.images import UNLABELLED
+
+    root = make_colour_dataset(tmp_path, "colour-captions", captions=True)
+    path = root / "data" / "prepared" / "colour-captions" / "manifest.json"
+    manifest = json.loads(path.read_text())           # the contract's unlabelled form: one class, labelled false
+    path.write_text(json.dumps({**manifest, "classes": ["colour-captions"], "labelled": False}))
+    p = params()
+    p.models["c-text"] = model("unet-text", dataset="colour-captions",
+                               textenc=TextEncoderConfig(n_layer=1, n_head=2, n_embd=16, context=32),
+                               cross_attention=CrossAttentionConfig(from_level=1, heads=2),
+                               eval=EvalConfig(num_samples=12, guidance_sweep=[1.0]))
+    fam_text.train("c-text", p, root)
+    metrics = fam_text.evaluate("c-text", p, root)
+    assert np.isfinite(metrics["eval/fd"]) and np.isfinite(metrics["eval/fd_g1"]) and "baseline/real_fd" in metrics
+    assert not [k for k in metrics if "class_acc" in k or "prompt_acc" in k or "attribute_error" in k]
+    report = root / "reports" / "c-text"
+    table = (report / "guidance.md").read_text()
+    assert f"prompt_acc: {UNLABELLED}" in table and f"attribute_error: {UNLABELLED}" in table
+    with Image.open(report / "samples.png") as im:
+        assert im.mode == "RGB"
