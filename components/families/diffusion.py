@@ -64,8 +64,11 @@ def model_config(key: str, mc: ModelConfig, manifest: dict, root: Optional[Path]
 
 
 def manifest_channels(key: str, mc: ModelConfig, manifest: dict, error: type[Exception]) -> int:
-    """The dataset's channel count (manifest "channels": 1 grey, 3 colour; absent: 1); `error` otherwise."""
-    channels = manifest.get("channels", 1)
+    """The dataset's channel count (components.data.manifest_channels: 1 grey, 3 colour; absent: 1);
+    `error` in one line for any other."""
+    from components.data import manifest_channels as channels_of
+
+    channels = channels_of(manifest)
     if channels not in (1, 3):
         raise error(f"models.{key}.dataset: {mc.dataset}'s manifest says channels={channels!r}; image models take "
                     "1 (grey) or 3 (colour) channels; prepare the dataset again")
