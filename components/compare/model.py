@@ -109,9 +109,9 @@ class ModelResult:
 
     @property
     def tokens_per_item(self) -> int:
-        """Tokens per generated item for a GPT (pixels of an image; 1 for a character)."""
+        """Tokens per generated item for a GPT (channel values of an image: H * W * C; 1 for a character)."""
         if self.is_image:
-            return int(self.param("dataset.image_size", 8)) ** 2
+            return int(self.param("dataset.image_size", 8)) ** 2 * self.param("dataset.channels", 1, cast=int)
         return 1
 
     def get(self, name: str) -> Optional[float]:

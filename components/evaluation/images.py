@@ -137,11 +137,6 @@ def median_nn_distance(x: np.ndarray, ref: np.ndarray, chunk: int = 1024) -> flo
 # Reference network and the per-dataset reference set
 # ---------------------------------------------------------------------------
 
-def _image_channels(x: np.ndarray) -> int:
-    """1 for grey (N, H, W), C for channels-last colour (N, H, W, C) (components.data.image_channels)."""
-    return 1 if x.ndim == 3 else int(x.shape[-1])
-
-
 def pool_factor(image_shape: tuple[int, ...]) -> int:
     """The average-pooling factor that brings an (H, W[, C]) image to at most REFERENCE_POOL_TO per side."""
     return max(1, math.ceil(max(image_shape[:2]) / REFERENCE_POOL_TO))
@@ -349,7 +344,7 @@ _REFERENCES: dict[tuple[str, str], Reference] = {}
 
 def load_reference(dataset: str, root: Path) -> Reference:
     """The reference set of a prepared image dataset (reference net trained once, then cached)."""
-    from components.data import load_images, load_manifest
+    from components.data import image_channels, load_images, load_manifest
 
     root = Path(root)
     manifest = load_manifest(dataset, root)
@@ -367,7 +362,7 @@ def load_reference(dataset: str, root: Path) -> Reference:
     if "image_size" in manifest and shape != recipe.image_shape:
         raise ImageMetricsError(f"data/prepared/{dataset}/train.npz: images of shape {shape}, the manifest says "
                                 f"{recipe.image_shape}; run `genflow stage prepare {dataset}` again")
-    recipe = Recipe(shape, _image_channels(x_tr), recipe.labelled, recipe.reason)
+    recipe = Recipe(shape, image_channels(x_tr), recipe.labelled, recipe.reason)
     if recipe.plain:
         ref = _plain_reference(dataset, root, manifest, h, levels, x_tr, y_tr)
     else:

@@ -150,13 +150,28 @@ def model_run(key: str, params: Params, root: Path, parent_run_id: Optional[str]
     nested = active is not None and active.info.run_id == parent_id
     with mlflow.start_run(experiment_id=exp_id, run_name=key, parent_run_id=parent_id,
                           nested=nested, tags=tags) as run:
-        mlflow.log_params(model_params(params, key))
+        mlflow.log_params({**model_params(params, key), **prepared_image_params(m.dataset, root)})
         mlflow.log_text(yaml.safe_dump(run_params(params, key), sort_keys=False), PARAMS_ARTIFACT)
         from components.tracking.datasets import log_data_inputs
 
         log_data_inputs(m.dataset, hash_tags.get(base), root, params.storage.dvc_remote,
                         hash_tags.get(f"{base}.raw", ""))
         yield run
+
+
+def prepared_image_params(dataset: str, root: Path) -> dict[str, str]:
+    """What prepare found of an image dataset, where params leave it open: dataset.channels (1 or 3, the
+    files' own when params say none) and dataset.labelled (false for a folder without classes)."""
+    from components.data import load_manifest, manifest_channels, manifest_labelled
+
+    try:
+        manifest = load_manifest(dataset, root)
+    except Exception:   # not prepared here (a run logged from elsewhere): params say what they say
+        return {}
+    if "image_size" not in manifest:
+        return {}
+    return {"dataset.channels": str(manifest_channels(manifest)),
+            "dataset.labelled": str(manifest_labelled(manifest)).lower()}
 
 
 def run_params(params: Params, key: str) -> dict:
