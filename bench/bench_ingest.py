@@ -65,6 +65,8 @@ def child(code: Path, src: Path, root: Path, size: int, heap: bool) -> None:
     import tracemalloc
 
     sys.path.insert(0, str(code))
+    import dataclasses
+
     import great_expectations  # noqa: F401  (imported before the baseline: both variants import it)
     import numpy  # noqa: F401
     import pandas  # noqa: F401
@@ -72,8 +74,6 @@ def child(code: Path, src: Path, root: Path, size: int, heap: bool) -> None:
 
     from components import data, validation
     from components.config import DatasetConfig, ImageValidationConfig
-
-    import dataclasses
 
     colour = {"channels": 3} if "channels" in {f.name for f in dataclasses.fields(DatasetConfig)} else {}
     cfg = DatasetConfig(source=f"imagefolder:{src}", kind="image", image_size=size, levels=17,

@@ -1028,6 +1028,7 @@ def _prepare_captions(name: str, cfg: DatasetConfig, root, out: Path) -> dict:
             "captions": {s: len(split_texts[s]) for s in SPLITS},
             "image_size": cfg.image_size, "levels": cfg.levels, "classes": raw.images.classes,
             **({"channels": raw.images.channels} if raw.images.channels != 1 else {}),
+            **({} if labelled else {"labelled": False}),   # a user's captions: no classes
             "vocab": vocab, "max_caption_chars": max(len(t) for ts in split_texts.values() for t in ts),
             "unseen_chars": {s: "".join(sorted(set("".join(split_texts[s])) - set(vocab))) for s in ("val", "test")},
             "caption_thresholds": raw.thresholds,

@@ -41,6 +41,12 @@ PEAK_SHORT = (512, 80)       # on a busy machine also the best of 80 (512 x 512)
 TIMING_REPEATS = 3           # median_seconds: the median of this many runs
 
 
+# Decoding without a cache recomputes the whole prefix at every token (O(T^2)): beyond this many tokens a
+# sequence (32x32x3 = 3072 channel values) would spend minutes on that comparison alone, so the no-cache
+# figures are left out and the cached one is timed once on one item.
+NOCACHE_MAX_TOKENS = 1024
+
+
 def median_seconds(fn: Callable[[], object], repeats: int = TIMING_REPEATS) -> float:
     """Wall-clock seconds of fn(), the median of `repeats` runs (sampling-speed figures)."""
     times = []

@@ -118,9 +118,13 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple[float, float]:
-    """k-NN manifold precision (fake inside the real manifold) and recall (real inside the fake one)."""
+    """k-NN manifold precision (fake inside the real manifold) and recall (real inside the fake one);
+    a set of at most k items uses its farthest neighbour (NaN for a single item)."""
+    if min(len(real), len(fake)) < 2:
+        return float("nan"), float("nan")
+
     def radii(x: np.ndarray) -> np.ndarray:          # distance to the k-th neighbour, self excluded
-        return np.sort(pairwise_distances(x, x), axis=1)[:, k]
+        return np.sort(pairwise_distances(x, x), axis=1)[:, min(k, len(x) - 1)]
     d = pairwise_distances(fake, real)               # (N_fake, N_real)
     precision = (d <= radii(real)[None, :]).any(axis=1).mean()
     recall = (d <= radii(fake)[:, None]).any(axis=0).mean()
@@ -348,7 +352,8 @@ def load_reference(dataset: str, root: Path) -> Reference:
 
     root = Path(root)
     manifest = load_manifest(dataset, root)
-    if manifest.get("kind") not in ("image", "captions") or not manifest.get("classes"):
+    unlabelled = manifest.get("labelled", True) is False
+    if manifest.get("kind") not in ("image", "captions") or not (manifest.get("classes") or unlabelled):
         raise ImageMetricsError(f"datasets.{dataset}: image metrics need images with classes (an image or "
                                 f"labelled captions dataset), got {manifest.get('kind')!r} data")
     h = data_hash(manifest)

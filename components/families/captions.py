@@ -325,7 +325,7 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
     net, config = load_model(key, root)
     set_threads(mc.train.threads)
     missing = not_applicable(config["dataset"], root)
-    if missing and config.get("classes"):   # unlabelled captions (one class): the images alone are scored
+    if missing:   # unlabelled captions (a user's, or one class): the images alone are scored
         return evaluate_unlabelled(key, mc, net, config, root, missing)
     records, prompts, digits = evaluation_prompts(key, config, root, mc.eval.num_samples, CaptionsFamilyError)
     s = mc.sample

@@ -1,5 +1,5 @@
-"""Users' own 32x32 colour images through every image model: `genflow run --quick --only photos-...` (params.yaml's 32x32 colour preset)
-on a synthetic RGB imagefolder (and a captioned one), tiny networks; each model is validated, trained,
+"""Users' own 32x32 colour images through every image model of params.yaml's colour preset
+(`genflow run --quick --only photos-...`) on a synthetic RGB imagefolder (and a captioned one), tiny networks;
 evaluated, exported and registered, then sampled torch-free by `genflow sample` into an RGB PNG. An
 unlabelled folder (no class sub-folders) trains unconditionally; class accuracy is not applicable."""
 import json
@@ -20,26 +20,29 @@ TINY = {
     "photos-unet": UNET + DENOISER + BUDGET,
     "photos-dit": ["dit.patch_size=4", "dit.width=32", "dit.depth=1", "dit.heads=2"] + DENOISER + BUDGET,
     "photos-gpt": ["gpt.n_layer=1", "gpt.n_head=2", "gpt.n_embd=16"] + BUDGET[:-2]
-    + ["eval.num_samples=4", "eval.inpaint_samples=2", "train.batch_size=2"],
+    + ["eval.num_samples=6", "eval.inpaint_samples=2", "train.batch_size=2"],
     "photos-sr": UNET + DENOISER + BUDGET,
     "photos-text-unet": UNET + DENOISER + BUDGET + [
         "textenc.n_layer=1", "textenc.n_embd=16", "textenc.n_head=2", "cross_attention.heads=2",
         "eval.guidance_sweep=[1.0]"],
     "photos-text-encdec": ["encdec.n_layer_enc=1", "encdec.n_layer_dec=1", "encdec.n_head=2", "encdec.n_embd=16"]
-    + BUDGET[:-2] + ["eval.num_samples=4", "train.batch_size=2"],
+    + BUDGET[:-2] + ["eval.num_samples=6", "train.batch_size=2"],
 }
 
 
-def overrides(folder, captioned, labelled=True) -> list[str]:
+def overrides(folder, captioned) -> list[str]:
     out = [f"datasets.photos.source=imagefolder:{folder}", f"datasets.photos-captions.source=imagefolder:{captioned}",
-           "datasets.photos.image_validation.min_per_class=4", "datasets.photos-captions.caption_validation.min_images=8"]
+           "datasets.photos.image_validation.min_per_class=4",
+           "datasets.photos-captions.caption_validation.min_images=8",
+           "datasets.photos.split={val: 0.2, test: 0.2, seed: 0}",
+           "datasets.photos-captions.split={val: 0.2, test: 0.25, seed: 0}"]
     for key, sets in TINY.items():
         out += [f"models.{key}.{s}" for s in sets]
     return out
 
 
 def captioned_folder(folder):
-    make_colour_imagefolder(folder, per_class=6, size=32, seed=1, labelled=False)
+    make_colour_imagefolder(folder, per_class=10, size=32, seed=1, labelled=False)
     lines = [json.dumps({"file_name": p.name, "text": f"a {p.name.split('_')[0]} square"})
              for p in sorted(folder.glob("*.png"))]
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
@@ -70,7 +73,7 @@ def test_every_image_model_runs_on_colour_photos_and_samples_in_colour(harness, 
 
     monkeypatch.chdir(project_clone)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    photos = make_colour_imagefolder(tmp_path / "photos", per_class=10, size=48)   # resized to 32x32
+    photos = make_colour_imagefolder(tmp_path / "photos", per_class=12, size=48)   # resized to 32x32
     sets = overrides(photos, captioned_folder(tmp_path / "captioned"))
     params = load_params(project_clone / "params.yaml", sets)
     summary = run_pipeline(params, project_clone, only=list(TINY), overrides=sets, quick=True)
@@ -82,6 +85,13 @@ def test_every_image_model_runs_on_colour_photos_and_samples_in_colour(harness, 
     for key in ("photos-unet", "photos-dit", "photos-gpt"):
         metrics = summary["models"][key]["metrics"]
         assert np.isfinite(metrics["eval/fd"]) and 0 <= metrics["eval/class_acc"] <= 1, (key, metrics)
+    # 3072 tokens an image: no O(T^2) no-cache timing (resources.NOCACHE_MAX_TOKENS), the cached one kept
+    gpt = summary["models"]["photos-gpt"]["metrics"]
+    assert "perf/sample_ms_per_item" in gpt and "perf/sample_ms_per_item_nocache" not in gpt
+    import mlflow  # the run says what prepare found: channels 3 (params left it to the files), labelled
+    run = mlflow.MlflowClient().search_runs([e.experiment_id for e in mlflow.search_experiments()],
+                                            "attributes.run_name = 'photos-unet'")[0]
+    assert run.data.params["dataset.channels"] == "3" and run.data.params["dataset.labelled"] == "true"
 
     for key in ("photos-unet", "photos-dit", "photos-gpt"):
         out = tmp_path / f"{key}.png"
@@ -105,7 +115,7 @@ def test_unlabelled_colour_folder_trains_unconditionally(harness, project_clone,
 
     monkeypatch.chdir(project_clone)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    photos = make_colour_imagefolder(tmp_path / "photos", per_class=8, size=32, labelled=False)
+    photos = make_colour_imagefolder(tmp_path / "photos", per_class=10, size=32, labelled=False)
     sets = overrides(photos, tmp_path / "none")
     summary = run_pipeline(load_params(project_clone / "params.yaml", sets), project_clone,
                            only=["photos-unet"], overrides=sets, quick=True)
