@@ -495,7 +495,8 @@ def run_masked_batch(engine: MaskedLMEngine, jobs: list[Job]) -> list[list[str]]
 
 def png_base64(levels: np.ndarray, n_levels: int) -> str:
     """(1, H, W) grey levels 0..n_levels-1 -> a base64 PNG, 0 black, the top level white; (3, H, W)
-    colour levels -> an RGB PNG, each channel scaled the same way."""
+    colour levels -> an RGB PNG, each channel scaled the same way. Every image engine's (C, H, W)
+    levels go through it: the diffusion models', the pixel GPT's and the prompt-to-pixels encdec's."""
     from PIL import Image
 
     colour = levels.shape[0] == 3
@@ -503,20 +504,6 @@ def png_base64(levels: np.ndarray, n_levels: int) -> str:
     grey = (pixels.astype(np.float64) * (255.0 / max(n_levels - 1, 1))).round().astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(grey, mode="RGB" if colour else "L").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def token_image_png(levels: np.ndarray, n_levels: int) -> str:
-    """A pixel GPT's or a prompt-to-pixels encoder-decoder's image (C, H, W levels, as their engines
-    return it) as a base64 PNG: grey through png_base64; colour as the (H, W, C) image, RGB."""
-    if levels.shape[0] == 1:
-        return png_base64(levels, n_levels)
-    from PIL import Image
-
-    hwc = np.ascontiguousarray(np.asarray(levels).transpose(1, 2, 0))               # (H, W, C)
-    rgb = (hwc.astype(np.float64) * (255.0 / max(n_levels - 1, 1))).round().astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")   # (H, W, 3) uint8: RGB
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -554,7 +541,7 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
         if job.kind == "pixels":   # as `genflow sample MODEL --prompt` draws them
             assert isinstance(engine, EncDecEngine)
             levels = engine.sample_prompts(**s)
-            return [[token_image_png(x, int(engine.config["levels"])) for x in levels]]
+            return [[png_base64(x, int(engine.config["levels"])) for x in levels]]
         if job.kind == "targets":   # as `genflow sample MODEL --source` writes them: seed + i for the i-th
             assert isinstance(engine, EncDecEngine)
             source, seed = s.pop("source"), s.pop("seed")
@@ -562,7 +549,7 @@ def run_jobs(engine: Engine, jobs: list[Job]) -> list[list[str]]:
         if job.kind == "images":
             assert isinstance(engine, CausalLMEngine)
             levels = engine.sample_digits(s["labels"], temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"])
-            return [[token_image_png(x, int(engine.config["levels"])) for x in levels]]
+            return [[png_base64(x, int(engine.config["levels"])) for x in levels]]
         return [engine.sample_text(s.pop("prompt"), **s)]
     except InferenceError as e:
         text = str(e)

@@ -311,15 +311,15 @@ def test_serving_writes_a_colour_image_as_an_rgb_png(exported):
 
     from PIL import Image
 
-    from components.serving.generate import token_image_png
+    from components.serving.generate import png_base64
 
     engine = load_engine(exported / "exports" / GPT_KEY)
     levels = engine.sample_digits([2], seed=3)[0]                                    # (3, 8, 8)
-    img = Image.open(io.BytesIO(base64.b64decode(token_image_png(levels, LEVELS))))
+    img = Image.open(io.BytesIO(base64.b64decode(png_base64(levels, LEVELS))))
     assert img.mode == "RGB" and img.size == (SIZE, SIZE)
     want = np.round(levels.transpose(1, 2, 0) * (255 / (LEVELS - 1))).astype(np.uint8)
     assert np.array_equal(np.asarray(img), want)
-    grey = Image.open(io.BytesIO(base64.b64decode(token_image_png(levels[:1], LEVELS))))
+    grey = Image.open(io.BytesIO(base64.b64decode(png_base64(levels[:1], LEVELS))))
     assert grey.mode == "L" and grey.size == (SIZE, SIZE)
 
 
