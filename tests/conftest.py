@@ -96,33 +96,6 @@ def make_imagefolder(folder: Path, counts: dict[str, int], size=(16, 16), seed=0
     return folder
 
 
-COLOUR_CLASSES = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
-
-
-def make_colour_imagefolder(folder: Path, per_class: int = 30, size: int = 32, seed: int = 0,
-                            classes: tuple[str, ...] = tuple(COLOUR_CLASSES), labelled: bool = True) -> Path:
-    """RGB PNGs, one sub-folder per class (or straight in the folder when not labelled): class k is a
-    square of its colour at a random place on a dim background of random colour, with pixel noise, so
-    colour and layout both carry the class."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for cls in classes:
-        out = folder / cls if labelled else folder
-        out.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            px = np.empty((size, size, 3), np.float64)
-            px[:] = rng.integers(0, 60, 3)
-            side = int(rng.integers(size // 3, size // 2 + 1))
-            top, left = rng.integers(0, size - side + 1, 2)
-            px[top:top + side, left:left + side] = COLOUR_CLASSES[cls]
-            px += rng.normal(0, 12, px.shape)
-            img = Image.fromarray(np.clip(px, 0, 255).astype(np.uint8), mode="RGB")
-            img.save(out / (f"img_{i}.png" if labelled else f"{cls}_{i}.png"))
-    return folder
-
-
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return ROOT

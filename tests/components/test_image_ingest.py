@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from colour_data import make_colour_imagefolder
 from components import data
 from components.config import DatasetConfig, ImageValidationConfig, SplitConfig
 from components.data import DataError
 from components.progress import Progress
 from components.validation import DataValidationError, validate
-from conftest import make_colour_imagefolder, make_imagefolder
+from conftest import make_imagefolder
 
 
 def image_cfg(src: Path) -> DatasetConfig:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COLOUR_CLASSES, make_colour_imagefolder
+from colour_data import COLOURS, make_colour_imagefolder
 
 pytestmark = pytest.mark.integration
 
@@ -42,11 +42,8 @@ def overrides(folder, captioned) -> list[str]:
 
 
 def captioned_folder(folder):
-    make_colour_imagefolder(folder, per_class=10, size=32, seed=1, labelled=False)
-    lines = [json.dumps({"file_name": p.name, "text": f"a {p.name.split('_')[0]} square"})
-             for p in sorted(folder.glob("*.png"))]
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+    return make_colour_imagefolder(folder, per_class=10, size=32, seed=1, labelled=False,
+                                   captions=lambda colour: [f"a {colour} square"])
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +103,7 @@ def test_every_image_model_runs_on_colour_photos_and_samples_in_colour(harness, 
     out = tmp_path / "up.png"
     assert main(["sample", "photos-sr@champion", "--upscale", str(small), "-n", "1", "--out", str(out)]) == 0
     assert_rgb_png(out)
-    assert len(COLOUR_CLASSES) == 3
+    assert len(COLOURS) == 3
 
 
 def test_unlabelled_colour_folder_trains_unconditionally(harness, project_clone, tmp_path, monkeypatch):

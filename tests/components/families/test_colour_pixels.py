@@ -1,5 +1,5 @@
 """Colour (C = 3) through the autoregressive image models: the pixel GPT and captions-encdec on a
-synthetic 8x8 RGB dataset (tests/colour_datasets.py): tokens, training, sampling, inpainting,
+synthetic 8x8 RGB dataset (tests/colour_data.py): tokens, training, sampling, inpainting,
 bits per dimension, export and torch-free sampling on onnxruntime."""
 import math
 import subprocess
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from colour_datasets import colour_arrays, colour_images
+from colour_data import colour_arrays, make_colour_dataset
 from components import data
 from components.config import (
     DatasetConfig,
@@ -57,9 +57,9 @@ def tiny_params(block_size: int = D, target_len: int = D) -> Params:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("colour")
-    colour_images(root, "shapes-rgb")
-    colour_images(root, "shapes-rgb1", labelled=False)
-    colour_images(root, "shapes-cap", kind="captions")
+    make_colour_dataset(root, "shapes-rgb", size=SIZE, levels=LEVELS)
+    make_colour_dataset(root, "shapes-rgb1", size=SIZE, levels=LEVELS, labelled=False)
+    make_colour_dataset(root, "shapes-cap", size=SIZE, levels=LEVELS, captions=True)
     return root
 
 
