@@ -100,8 +100,10 @@ def child(code: Path, src: Path, root: Path, size: int, heap: bool) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
     md5 = {s: hashlib.md5((root / "data/prepared" / NAME / f"{s}.npz").read_bytes()).hexdigest()
            for s in ("train", "val", "test")}
+    with numpy.load(root / "data/prepared" / NAME / "train.npz") as z:
+        shape = list(z["x"].shape)
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "base_rss_mb": base, "heap_mb": heap_mb,
-                      "md5": md5}))
+                      "md5": md5, "shape": shape}))
 
 
 def run_child(code: Path, src: Path, size: int, heap: bool, work: Path) -> dict:
@@ -164,7 +166,11 @@ def main() -> None:
         for v, h in heap.items():
             print(f"Python heap peak, {v}: " + ", ".join(f"{s} {mb:.1f} MB" for s, mb in h.items()))
         same = len({json.dumps(rs[0]["md5"], sort_keys=True) for rs in runs.values()}) == 1
-        print(f"prepared arrays identical between the variants: {'yes' if same else 'NO'}")
+        shapes = {v: tuple(rs[0]["shape"]) for v, rs in runs.items()}
+        if len(set(shapes.values())) > 1:   # colour kept here, converted to grey by code from before colour
+            print("prepared train arrays differ by design: " + ", ".join(f"{v} {s}" for v, s in shapes.items()))
+        else:
+            print(f"prepared arrays identical between the variants: {'yes' if same else 'NO'}")
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
 
 
