@@ -884,11 +884,16 @@ def image_layout(raw: RawImages) -> dict:
     return out
 
 
+def files_by_mode(raw: RawImages) -> tuple[list[str], list[str]]:
+    """(colour files, decodable grey files) of a decoded folder, in folder order."""
+    colour = [it.file for it in raw.items if it.colour]
+    return colour, [it.file for it in raw.items if not it.colour and it.error is None]
+
+
 def colour_count(name: str, raw: RawImages) -> dict[str, int]:
     """{"grey": files, "colour": files} of a decoded folder; the minority converted to the dataset's
     channels (colour to grey luma, or grey to three equal channels), said in one line naming the first."""
-    colour = [it.file for it in raw.items if it.colour]
-    grey = [it.file for it in raw.items if not it.colour and it.error is None]
+    colour, grey = files_by_mode(raw)
     if colour and raw.channels == 1:
         print(f"datasets.{name}: {len(colour)} of {len(raw.items)} images are colour (first: {colour[0]}), "
               f"converted to grey (datasets.{name}.channels: 3 keeps colour); counted in manifest.json "
@@ -903,8 +908,7 @@ def colour_count(name: str, raw: RawImages) -> dict[str, int]:
 def mixed_mode_problems(name: str, raw: RawImages) -> list[str]:
     """datasets.*.mixed_modes: refuse: one line per file in the minority mode, when a folder mixes grey
     and colour files."""
-    colour = [it.file for it in raw.items if it.colour]
-    grey = [it.file for it in raw.items if not it.colour and it.error is None]
+    colour, grey = files_by_mode(raw)
     if not colour or not grey:
         return []
     odd, kind = (grey, "grey") if len(grey) <= len(colour) else (colour, "colour")
