@@ -11,6 +11,7 @@ import signal
 import threading
 
 _STOP = threading.Event()
+_ON_STOP: list = []   # callables run once when Ctrl-C is pressed (before KeyboardInterrupt is raised)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -18,7 +19,17 @@ class Interrupted(KeyboardInterrupt):
 
 
 def request_stop() -> None:
+    first = not _STOP.is_set()
     _STOP.set()
+    if first:
+        for callback in list(_ON_STOP):
+            callback()
+
+
+def on_stop(callback) -> None:
+    """Call `callback()` when a stop is first requested (e.g. a client told not to wait on a server
+    that Ctrl-C stops too). Cleared by `reset()`."""
+    _ON_STOP.append(callback)
 
 
 def stop_requested() -> bool:
@@ -27,6 +38,7 @@ def stop_requested() -> bool:
 
 def reset() -> None:
     _STOP.clear()
+    _ON_STOP.clear()
 
 
 def install() -> None:

@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components import registry, tracking
+from components import interrupt, registry, tracking
 from components.config import Params, apply_quick, hash_json, load_params
 from components.errors import ConfigError, ServerError, disk_full
 from components.families.base import backbone
@@ -385,6 +385,8 @@ def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=Fa
     root = Path(root).resolve()
     keys = only if checked else preflight(params, root, only)
     quiet_libraries()
+    if not os.environ.get("PREFECT_API_URL"):
+        interrupt.on_stop(_give_up_on_the_local_server)
     # Prefect stores the flow's parameters: no URL credentials in them (check_tracking moved
     # MLflow's to MLFLOW_TRACKING_USERNAME / _PASSWORD already)
     overrides = [tracking.strip_userinfo(o) for o in overrides or []]
@@ -394,6 +396,14 @@ def run_pipeline(params: Params, root: Path, *, only=None, quick=False, force=Fa
     if isinstance(summary, BaseException):
         raise summary
     return summary
+
+
+def _give_up_on_the_local_server() -> None:
+    """Ctrl-C reaches the temporary Prefect server too (same process group) and it shuts down: the
+    flow's last state updates must not retry against it (5 retries with back-off: ~70 s)."""
+    from prefect.settings import get_current_settings
+
+    get_current_settings().client.max_retries = 0
 
 
 def serve_schedule(params: Params, root: Path, cron: Optional[str] = None,

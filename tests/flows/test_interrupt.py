@@ -1,5 +1,5 @@
 """Ctrl-C on `genflow run`: training stops within a step, a resumable checkpoint is kept, the
-process exits 130, and no half-written file is left anywhere in the project."""
+process exits 130 within seconds, and no half-written file is left anywhere in the project."""
 import os
 import signal
 import subprocess
@@ -53,7 +53,8 @@ def test_ctrl_c_stops_training_and_leaves_no_half_written_file(project_clone, tm
     out = "".join(lines)
     (tmp_path / "output.txt").write_text(out)
     assert code == 130, out[-3000:]
-    assert waited < 200 and "interrupted at step" in out and "checkpoint saved" in out, out[-3000:]
+    # seconds, not the ~70 s of a Prefect client retrying against the temporary server Ctrl-C stopped too
+    assert waited < 45 and "interrupted at step" in out and "checkpoint saved" in out, out[-3000:]
 
     model_dir = root / "models" / "digits-unet"
     assert not (model_dir / "model.pt").exists()   # training did not finish: no model pretends it did
