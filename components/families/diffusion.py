@@ -226,16 +226,17 @@ LABEL_TIMESTEPS = 5   # timesteps (x 2 noise draws) the diffusion classifier of 
 
 def inpaint_images(net, config: dict[str, Any], levels: np.ndarray, keep: np.ndarray, *, sampler: str = "ddim",
                    steps: int = 50, eta: float = 0.0, guidance: float = 1.0, jump_length: int = 1,
-                   jump_n_sample: int = 1, infer_label: bool = False, seed: int = 0,
-                   batch_size: int = 512) -> np.ndarray:
+                   jump_n_sample: int = 1, infer_label: bool = False, label_completions: int = 3,
+                   seed: int = 0, batch_size: int = 512) -> np.ndarray:
     """RePaint completions of levels (N, H, W) grey or (N, H, W, C) colour where keep (N, H, W) is False
     (a pixel's every channel: the mask is per pixel); the same shape, float32 in [0, 1] on the data's
     levels (the components/evaluation/editing.py `complete`).
 
     Unconditional (the null class), or with infer_label: the model picks each image's class itself,
     as a pixel GPT does from its likelihood: the class whose noise predictions fit the kept pixels
-    of an unconditional completion best (GaussianDiffusion.class_scores), then a completion of
-    that class with `guidance`. The true label is never used.
+    best (GaussianDiffusion.class_scores), summed over `label_completions` unconditional
+    completions (the fill a single one draws sways the scores), then a completion of that class
+    with `guidance`. The true label is never used.
     """
     import torch
 
@@ -255,8 +256,11 @@ def inpaint_images(net, config: dict[str, Any], levels: np.ndarray, keep: np.nda
             k, m = known[i:i + batch_size], keep_t[i:i + batch_size]
             x = diffusion.inpaint(net, k, m, **kw)
             if infer_label:
-                y = diffusion.class_scores(net, x, m.float(), probe, generator=gen).argmin(1)
-                x = diffusion.inpaint(net, k, m, y, guidance=guidance, **kw)
+                scores = diffusion.class_scores(net, x, m.float(), probe, generator=gen)
+                for _ in range(label_completions - 1):
+                    scores += diffusion.class_scores(net, diffusion.inpaint(net, k, m, **kw), m.float(), probe,
+                                                     generator=gen)
+                x = diffusion.inpaint(net, k, m, scores.argmin(1), guidance=guidance, **kw)
             out.append(model_to_unit(x.numpy(), config["levels"]))
     return np.concatenate(out)
 
@@ -352,7 +356,9 @@ def evaluate(key: str, params: Params, root: Path) -> dict[str, float]:
             lambda lv, keep: inpaint_images(net, config, lv, keep, sampler=s.sampler, steps=s.steps, eta=s.eta,
                                             guidance=s.guidance, jump_length=mc.eval.inpaint_jump,
                                             jump_n_sample=mc.eval.inpaint_resample,
-                                            infer_label=mc.eval.inpaint_label == "infer", seed=mc.train.seed),
+                                            infer_label=mc.eval.inpaint_label == "infer",
+                                            label_completions=mc.eval.inpaint_label_completions,
+                                            seed=mc.train.seed),
             config["dataset"], root, mc.eval.inpaint_samples))
 
     out = Layout(root).report_dir(key)

@@ -43,6 +43,8 @@ def test_set_overrides_any_key(params_file):
     ("datasets.digits.source=digits", "datasets.digits.source: 'digits' is not KIND:VALUE"),
     ("datasets.digits.split.test=1.5", "datasets.digits.split"),
     ("models.digits-unet.train.max_steps", "expected KEY=VALUE"),
+    ("models.digits-unet.eval.inpaint_label_completions=0",
+     "models.digits-unet.eval.inpaint_label_completions: must be >= 1"),
 ])
 def test_bad_params_name_the_key(params_file, override, message):
     with pytest.raises(ParamsError) as err:

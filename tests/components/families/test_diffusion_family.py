@@ -114,6 +114,11 @@ def test_inpaint_images_keeps_the_known_pixels_and_fills_the_rest(digits_root, t
     b = fam.inpaint_images(net, config, x[:4], keep, infer_label=True, guidance=2.0, **kw)  # the class it infers
     np.testing.assert_allclose(b[keep] * 16, x[:4][keep], atol=1e-4)
     assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(b, fam.inpaint_images(net, config, x[:4], keep, infer_label=True, guidance=2.0,
+                                                        **kw))   # the label completions are seeded too
+    c = fam.inpaint_images(net, config, x[:4], keep, infer_label=True, guidance=2.0, label_completions=1, **kw)
+    np.testing.assert_allclose(c[keep] * 16, x[:4][keep], atol=1e-4)
+    assert not np.array_equal(b, c)   # fewer completions: other draws of the generator before the last fill
 
 
 def test_class_rows_puts_one_class_per_row():
