@@ -221,7 +221,7 @@ class EvalConfig:
     # (inpaint_label: none) or with the class it infers from the kept pixels (infer), judged on
     # inpaint_label_completions unconditional completions (each one more RePaint run): one
     # completion's fill sways the guess (label right 0.76-0.90 of the time), three 0.85-0.95
-    inpaint_samples: int = 50   # per mask: about 50 s of the U-Net's evaluation on 2 cores
+    inpaint_samples: int = 50   # per mask: the four masks take ~24 s of the U-Net's evaluation on 2 idle cores
     inpaint_jump: int = 5
     inpaint_resample: int = 1
     inpaint_label: Literal["none", "infer"] = "infer"

@@ -254,13 +254,13 @@ def inpaint_images(net, config: dict[str, Any], levels: np.ndarray, keep: np.nda
     with torch.inference_mode():
         for i in range(0, len(known), batch_size):
             k, m = known[i:i + batch_size], keep_t[i:i + batch_size]
-            x = diffusion.inpaint(net, k, m, **kw)
             if infer_label:
-                scores = diffusion.class_scores(net, x, m.float(), probe, generator=gen)
-                for _ in range(label_completions - 1):
-                    scores += diffusion.class_scores(net, diffusion.inpaint(net, k, m, **kw), m.float(), probe,
-                                                     generator=gen)
+                weight = m.float()
+                scores = sum(diffusion.class_scores(net, diffusion.inpaint(net, k, m, **kw), weight, probe,
+                                                    generator=gen) for _ in range(label_completions))
                 x = diffusion.inpaint(net, k, m, scores.argmin(1), guidance=guidance, **kw)
+            else:
+                x = diffusion.inpaint(net, k, m, **kw)
             out.append(model_to_unit(x.numpy(), config["levels"]))
     return np.concatenate(out)
 
