@@ -6,10 +6,12 @@
 One worker per model runs the engine on a thread (onnxruntime releases the GIL), one batch at a
 time. A batch is the first waiting request plus the waiting requests with the same version and
 batch key (diffusion: same steps and guidance; causal text: same prompt length, length,
-temperature and top_k), up to max_batch. When one request waits alone and the last batch held
-several (requests are arriving together), the worker first waits batch_wait_s for company; a
-lone request on a quiet model runs at once (no added latency at concurrency 1). A request that
-timed out before its batch started is dropped, so an abandoned request costs no engine time.
+temperature and top_k), up to max_batch. When the last batch held several (requests are
+arriving together), the worker first waits up to batch_wait_s for as many more as that batch held
+(its clients coming back), so concurrent clients share one batch rather than alternating between
+two half-size ones; a lone request on a quiet model runs at once (no added latency at concurrency
+1). A request that timed out before its batch started is dropped, so an abandoned request costs no
+engine time.
 """
 from __future__ import annotations
 
@@ -100,15 +102,32 @@ class ModelQueue:
                 batch.append(it)
         return batch
 
+    async def _gather(self) -> None:
+        """Wait at most batch_wait_s for the clients of the last batch to come back, so that requests
+        arriving together share one batch instead of alternating in two half-size ones. Only when the
+        last batch held several (a lone client never waits) and only until they are all here."""
+        head = self.items[0]
+        if head.job.batch_key is None or self.max_batch < 2 or self.last_batch < 2:
+            return
+        want = min(self.max_batch, len(self.items) + self.last_batch)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_s
+        while len(self.items) < want:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
     async def _work(self) -> None:
         while True:
             while not self.items:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            head = self.items[0]
-            if head.job.batch_key is not None and self.max_batch > 1 and len(self.items) == 1 \
-                    and self.last_batch > 1:
-                await asyncio.sleep(self.batch_wait_s)  # bounded wait for requests to share the batch
+            await self._gather()
             batch = self._take_batch()
             dropped = [it for it in batch if it.abandoned]
             batch = [it for it in batch if not it.abandoned]
