@@ -105,7 +105,19 @@ def probe_config(params: Any, key: str) -> dict:
     config.update({s: dataclasses.asdict(getattr(mc, s)) for s in entry.reads if s not in config})  # e.g. condition
     config["vocab_size"] = 100 if kind == "text" else config["levels"] + 10
     config["mask_id"] = config["vocab_size"] - 1
+    if kind == "captions":   # prompt-conditioned: the family's own spec (token ids) over a stand-in manifest
+        config = entry.family().model_config(key, mc, captions_manifest(mc, ds, config))
     return config
+
+
+def captions_manifest(mc: Any, ds: Any, config: dict) -> dict:
+    """What a prepared captions dataset's manifest tells a model spec, from params alone: the
+    printable ASCII characters as the vocabulary, captions filling the text encoder's context."""
+    section = getattr(mc, "textenc", None) or getattr(mc, "encdec", None)
+    context = int(getattr(section, "context", 0) or getattr(section, "source_len", 0) or 65)
+    return {"name": mc.dataset, "kind": "captions", "image_size": config["image_size"],
+            "levels": config["levels"], "channels": int(ds.channels or 1), "classes": [str(c) for c in range(10)],
+            "vocab": "".join(map(chr, range(32, 127))), "max_caption_chars": context - 1}
 
 
 def cache_key(config: dict, load_class: int) -> str:

@@ -74,3 +74,28 @@ def test_apply_sets_what_torch_and_the_training_loop_read(undecided, monkeypatch
 def test_busy_cores_is_within_the_machine():
     busy = threads.busy_cores(0.05)
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
+
+
+def test_every_preset_of_params_yaml_gets_a_probe_its_family_can_train():
+    """The probe builds each model of the shipped params.yaml from params alone (no data) and its
+    family runs a training step on it: a family whose spec needs more than the generic keys (the
+    prompt models' token ids) would otherwise fail every probe and train on one thread."""
+    import torch
+
+    from components.families.base import probe_train_step
+    from components.families.registry import backbone
+
+    params = load_params(PARAMS)
+    tried = []
+    for key in params.models:
+        mc = params.model(key)
+        if params.dataset(mc.dataset).image_size > 8:   # the 32x32 colour presets: seconds of CPU per step
+            continue
+        config = threads.probe_config(params, key)
+        torch.manual_seed(0)
+        net = backbone(mc.backbone).family().build_network(config)
+        step, items = probe_train_step(net, config, batch_size=2)
+        step()
+        assert items > 0, key
+        tried.append(key)
+    assert {"digits-unet", "pydoc-gpt", "captions-unet", "captions-encdec", "pydoc-seq2seq"} <= set(tried)
