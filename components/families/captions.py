@@ -136,8 +136,17 @@ def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path)
     def get_batch(step: int, gen: torch.Generator):
         idx = torch.randint(len(x0), (B,), generator=gen)
         pick = (torch.rand(B, generator=gen) * n_caps[idx]).long()           # one of each image's captions
-        return x0[idx], ids[idx, pick]
+        return x0[idx], trim_padding(ids[idx, pick], config["pad_id"])
     return get_batch, B
+
+
+def trim_padding(ids, pad_id: int):
+    """ids (B, L) without the columns that are padding in every row: the batch's longest prompt sets
+    its length, not the dataset's. Exact: padding sits after each prompt and is masked out of every
+    attention and mean, so the real positions' states do not change (the captions average 27
+    characters against a longest of 59; the text encoder's cost follows the length)."""
+    longest = int((ids != pad_id).sum(1).max())
+    return ids[:, :max(longest, 1)]
 
 
 def loss_fn(config: dict[str, Any]):

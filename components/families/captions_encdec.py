@@ -151,7 +151,7 @@ def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path)
     import torch
 
     from components.data import load_captions, load_images
-    from components.families.captions import caption_table
+    from components.families.captions import caption_table, trim_padding
 
     x, _ = load_images(mc.dataset, "train", root)
     table, counts = caption_table(load_captions(mc.dataset, "train", root), tokenizer(config))
@@ -169,7 +169,7 @@ def training_data(key: str, mc: ModelConfig, config: dict[str, Any], root: Path)
     def get_batch(step: int, gen: torch.Generator):
         idx = torch.randint(len(x), (B,), generator=gen)
         pick = (torch.rand(B, generator=gen) * n_caps[idx]).long()           # one of each image's captions
-        src = ids[idx, pick]
+        src = trim_padding(ids[idx, pick], pad)                               # the batch's longest prompt
         return src + config["levels"], src != pad, tgt_in[idx], tgt_out[idx]
     return get_batch, B * tgt_out.shape[1]
 

@@ -74,6 +74,7 @@ def test_batches_are_each_images_pixels_and_one_of_its_captions(captions_root):
     src, mask, tgt_in, tgt_out = get_batch(0, torch.Generator().manual_seed(0))
     assert items == 8 * 64 and tgt_out.shape == (8, 64) and int(tgt_out.max()) < config["levels"]
     assert (tgt_in[:, 0] == config["bos_id"]).all() and torch.equal(tgt_in[:, 1:], tgt_out[:, :-1])
+    assert mask[:, -1].any() and src.shape[1] < config["encdec"]["source_len"]   # cut to the longest prompt
     x_train, _ = data.load_images("digits-captions", "train", captions_root)
     records = data.load_captions("digits-captions", "train", captions_root)
     tok = fam.tokenizer(config)

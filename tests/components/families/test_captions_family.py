@@ -92,6 +92,25 @@ def test_batches_draw_each_images_own_captions(captions_root):
     assert len(seen) > 1                                                # not always the first phrasing
 
 
+def test_batches_are_cut_to_their_longest_prompt_and_the_cut_changes_no_loss(captions_root):
+    params = tiny_params()
+    mc = params.models[KEY]
+    config = fam.model_config(KEY, mc, data.load_manifest("digits-captions", captions_root), captions_root)
+    get_batch, _ = fam.training_data(KEY, mc, config, captions_root)
+    pad, context = config["pad_id"], config["textenc"]["context"]
+    torch.manual_seed(0)
+    net = fam.build_network(config).eval()
+    lengths = set()
+    for step in range(4):
+        x0, ids = get_batch(step, torch.Generator().manual_seed(step))
+        assert (ids[:, -1] != pad).any()                     # the longest prompt of the batch ends the columns
+        lengths.add(ids.shape[1])
+        padded = torch.cat([ids, torch.full((len(ids), context - ids.shape[1]), pad)], 1)
+        losses = [fam.loss_fn(config)(net, (x0, p), torch.Generator().manual_seed(7)) for p in (ids, padded)]
+        assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5, abs=1e-6)
+    assert max(lengths) < context                           # shorter than the dataset-wide padding
+
+
 def test_evaluate_reports_prompt_adherence_against_guidance(captions_root, trained):
     metrics = fam.evaluate(KEY, tiny_params(), captions_root)
     for name in ("eval/fd", "eval/prompt_acc", "eval/attribute_error", "perf/sample_ms_per_item",
