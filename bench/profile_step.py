@@ -244,6 +244,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)   # as training runs
+    torch.utils.deterministic.fill_uninitialized_memory = False
     params = load_params(Path(args.params))
     keys = args.models.split(",")
     import mlflow

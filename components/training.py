@@ -242,6 +242,9 @@ def train(model: torch.nn.Module,
     scaler = torch.amp.GradScaler("cuda") if where.precision == "fp16" else None   # fp16 gradients underflow
     torch.set_num_threads(world.threads(cfg.threads))
     torch.use_deterministic_algorithms(True, warn_only=True)   # same seed, same threads -> same weights
+    # no NaN-filling of every fresh tensor: nothing here reads memory it did not write (torch's own advice;
+    # 0.2-2.2% of a default step, measured interleaved in one process)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     replay = load_replay()
     ckpt_path = Path(out_dir) / CHECKPOINT_DIR / CHECKPOINT_NAME
 
