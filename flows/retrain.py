@@ -45,6 +45,20 @@ def quiet_libraries() -> None:
 
     for name in ("dvc", "great_expectations", "torch.onnx", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    task_log = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, ThreadTimeoutNote) for f in task_log.filters):
+        task_log.addFilter(ThreadTimeoutNote())
+
+
+class ThreadTimeoutNote:
+    """Drops Prefect's warning, once per task run, that a timeout in a worker thread cannot interrupt
+    blocking calls. Prefect's timeout raises in the thread at its next Python line, and the long
+    steps are Python loops of short calls (training steps, evaluation batches), so
+    pipeline.step_timeout_seconds does stop them (a single blocking call, a DVC command say, ends
+    first); printed on every model of every run, the warning would only alarm people."""
+
+    def filter(self, record) -> bool:
+        return "running in a worker thread. Timeouts in worker threads" not in record.getMessage()
 
 
 def inputs_hash(params: Params, key: str, root: Path) -> str:

@@ -211,3 +211,22 @@ def test_an_error_of_the_run_itself_is_raised_not_summarised(harness, workspace,
     with pytest.raises(ZeroDivisionError):
         _run(root, overrides, only=["digits-gpt"])
     assert not (root / "reports" / "last_run.json").exists()
+
+
+def test_prefects_worker_thread_timeout_warning_is_dropped_and_other_task_logs_kept():
+    """Prefect warns on every task run with a timeout in a worker thread; genflow's steps are Python
+    loops its timeout does interrupt, so the run's log leaves the warning out and keeps the rest."""
+    import logging
+
+    from flows.retrain import quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()   # idempotent: one filter however often a process runs flows
+    log = logging.getLogger("prefect.task_runs")
+
+    def record(msg: str) -> logging.LogRecord:
+        return log.makeRecord(log.name, logging.WARNING, __file__, 1, msg, (), None)
+    assert not log.filter(record("Timeout of 1800.0 seconds configured for this task, but the task is running in "
+                                 "a worker thread. Timeouts in worker threads cannot interrupt blocking operations"))
+    assert log.filter(record("digits-unet: training (diffusion/unet on digits, budget 270s / 1500 steps)"))
+    assert sum(type(f).__name__ == "ThreadTimeoutNote" for f in log.filters) == 1
