@@ -106,18 +106,17 @@ def probe_config(params: Any, key: str) -> dict:
     config["vocab_size"] = 100 if kind == "text" else config["levels"] + 10
     config["mask_id"] = config["vocab_size"] - 1
     if kind == "captions":   # prompt-conditioned: the family's own spec (token ids) over a stand-in manifest
-        config = entry.family().model_config(key, mc, captions_manifest(mc, ds, config))
+        config = entry.family().model_config(key, mc, captions_manifest(ds, config, mc.dataset))
     return config
 
 
-def captions_manifest(mc: Any, ds: Any, config: dict) -> dict:
+def captions_manifest(ds: Any, config: dict, name: str) -> dict:
     """What a prepared captions dataset's manifest tells a model spec, from params alone: the
-    printable ASCII characters as the vocabulary, captions filling the text encoder's context."""
-    section = getattr(mc, "textenc", None) or getattr(mc, "encdec", None)
-    context = int(getattr(section, "context", 0) or getattr(section, "source_len", 0) or 65)
-    return {"name": mc.dataset, "kind": "captions", "image_size": config["image_size"],
-            "levels": config["levels"], "channels": int(ds.channels or 1), "classes": [str(c) for c in range(10)],
-            "vocab": "".join(map(chr, range(32, 127))), "max_caption_chars": context - 1}
+    printable ASCII characters as the vocabulary; a one-character longest caption, which fits any
+    text encoder (the probe's prompts are the family's own probe_step's)."""
+    return {"name": name, "kind": "captions", "image_size": config["image_size"], "levels": config["levels"],
+            "channels": int(ds.channels or 1), "classes": [str(c) for c in range(10)],
+            "vocab": "".join(map(chr, range(32, 127))), "max_caption_chars": 1}
 
 
 def cache_key(config: dict, load_class: int) -> str:
