@@ -184,6 +184,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.0
+    adam_beta2: Optional[float] = None   # AdamW's second-moment decay; unset: torch's 0.999
     grad_clip: float = 1.0
     ema_decay: float = 0.995    # 0 turns EMA off
     checkpoint_every: int = 500
@@ -230,7 +231,7 @@ class EvalConfig:
 
 
 # ModelConfig fields (dotted: of its sections) that default to None and stay out of to_dict while None
-OPTIONAL_MODEL_SECTIONS = ("textenc", "cross_attention", "eval.guidance_sweep")
+OPTIONAL_MODEL_SECTIONS = ("textenc", "cross_attention", "eval.guidance_sweep", "train.adam_beta2")
 
 
 @dataclass
@@ -495,6 +496,10 @@ def _check_links(params: Params) -> None:
         if m.family != entry.family_name:
             raise ParamsError(f"models.{key}.family: backbone {m.backbone} is a {entry.family_name} model, "
                               f"not {m.family}")
+        b2 = m.train.adam_beta2
+        if b2 is not None and not (isinstance(b2, (int, float)) and 0.0 <= b2 < 1.0):
+            raise ParamsError(f"models.{key}.train.adam_beta2: must be a number in [0, 1) (AdamW's second-moment "
+                              f"decay; leave it out for 0.999), got {b2!r}")
         e = m.eval
         if e.inpaint_label_completions < 1:
             raise ParamsError(f"models.{key}.eval.inpaint_label_completions: must be >= 1 (the unconditional "

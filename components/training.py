@@ -59,6 +59,7 @@ from components.layout import CHECKPOINT_DIR, CHECKPOINT_NAME
 
 CKPT_NAME = CHECKPOINT_NAME
 SCHEDULE_NAME = "schedule.json"
+DEFAULT_ADAM_BETA2 = 0.999   # torch.optim.AdamW's own
 REPLAY_ENV = "GENFLOW_REPLAY_SCHEDULE"
 
 
@@ -142,7 +143,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), foreach=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, adam_beta2(cfg)), foreach=True)
+
+
+def adam_beta2(cfg: TrainConfig) -> float:
+    """train.adam_beta2, or torch's 0.999 when unset (every model trained before the key existed)."""
+    return DEFAULT_ADAM_BETA2 if cfg.adam_beta2 is None else float(cfg.adam_beta2)
 
 
 @torch.no_grad()
@@ -158,7 +164,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 def run_fingerprint(model: torch.nn.Module, cfg: TrainConfig, extra: str = "") -> str:
     """What a checkpoint must share with this run to be resumed: the maths, not the budget."""
     maths = {k: v for k, v in dataclasses.asdict(cfg).items()
-             if k not in ("max_seconds", "checkpoint_every", "log_every", "threads", "processes",
+             if v is not None and k not in ("max_seconds", "checkpoint_every", "log_every", "threads", "processes",
                           "device", "precision")}
     shapes = [(n, list(p.shape)) for n, p in model.state_dict().items()]
     blob = json.dumps([maths, shapes, extra], sort_keys=True, default=str)

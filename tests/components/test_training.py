@@ -95,6 +95,27 @@ def test_the_optimizer_steps_bit_for_bit_as_the_per_tensor_adamw():
     assert make_optimizer(make_model(), c).defaults["foreach"] is True
 
 
+def test_adam_beta2_reaches_the_optimizer_and_unset_keeps_the_hashes_of_before():
+    """train.adam_beta2 sets AdamW's second-moment decay and the checkpoint fingerprint (a resume never
+    mixes the two); left out it is torch's 0.999 and the params hash (the skip check) does not see it."""
+    from pathlib import Path
+
+    from components.config import load_params
+    from components.training import make_optimizer, run_fingerprint
+
+    assert make_optimizer(make_model(), cfg()).defaults["betas"] == (0.9, 0.999)
+    assert make_optimizer(make_model(), cfg(adam_beta2=0.95)).defaults["betas"] == (0.9, 0.95)
+    assert run_fingerprint(make_model(), cfg()) != run_fingerprint(make_model(), cfg(adam_beta2=0.95))
+    params_file = Path(__file__).resolve().parents[2] / "params.yaml"
+    key = "digits-unet"   # never sets it: its section hashes as it did before the key existed
+    plain = load_params(params_file)
+    assert plain.model(key).train.adam_beta2 is None
+    assert "adam_beta2" not in plain.to_dict()["models"][key]["train"]
+    tuned = load_params(params_file, [f"models.{key}.train.adam_beta2=0.95"])
+    assert tuned.to_dict()["models"][key]["train"]["adam_beta2"] == 0.95
+    assert tuned.section_hash("models", key) != plain.section_hash("models", key)
+
+
 def test_a_finished_or_foreign_checkpoint_is_not_resumed(tmp_path):
     train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8)
     _, again = train(make_model(), get_batch, loss_fn, cfg(), tmp_path, items_per_batch=8)
