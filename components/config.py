@@ -497,7 +497,7 @@ def _check_links(params: Params) -> None:
             raise ParamsError(f"models.{key}.family: backbone {m.backbone} is a {entry.family_name} model, "
                               f"not {m.family}")
         b2 = m.train.adam_beta2
-        if b2 is not None and not (isinstance(b2, (int, float)) and 0.0 <= b2 < 1.0):
+        if b2 is not None and not 0.0 <= b2 < 1.0:   # its type the loader has checked
             raise ParamsError(f"models.{key}.train.adam_beta2: must be a number in [0, 1) (AdamW's second-moment "
                               f"decay; leave it out for 0.999), got {b2!r}")
         e = m.eval

@@ -143,12 +143,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, adam_beta2(cfg)), foreach=True)
-
-
-def adam_beta2(cfg: TrainConfig) -> float:
-    """train.adam_beta2, or torch's 0.999 when unset (every model trained before the key existed)."""
-    return DEFAULT_ADAM_BETA2 if cfg.adam_beta2 is None else float(cfg.adam_beta2)
+    beta2 = DEFAULT_ADAM_BETA2 if cfg.adam_beta2 is None else cfg.adam_beta2   # unset: as before the key existed
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, beta2), foreach=True)
 
 
 @torch.no_grad()
