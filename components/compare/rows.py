@@ -122,6 +122,8 @@ def row_quality(ds: str, models: list[ModelResult]) -> Row:
                       if re.fullmatch(r"baseline/ngram\d+_bits_per_char", k)}
             bound = " (upper bound)" if m.get("eval/bits_per_char_is_upper_bound") else ""
             text = f"{fmt(bpc)} bits/char{bound}"
+            if m.get("eval/bits_per_char_sliding") is not None:   # a masked LM's bound with the GPT's context
+                text += f", {fmt(m.get('eval/bits_per_char_sliding'))} with sliding windows"
             if ngrams:
                 n, best = min(ngrams.items(), key=lambda kv: kv[1])
                 text += f" (best n-gram: {n}-gram {fmt(best)})"

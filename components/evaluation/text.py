@@ -148,6 +148,14 @@ def ngram_baselines(train_ids: np.ndarray, test_ids: np.ndarray, vocab_size: int
 # Model bits per character
 # ---------------------------------------------------------------------------
 
+SLIDING_STRIDE_DIVISOR = 4   # bits/char windows start every block_size // 4 characters
+
+
+def sliding_stride(block_size: int) -> int:
+    """The stride of the sliding windows every text model is scored with: block_size // 4 (at least 1)."""
+    return max(1, block_size // SLIDING_STRIDE_DIVISOR)
+
+
 def model_bits_per_char(model, ids: np.ndarray, block_size: int, *, stride: int | None = None,
                         batch_size: int = 32) -> float:
     """Mean -log2 p(x_i | context) of a next-token model over ``ids``.
@@ -164,7 +172,7 @@ def model_bits_per_char(model, ids: np.ndarray, block_size: int, *, stride: int 
     import torch.nn.functional as F
 
     ids = np.asarray(ids, dtype=np.int64)
-    stride = stride or max(1, block_size // 4)
+    stride = stride or sliding_stride(block_size)
     if not 1 <= stride <= block_size:
         raise ModelError(f"stride: must be in 1..block_size={block_size}, got {stride}")
     if len(ids) < 2:

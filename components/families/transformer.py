@@ -53,7 +53,6 @@ from components.layout import Layout
 from components.resources import NOCACHE_MAX_TOKENS, median_seconds
 from components.spec import ModelSpec
 
-TEXT_EVAL_STRIDE_DIVISOR = 4  # bits/char windows start every block_size // 4 characters
 LOGREG_MAX_DIMS = 256         # the logistic-regression pixel baseline's largest image (values per image)
 IMAGE_BATCH_TOKENS = 512 * 65  # images sampled or scored at once: at most this many tokens (8x8 grey: 512)
 FLOP_COUNT_MAX_TOKENS = 4096  # longer contexts: FLOPs per token extrapolated from two shorter ones
@@ -508,7 +507,7 @@ def _evaluate_text(key: str, m: ModelConfig, model, config: dict, root: Path) ->
     import torch
 
     from components import data
-    from components.evaluation.text import model_bits_per_char, ngram_baselines
+    from components.evaluation.text import model_bits_per_char, ngram_baselines, sliding_stride
     from components.resources import peak_rss
     from components.tokenizer import CharTokenizer
 
@@ -518,7 +517,7 @@ def _evaluate_text(key: str, m: ModelConfig, model, config: dict, root: Path) ->
     unknown = tok.unknown_chars(test_text)
     test_ids = tok.encode(test_text)
     block = config["gpt"]["block_size"]
-    stride = max(1, block // TEXT_EVAL_STRIDE_DIVISOR)
+    stride = sliding_stride(block)
 
     metrics: dict[str, float] = {}
     t = time.perf_counter()

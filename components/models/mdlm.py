@@ -183,10 +183,14 @@ class MaskedDiffusion:
         masked = u < self.mask_rate(t)[:, None]                                # t=0: none, t=1: all
         return torch.where(masked, torch.full_like(x0, self.mask_id), x0)
 
-    def mask_exactly(self, x0: torch.Tensor, n: torch.Tensor,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """x0 (B, T) with exactly n[b] positions of row b, a uniformly random set, set to [MASK]."""
-        ranks = torch.rand(x0.shape, generator=generator, device=x0.device).argsort(1).argsort(1)  # (B, T)
+    def mask_exactly(self, x0: torch.Tensor, n: torch.Tensor, generator: Optional[torch.Generator] = None,
+                     among: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x0 (B, T) with exactly n[b] positions of row b, a uniformly random set, set to [MASK]; with
+        `among` (B, T) bool, the set is drawn from row b's True positions only (n[b] at most their count)."""
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        if among is not None:
+            u = torch.where(among, u, torch.full_like(u, 2.0))                 # the others rank last
+        ranks = u.argsort(1).argsort(1)                                        # (B, T)
         return torch.where(ranks < n[:, None], torch.full_like(x0, self.mask_id), x0)
 
     def _masked_nll(self, denoise: Callable, x0: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
@@ -201,9 +205,10 @@ class MaskedDiffusion:
         return self._masked_nll(denoise, x0, self.add_noise(x0, t, generator)) / t
 
     def count_nll(self, denoise: Callable, x0: torch.Tensor, n: torch.Tensor,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Count form: mean -log p(x0_i | x_t) over n[b] random masked positions of row b: (B,) nats."""
-        return self._masked_nll(denoise, x0, self.mask_exactly(x0, n, generator)) / n
+                  generator: Optional[torch.Generator] = None, among: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Count form: mean -log p(x0_i | x_t) over n[b] random masked positions of row b (drawn `among`
+        its True positions when given; the rest stay visible): (B,) nats."""
+        return self._masked_nll(denoise, x0, self.mask_exactly(x0, n, generator, among)) / n
 
     @staticmethod
     def stratified(u0: float, n: int) -> np.ndarray:
@@ -224,40 +229,65 @@ class MaskedDiffusion:
     # --- likelihood bound --------------------------------------------------
 
     @torch.no_grad()
-    def bits_per_char_bound(self, denoise: Callable, ids: np.ndarray, block_size: int, *, draws: int = 8,
-                            seed: int = 0, batch_size: int = 64) -> tuple[float, float]:
+    def bits_per_char_bound(self, denoise: Callable, ids: np.ndarray, block_size: int, *, stride: Optional[int] = None,
+                            draws: int = 8, seed: int = 0, batch_size: int = 64) -> tuple[float, float]:
         """(upper bound on bits per character, its standard error) over a long id sequence.
 
-        The sequence is cut into windows of block_size ids (the last one shorter), each scored
-        as one sample of the model. The bound is the continuous-time NELBO in its count form
-        (class docstring), whatever estimator trained the model: for a window of length L,
-        E_{n ~ U{1..L}} of the mean -log p over n masked positions. It bounds -log p of the
-        model's sampler at K = L (one position a step, in a uniformly random order: the
-        any-order autoregressive model), the tightest of its K-step samplers' bounds. It is
-        estimated with `draws` draws of n per window, stratified over all windows x draws, from
-        a fixed seed. The standard error treats the draws as independent (conservative).
+        Windowed (stride None or block_size): the sequence is cut into windows of block_size ids
+        (the last one shorter), each scored as one sample of the model. The bound is the
+        continuous-time NELBO in its count form (class docstring), whatever estimator trained the
+        model: for a window of length L, E_{n ~ U{1..L}} of the mean -log p over n masked
+        positions. It bounds -log p of the model's sampler at K = L (one position a step, in a
+        uniformly random order: the any-order autoregressive model), the tightest of its K-step
+        samplers' bounds. Every window starts from nothing, as a sample does.
+
+        Sliding (stride < block_size), the context pydoc-gpt is scored with: windows of block_size
+        ids start every `stride` ids; the first scores all its positions as above, every later one
+        only its ids no earlier window scored (the last `stride`), with the block_size - stride ids
+        before them visible, never masked. By the chain rule the sum bounds -log p of the model's
+        semi-autoregressive sampler: `stride` characters at a time, each segment unmasked one
+        position a step in a random order given the text before it (block diffusion, Arriola et
+        al. 2025, with the segment as the block): the way a long text is written by a model whose
+        context is block_size.
+
+        Either is estimated with `draws` draws of n per window, stratified over all windows x draws,
+        from a fixed seed; the standard error treats the draws as independent (conservative).
         """
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) == 0:
             raise MaskedDiffusionError("ids: nothing to score")
-        windows = [ids[i:i + block_size] for i in range(0, len(ids), block_size)]
+        stride = block_size if stride is None else int(stride)
+        if not 1 <= stride <= block_size:
+            raise MaskedDiffusionError(f"stride: must be in 1..block_size={block_size}, got {stride}")
+        if stride == block_size:   # windows side by side, each scored whole
+            spans = [(i, min(i + block_size, len(ids)), i) for i in range(0, len(ids), block_size)]
+        else:                      # (window start, window end, first id scored)
+            L = min(block_size, len(ids))
+            starts = list(range(0, len(ids) - L + 1, stride))
+            if starts[-1] + L < len(ids):
+                starts.append(len(ids) - L)                                    # the last window flush with the end
+            spans = [(s, s + L, 0 if j == 0 else starts[j - 1] + L) for j, s in enumerate(starts)]
         rng = np.random.default_rng(seed)
-        total = len(windows) * draws
+        total = len(spans) * draws
         u = self.stratified(rng.random(), total)[rng.permutation(total)]      # stratified, shuffled
         gen = torch.Generator().manual_seed(seed)
-        jobs = [(w, u[j * draws + d]) for j, w in enumerate(windows) for d in range(draws)]
-        jobs.sort(key=lambda job: len(job[0]))                                 # equal lengths batch together
-        per_token, lengths = [], []
+        jobs = [(a, e, f, u[j * draws + d]) for j, (a, e, f) in enumerate(spans) for d in range(draws)]
+        jobs.sort(key=lambda job: job[1] - job[0])                             # equal lengths batch together
+        per_token, weights = [], []
         for b in range(0, len(jobs), batch_size):
             chunk = jobs[b:b + batch_size]
-            for length in sorted({len(w) for w, _ in chunk}):
-                part = [(w, v) for w, v in chunk if len(w) == length]
-                x0 = torch.from_numpy(np.stack([w for w, _ in part]))           # (b, L)
-                n = torch.tensor([min(int(v * length), length - 1) + 1 for _, v in part])  # U{1..L}
-                per_token.extend(self.count_nll(denoise, x0, n, gen).double().tolist())
-                lengths.extend([length] * len(part))
-        per_token, lengths = np.asarray(per_token), np.asarray(lengths, dtype=np.float64)
-        bound = float((per_token * lengths).sum() / lengths.sum())             # each character weighs the same
+            for length in sorted({e - a for a, e, _, _ in chunk}):
+                part = [job for job in chunk if job[1] - job[0] == length]
+                x0 = torch.from_numpy(np.stack([ids[a:e] for a, e, _, _ in part]))   # (b, L)
+                scored = [e - max(f, a) for a, e, f, _ in part]                   # ids each window scores
+                n = torch.tensor([min(int(v * k), k - 1) + 1 for (*_, v), k in zip(part, scored)])  # U{1..k}
+                among = None
+                if any(k < length for k in scored):                               # the visible context
+                    among = torch.arange(length)[None, :] >= torch.tensor([length - k for k in scored])[:, None]
+                per_token.extend(self.count_nll(denoise, x0, n, gen, among).double().tolist())
+                weights.extend(scored)
+        per_token, weights = np.asarray(per_token), np.asarray(weights, dtype=np.float64)
+        bound = float((per_token * weights).sum() / weights.sum())             # each character weighs the same
         stderr = float(per_token.std(ddof=1) / math.sqrt(len(per_token))) if len(per_token) > 1 else 0.0
         ln2 = math.log(2)
         return bound / ln2, stderr / ln2

@@ -76,6 +76,9 @@ def test_evaluate_reports_a_bound_baselines_and_the_k_sweep(setup, trained):
     assert out["eval/bits_per_char_is_upper_bound"] == 1.0
     assert 0 < out["eval/bits_per_char"] < 2 * math.log2(len(data.load_manifest("pydoc", root)["vocab"]) + 1)
     assert out["eval/bits_per_char_stderr"] > 0
+    # the sliding bound sees more text before most characters; a tiny model gains little from it
+    assert 0 < out["eval/bits_per_char_sliding"] < 1.1 * out["eval/bits_per_char"]
+    assert out["eval/bits_per_char_sliding"] != out["eval/bits_per_char"]
     for name in ("baseline/ngram1_bits_per_char", "baseline/ngram3_bits_per_char", "perf/sample_ms_per_item",
                  "perf/sample_ms_per_item_k2", "perf/sample_ms_per_item_k16", "eval/sample_ngram_bpc_k2",
                  "eval/sample_ngram_bpc_k16", "baseline/real_sample_ngram_bpc"):

@@ -1,6 +1,7 @@
 """Masked diffusion LM: the masking schedule, the ELBO, K-step sampling, bad settings."""
 import itertools
 import math
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -125,21 +126,24 @@ def test_mask_exactly_masks_n_uniformly_chosen_positions_per_row():
     assert torch.allclose(share, torch.full((8,), 0.25), atol=0.05)   # 5 sd
 
 
-def exact_nelbo_per_token(net, x0: torch.Tensor) -> float:
+def exact_nelbo_per_token(net, x0: torch.Tensor, scored: Optional[list[int]] = None) -> float:
     """The continuous-time NELBO of one short sequence by enumerating every masked set:
-    (1/L) * sum over n of E_{|S| = n} [mean over S of -log p(x_i | x_S masked)] (nats per token)."""
+    (1/L) * sum over n of E_{|S| = n} [mean over S of -log p(x_i | x_S masked)] (nats per token).
+    With `scored`, the sets are drawn from those positions only (the others stay visible) and the
+    mean is over them: the bound of that segment given the rest."""
     L = x0.numel()
+    scored = list(range(L)) if scored is None else scored
     total = 0.0
     with torch.no_grad():
-        for n in range(1, L + 1):
-            sets = list(itertools.combinations(range(L), n))
+        for n in range(1, len(scored) + 1):
+            sets = list(itertools.combinations(scored, n))
             xt = x0.repeat(len(sets), 1)
             for row, S in enumerate(sets):
                 xt[row, list(S)] = MASK
             nll = torch.nn.functional.cross_entropy(net(xt).transpose(1, 2), x0.repeat(len(sets), 1),
                                                     reduction="none")
             total += float(((nll * (xt == MASK)).sum(1) / n).mean())
-    return total / L
+    return total / len(scored)
 
 
 def test_both_estimators_and_the_bound_agree_with_the_exact_elbo():
@@ -159,6 +163,26 @@ def test_both_estimators_and_the_bound_agree_with_the_exact_elbo():
     bpc, stderr = MaskedDiffusion(MASK).bits_per_char_bound(net, np.tile(x0[0].numpy(), 400), 5, draws=10)
     assert bpc == pytest.approx(exact / math.log(2), rel=0.02) and stderr > 0
     assert exact > 1.2 * math.log(V - 1) or exact < 0.8 * math.log(V - 1)    # a non-trivial check
+
+
+def test_the_sliding_bound_is_the_chain_rule_of_segment_bounds_given_the_text_before():
+    """Windows of 5 every 2 ids over 7 ids: ids 0-4 scored as one window, then 5-6 with ids 2-4 visible."""
+    net = tiny_net(block_size=5, seed=4).eval()
+    with torch.no_grad():
+        net.lm_head.weight.mul_(40)
+    ids = np.array([0, 3, 1, 4, 2, 2, 0])
+    first = exact_nelbo_per_token(net, torch.from_numpy(ids[:5])[None])                  # per token, 5 ids
+    second = exact_nelbo_per_token(net, torch.from_numpy(ids[2:7])[None], scored=[3, 4])  # ids 5, 6 given 2-4
+    exact = (5 * first + 2 * second) / 7 / math.log(2)
+    process = MaskedDiffusion(MASK)
+    bpc, stderr = process.bits_per_char_bound(net, ids, 5, stride=2, draws=4000, seed=0)
+    assert bpc == pytest.approx(exact, rel=0.02) and stderr > 0
+    alone = exact_nelbo_per_token(net, torch.from_numpy(ids[5:7])[None])
+    assert abs(second - alone) > 0.05 * alone                                  # a non-trivial check: context counts
+    windowed, _ = process.bits_per_char_bound(net, ids, 5, draws=4000, seed=0)
+    assert windowed == process.bits_per_char_bound(net, ids, 5, stride=5, draws=4000, seed=0)[0]
+    with pytest.raises(MaskedDiffusionError, match="stride: must be in 1..block_size=5"):
+        process.bits_per_char_bound(net, ids, 5, stride=0)
 
 
 # ---------------------------------------------------------------------------
