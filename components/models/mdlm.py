@@ -241,14 +241,14 @@ class MaskedDiffusion:
         uniformly random order: the any-order autoregressive model), the tightest of its K-step
         samplers' bounds. Every window starts from nothing, as a sample does.
 
-        Sliding (stride < block_size), the context pydoc-gpt is scored with: windows of block_size
-        ids start every `stride` ids; the first scores all its positions as above, every later one
-        only its ids no earlier window scored (the last `stride`), with the block_size - stride ids
-        before them visible, never masked. By the chain rule the sum bounds -log p of the model's
-        semi-autoregressive sampler: `stride` characters at a time, each segment unmasked one
-        position a step in a random order given the text before it (block diffusion, Arriola et
-        al. 2025, with the segment as the block): the way a long text is written by a model whose
-        context is block_size.
+        Sliding (stride < block_size), the context a GPT is scored with (evaluation.text's
+        model_bits_per_char): windows of block_size ids start every `stride` ids; the first scores
+        all its positions as above, every later one only its ids no earlier window scored (the
+        last `stride`), with the block_size - stride ids before them visible, never masked. By the
+        chain rule the sum bounds -log p of the model's semi-autoregressive sampler: `stride`
+        characters at a time, each segment unmasked one position a step in a random order given
+        the text before it (block diffusion, Arriola et al. 2025, with the segment as the block):
+        the way a long text is written by a model whose context is block_size.
 
         Either is estimated with `draws` draws of n per window, stratified over all windows x draws,
         from a fixed seed; the standard error treats the draws as independent (conservative).
