@@ -279,7 +279,7 @@ class MaskedDiffusion:
             for length in sorted({e - a for a, e, _, _ in chunk}):
                 part = [job for job in chunk if job[1] - job[0] == length]
                 x0 = torch.from_numpy(np.stack([ids[a:e] for a, e, _, _ in part]))   # (b, L)
-                scored = [e - max(f, a) for a, e, f, _ in part]                   # ids each window scores
+                scored = [e - f for _, e, f, _ in part]                           # ids each window scores
                 n = torch.tensor([min(int(v * k), k - 1) + 1 for (*_, v), k in zip(part, scored)])  # U{1..k}
                 among = None
                 if any(k < length for k in scored):                               # the visible context
