@@ -334,9 +334,11 @@ def row_architecture(ds: str, models: list[ModelResult]) -> Row:
     decoder_only = [m for m in models if m.backbone == "gpt" and m.kind == "pairs"]
     cells = {}
     for m in encdec + decoder_only:
+        other, own = m.get("eval/bits_per_char_other_source"), m.get("eval/bits_per_char")
+        reads = "" if other is None or own is None else f" (another source's: {fmt(other)})"
         cells[m.key] = (f"{'encoder-decoder' if m in encdec else 'decoder-only'}: chrF {fmt(m.get('eval/chrf'))} "
-                        f"(retrieval {fmt(m.get('baseline/retrieval_chrf'))}), {fmt(m.get('eval/bits_per_char'))} "
-                        f"bits/char; {si(m.get('perf/params'))} parameters; "
+                        f"(retrieval {fmt(m.get('baseline/retrieval_chrf'))}), {fmt(own)} "
+                        f"bits/char{reads}; {si(m.get('perf/params'))} parameters; "
                         f"{fmt(m.get('perf/train_items_per_s'))} target tokens/s training; "
                         f"{fmt(m.get('perf/decode_ms_per_char_cached'))} ms/char decoding")
     if not encdec or not decoder_only:

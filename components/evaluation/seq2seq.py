@@ -9,6 +9,9 @@ pairs (pydoc-pairs-gpt), so the MLflow UI and `genflow compare` put them side by
 - ``eval/chrf``, ``eval/bleu``: sacrebleu's corpus chrF (character 6-grams, beta 2) and BLEU
   (13a tokenisation) of decoded targets against the references; ``eval/exact_match``: share of
   decoded targets equal to their reference.
+- ``eval/bits_per_char_other_source``: the same test targets, each after another test pair's
+  source (``other_sources``): the gap to ``eval/bits_per_char`` is what the model gets from
+  reading its own source; near zero, it writes the same text whatever the source.
 - ``baseline/retrieval_chrf``: chrF of the *retrieval* baseline: for each test source, the target
   of the training pair whose source is nearest by character n-grams (TF-IDF of 2- to 4-grams,
   cosine). A model that only memorised the training pairs cannot beat it.
@@ -41,6 +44,13 @@ def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[st
     return {"eval/chrf": float(sacrebleu.corpus_chrf(hyps, [refs]).score),
             "eval/bleu": float(sacrebleu.corpus_bleu(hyps, [refs]).score),
             "eval/exact_match": float(np.mean([h == r for h, r in zip(hyps, refs)]))}
+
+
+def other_sources(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each target after the source of the pair half the list away (a fixed derangement for 2+ pairs):
+    eval/bits_per_char_other_source - eval/bits_per_char is what reading the right source is worth."""
+    n = len(pairs)
+    return [(pairs[(i + max(1, n // 2)) % n][0], t) for i, (_, t) in enumerate(pairs)]
 
 
 def nearest_train_targets(train: Sequence[tuple[str, str]], sources: Sequence[str]) -> list[str]:

@@ -322,6 +322,8 @@ def evaluate_pairs(key: str, m: ModelConfig, config: dict, root: Path, decode, n
     metrics: dict[str, float] = {}
     t = time.perf_counter()
     metrics["eval/bits_per_char"] = metrics_of.bits_per_char(*nll(test))
+    # the same targets after another test pair's source: how much the model reads its source at all
+    metrics["eval/bits_per_char_other_source"] = metrics_of.bits_per_char(*nll(metrics_of.other_sources(test)))
     shown = test[:max(1, m.eval.num_samples)]
     t_dec = time.perf_counter()
     hyps = decode([s for s, _ in shown])

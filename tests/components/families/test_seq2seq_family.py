@@ -80,6 +80,8 @@ def test_evaluates_with_the_shared_metric_names(trained):
                  "perf/sample_ms_per_item"):
         assert math.isfinite(out[name]), name
     assert 0 <= out["eval/exact_match"] <= 1 and 0 <= out["eval/chrf"] <= 100
+    assert math.isfinite(out["eval/bits_per_char_other_source"])
+    assert out["eval/bits_per_char_other_source"] != out["eval/bits_per_char"]   # the source is read
     assert json.loads((root / "reports/pydoc-seq2seq/metrics.json").read_text()) == out
     assert "reference:" in (root / "reports/pydoc-seq2seq/samples.txt").read_text()
 
@@ -234,6 +236,9 @@ def test_compare_has_the_architecture_row():
     row = compare.row_architecture("pydoc-pairs", [e, d])
     assert row.verdict == compare.AGREES and "chrF 20 vs 17" in row.evidence
     assert row.cells["pydoc-seq2seq"].startswith("encoder-decoder: chrF 20")
+    assert "another source" not in row.cells["pydoc-seq2seq"]
+    e.metrics["eval/bits_per_char_other_source"] = 2.6
+    assert "2.2 bits/char (another source's: 2.6)" in compare.row_architecture("pydoc-pairs", [e, d]).cells[e.key]
     assert compare.row_architecture("pydoc-pairs", [e, res("pydoc-pairs-gpt", "gpt", 25.0, 2.1)]).verdict == \
         compare.DISAGREES
     assert compare.row_architecture("digits", []).verdict == compare.NOT_MEASURED
