@@ -81,7 +81,7 @@ def test_evaluates_with_the_shared_metric_names(trained):
         assert math.isfinite(out[name]), name
     assert 0 <= out["eval/exact_match"] <= 1 and 0 <= out["eval/chrf"] <= 100
     assert math.isfinite(out["eval/bits_per_char_other_source"])
-    assert out["eval/bits_per_char_other_source"] != out["eval/bits_per_char"]   # the source is read
+    assert out["eval/bits_per_char_other_source"] != out["eval/bits_per_char"]   # the sources were really swapped
     assert json.loads((root / "reports/pydoc-seq2seq/metrics.json").read_text()) == out
     assert "reference:" in (root / "reports/pydoc-seq2seq/samples.txt").read_text()
 
