@@ -57,6 +57,20 @@ def median_seconds(fn: Callable[[], object], repeats: int = TIMING_REPEATS) -> f
     return statistics.median(times)
 
 
+def interleaved_seconds(fns: Mapping[str, Callable[[], object]], repeats: int = TIMING_REPEATS) -> dict[str, float]:
+    """Wall-clock seconds of each fn(), timed side by side: `repeats` rounds, each running every
+    fn once in turn, then each fn's median. A slow spell of the machine (another process, the CPU
+    clocking down) lands on every fn alike instead of on whichever ran during it, so ratios between
+    them hold better than with one median_seconds after another."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 # ---------------------------------------------------------------------------
 # Resident memory
 # ---------------------------------------------------------------------------

@@ -31,10 +31,11 @@ from components.errors import ModelError
 from components.families import base
 from components.files import write_json, write_text
 from components.layout import Layout
-from components.resources import median_seconds
+from components.resources import interleaved_seconds
 from components.spec import ModelSpec
 
 SPEED_SOURCES = 4          # test sources decoded one at a time for the perf/ decode figures
+SPEED_REPEATS = 7          # rounds of the three decodings, in turn; each one's median
 SAMPLES_SHOWN = 40         # decoded test pairs written to reports/<key>/samples.txt
 EVAL_BATCH = 64
 
@@ -346,17 +347,20 @@ def evaluate_pairs(key: str, m: ModelConfig, config: dict, root: Path, decode, n
 
 def decode_speed(model, config: dict, sources: Sequence[str]) -> dict[str, float]:
     """ms per decoded target character, greedy, one source at a time: both caches, no cross-attention
-    cache (self-attention cache only), no cache at all."""
+    cache (self-attention cache only), no cache at all. The three are timed in turn, SPEED_REPEATS
+    rounds, each one's median: a decoder step on one source is a few small matmuls, so a slow spell
+    of the machine would otherwise move the ratio more than the cache does."""
     import torch
 
-    out = {}
     with torch.no_grad():
         lengths = [len(t) + 1 for t in transduce(model, config, sources, decoding="greedy", strict=False)]
         chars = max(sum(lengths), 1)
+        runs = {}
         for name, cache in (("cached", "full"), ("no_cross_cache", "self"), ("nocache", "none")):
             def run(cache=cache):
                 for src in sources:
                     transduce(model, config, [src], decoding="greedy", strict=False, cache=cache)
             run()   # warm-up
-            out[f"perf/decode_ms_per_char_{name}"] = median_seconds(run) * 1e3 / chars
-    return out
+            runs[name] = run
+        secs = interleaved_seconds(runs, repeats=SPEED_REPEATS)   # side by side: the ratios are what matter
+    return {f"perf/decode_ms_per_char_{name}": s * 1e3 / chars for name, s in secs.items()}

@@ -98,3 +98,20 @@ def test_train_step_runs_each_backbone_and_counts_items(backbone):
 def test_unknown_backbone_is_refused():
     with pytest.raises(ValueError, match="backbone 'rnn'"):
         probe_train_step(__import__("torch").nn.Linear(2, 2), {"backbone": "rnn"}, 2)
+
+
+def test_interleaved_seconds_alternates_the_functions_and_takes_each_ones_median(monkeypatch):
+    # a fake clock: each call advances it by the seconds its function was given, so no real timing
+    clock, calls = [0.0], []
+    monkeypatch.setattr(resources.time, "perf_counter", lambda: clock[0])
+
+    def work(name, seconds):
+        def fn():
+            calls.append(name)
+            clock[0] += seconds.pop(0)
+        return fn
+
+    out = resources.interleaved_seconds({"a": work("a", [1.0, 9.0, 2.0]), "b": work("b", [5.0, 4.0, 30.0])},
+                                        repeats=3)
+    assert calls == ["a", "b", "a", "b", "a", "b"]   # side by side, not all of a then all of b
+    assert out == {"a": 2.0, "b": 5.0}               # each one's median: one slow round moves neither
