@@ -15,7 +15,8 @@ sources; eval/chrf, eval/bleu, eval/exact_match of decoded targets (sample.decod
 sample or beam with sample.beam_width) for the first eval.num_samples test pairs; the retrieval
 and target n-gram baselines; perf/decode_ms_per_char_{cached,no_cross_cache,nocache}: greedy
 decoding of a few test sources one at a time with both caches, with the self-attention cache but
-the encoder and cross-attention keys/values recomputed every step, and recomputing everything.
+the encoder and cross-attention keys/values recomputed every step, and recomputing everything, the
+three timed side by side (decode_speed).
 """
 from __future__ import annotations
 
