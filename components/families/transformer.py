@@ -50,7 +50,7 @@ from components.errors import ModelError
 from components.families import base
 from components.files import write_json, write_text
 from components.layout import Layout
-from components.resources import NOCACHE_MAX_TOKENS, median_seconds
+from components.resources import NOCACHE_MAX_TOKENS, interleaved_seconds, median_seconds
 from components.spec import ModelSpec
 
 LOGREG_MAX_DIMS = 256         # the logistic-regression pixel baseline's largest image (values per image)
@@ -629,7 +629,7 @@ def _evaluate_pairs(key: str, m: ModelConfig, model, config: dict, root: Path) -
     """The seq2seq family's metrics (same names), with the GPT's decoding."""
     import torch
 
-    from components.families.seq2seq import evaluate_pairs
+    from components.families.seq2seq import SPEED_REPEATS, evaluate_pairs
 
     s = m.sample
     kw = dict(greedy=s.decoding != "sample", temperature=s.temperature, top_k=s.top_k, seed=m.train.seed,
@@ -647,8 +647,9 @@ def _evaluate_pairs(key: str, m: ModelConfig, model, config: dict, root: Path) -
             for src in sources:   # one at a time, as the encoder-decoder's figures
                 transduce_pairs(model, config, [src], use_cache=use_cache, strict=False)
         run(True)
-        cached = median_seconds(lambda: run(True))
-        nocache = median_seconds(lambda: run(False))
+        secs = interleaved_seconds({"cached": lambda: run(True), "nocache": lambda: run(False)},
+                                   repeats=SPEED_REPEATS)   # side by side, as the encoder-decoder's
+        cached, nocache = secs["cached"], secs["nocache"]
     metrics["perf/decode_ms_per_char_cached"] = cached * 1e3 / max(chars, 1)
     metrics["perf/decode_ms_per_char_nocache"] = nocache * 1e3 / max(chars, 1)
     metrics["perf/sample_ms_per_item"] = metrics["perf/decode_ms_per_char_cached"]
