@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -346,22 +346,27 @@ def evaluate_pairs(key: str, m: ModelConfig, config: dict, root: Path, decode, n
     return metrics, details
 
 
+def ms_per_char(decoders: Mapping[str, Callable[[str], object]], sources: Sequence[str],
+                chars: int) -> dict[str, float]:
+    """ms per decoded character of each decoder(source), the sources decoded one at a time: each warmed
+    up once, then all timed side by side (SPEED_REPEATS rounds in turn, each one's median). A decoder
+    step on one source is a few small matmuls, so a slow spell of the machine would otherwise move
+    the ratios more than the caches do. The GPT on pairs (transformer.py) times its decoding here too."""
+    runs = {name: (lambda d=d: [d(src) for src in sources]) for name, d in decoders.items()}
+    for run in runs.values():
+        run()   # warm-up
+    secs = interleaved_seconds(runs, repeats=SPEED_REPEATS)
+    return {name: t * 1e3 / max(chars, 1) for name, t in secs.items()}
+
+
 def decode_speed(model, config: dict, sources: Sequence[str]) -> dict[str, float]:
     """ms per decoded target character, greedy, one source at a time: both caches, no cross-attention
-    cache (self-attention cache only), no cache at all. The three are timed in turn, SPEED_REPEATS
-    rounds, each one's median: a decoder step on one source is a few small matmuls, so a slow spell
-    of the machine would otherwise move the ratio more than the cache does."""
+    cache (self-attention cache only), no cache at all (ms_per_char)."""
     import torch
 
     with torch.no_grad():
-        lengths = [len(t) + 1 for t in transduce(model, config, sources, decoding="greedy", strict=False)]
-        chars = max(sum(lengths), 1)
-        runs = {}
-        for name, cache in (("cached", "full"), ("no_cross_cache", "self"), ("nocache", "none")):
-            def run(cache=cache):
-                for src in sources:
-                    transduce(model, config, [src], decoding="greedy", strict=False, cache=cache)
-            run()   # warm-up
-            runs[name] = run
-        secs = interleaved_seconds(runs, repeats=SPEED_REPEATS)   # side by side: the ratios are what matter
-    return {f"perf/decode_ms_per_char_{name}": s * 1e3 / chars for name, s in secs.items()}
+        chars = sum(len(t) + 1 for t in transduce(model, config, sources, decoding="greedy", strict=False))
+        decoders = {name: (lambda src, cache=cache: transduce(model, config, [src], decoding="greedy",
+                                                               strict=False, cache=cache))
+                    for name, cache in (("cached", "full"), ("no_cross_cache", "self"), ("nocache", "none"))}
+        return {f"perf/decode_ms_per_char_{name}": v for name, v in ms_per_char(decoders, sources, chars).items()}

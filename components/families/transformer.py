@@ -50,7 +50,7 @@ from components.errors import ModelError
 from components.families import base
 from components.files import write_json, write_text
 from components.layout import Layout
-from components.resources import NOCACHE_MAX_TOKENS, interleaved_seconds, median_seconds
+from components.resources import NOCACHE_MAX_TOKENS, median_seconds
 from components.spec import ModelSpec
 
 LOGREG_MAX_DIMS = 256         # the logistic-regression pixel baseline's largest image (values per image)
@@ -629,7 +629,7 @@ def _evaluate_pairs(key: str, m: ModelConfig, model, config: dict, root: Path) -
     """The seq2seq family's metrics (same names), with the GPT's decoding."""
     import torch
 
-    from components.families.seq2seq import SPEED_REPEATS, evaluate_pairs
+    from components.families.seq2seq import evaluate_pairs, ms_per_char
 
     s = m.sample
     kw = dict(greedy=s.decoding != "sample", temperature=s.temperature, top_k=s.top_k, seed=m.train.seed,
@@ -640,20 +640,14 @@ def _evaluate_pairs(key: str, m: ModelConfig, model, config: dict, root: Path) -
     if s.decoding == "beam":
         details["decoding"] = "greedy (the GPT has no beam search; sample.decoding beam asked)"
     sources = [src for src, _ in details.pop("speed_pairs")]
-    with torch.no_grad():
+    with torch.no_grad():   # timed as the encoder-decoder's figures: one source at a time, side by side
         chars = sum(len(t) + 1 for t in transduce_pairs(model, config, sources, strict=False))
-
-        def run(use_cache: bool):
-            for src in sources:   # one at a time, as the encoder-decoder's figures
-                transduce_pairs(model, config, [src], use_cache=use_cache, strict=False)
-        run(True)
-        secs = interleaved_seconds({"cached": lambda: run(True), "nocache": lambda: run(False)},
-                                   repeats=SPEED_REPEATS)   # side by side, as the encoder-decoder's
-        cached, nocache = secs["cached"], secs["nocache"]
-    metrics["perf/decode_ms_per_char_cached"] = cached * 1e3 / max(chars, 1)
-    metrics["perf/decode_ms_per_char_nocache"] = nocache * 1e3 / max(chars, 1)
+        ms = ms_per_char({name: (lambda src, c=c: transduce_pairs(model, config, [src], use_cache=c, strict=False))
+                          for name, c in (("cached", True), ("nocache", False))}, sources, chars)
+    metrics["perf/decode_ms_per_char_cached"] = ms["cached"]
+    metrics["perf/decode_ms_per_char_nocache"] = ms["nocache"]
     metrics["perf/sample_ms_per_item"] = metrics["perf/decode_ms_per_char_cached"]
-    details["cache_speedup"] = nocache / cached if cached > 0 else None
+    details["cache_speedup"] = ms["nocache"] / ms["cached"] if ms["cached"] > 0 else None
     return metrics, details
 
 
